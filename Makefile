@@ -1,0 +1,33 @@
+# clipforge — common tasks.  Every target creates .venv if it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of PyTorch; override for CUDA, e.g. `make test TORCH_SPEC=torch==2.13.0+cu128`.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-slow bench-loss figures demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test,bench,docs]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench-loss: $(STAMP)
+	$(BIN)/python benchmarks/bench_loss.py
+
+figures: $(STAMP)
+	$(BIN)/python docs/make_loss_figures.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

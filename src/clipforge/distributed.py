@@ -1,0 +1,125 @@
+"""The one module that talks to ``torch.distributed``.
+
+The losses take a :class:`Comm` — a thin handle on a process group — and never import
+``torch.distributed`` themselves, so the single-process formulas stay plain.
+
+Contract (docs/loss.md §Distributed; tested with two CPU processes over gloo in
+tests/test_distributed.py): each rank passes its local rows; the loss value returned on
+every rank is the loss of the global batch (all ranks' rows concatenated in rank order);
+if every rank calls ``backward()`` and gradients are then averaged over ranks, as
+``DistributedDataParallel`` does, every parameter receives exactly the gradient of the
+single-process loss over the global batch.
+
+Ranks may hold different numbers of rows (the last batch of an epoch): rows are padded
+to the largest local size for the collective and the padding is dropped again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["Comm", "is_initialized", "world_info"]
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) without an initialised process group."""
+    if not is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+@dataclass(frozen=True)
+class Comm:
+    """A process group as the losses see it."""
+
+    group: object = None  # a torch.distributed ProcessGroup; None is the default group
+
+    @classmethod
+    def from_default_group(cls) -> "Comm | None":
+        return cls() if is_initialized() else None
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    # -- collectives without autograd (the tiled losses write their own backward) -------
+
+    def all_gather_rows(self, x: Tensor) -> tuple[Tensor, int]:
+        """Concatenate every rank's ``x`` along dim 0 in rank order.
+
+        Returns the (Σ B_r, ...) tensor and the offset of this rank's rows in it.
+        """
+        sizes = self._sizes(x.shape[0], x.device)
+        biggest = max(sizes)
+        if x.shape[0] < biggest:
+            pad = x.new_zeros((biggest - x.shape[0],) + tuple(x.shape[1:]))
+            x = torch.cat([x, pad])
+        out = x.new_empty((biggest * len(sizes),) + tuple(x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=self.group)
+        if all(s == biggest for s in sizes):
+            return out, self.rank * biggest
+        parts = [out[r * biggest : r * biggest + s] for r, s in enumerate(sizes)]
+        return torch.cat(parts), sum(sizes[: self.rank])
+
+    def all_reduce_sum(self, x: Tensor) -> Tensor:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
+        return x
+
+    def all_logsumexp(self, v: Tensor) -> Tensor:
+        """Element-wise log Σ_ranks exp(v_rank), computed stably (max, then sum)."""
+        top = v.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        total = (v - top).exp()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+        return total.log() + top
+
+    def _sizes(self, n: int, device: torch.device) -> list[int]:
+        local = torch.tensor([n], device=device, dtype=torch.long)
+        sizes = torch.empty(self.world_size, device=device, dtype=torch.long)
+        dist.all_gather_into_tensor(sizes, local, group=self.group)
+        return [int(s) for s in sizes.tolist()]
+
+    # -- gather with autograd (the plain formulas) ------------------------------------
+
+    def gather_with_grad(
+        self, image_features: Tensor, text_features: Tensor, labels: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """All-gather features so that a loss over the global batch back-propagates.
+
+        Every rank then computes the same global loss; the gather's backward sums the
+        ranks' gradients and keeps this rank's rows, which is W times the gradient of
+        the global loss with respect to them — so averaging over ranks gives exactly
+        the single-process gradient.  Labels (no gradient) are gathered too; without
+        labels, the default targets ``arange`` over the global batch are right because
+        rows are concatenated in rank order.
+        """
+        img = _GatherRows.apply(image_features, self)
+        txt = _GatherRows.apply(text_features, self)
+        labels_all = None if labels is None else self.all_gather_rows(labels)[0]
+        return img, txt, labels_all
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, comm: Comm) -> Tensor:  # type: ignore[override]
+        out, offset = comm.all_gather_rows(x.detach())
+        ctx.comm, ctx.rows = comm, slice(offset, offset + x.shape[0])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return ctx.comm.all_reduce_sum(grad.contiguous())[ctx.rows], None

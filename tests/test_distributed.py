@@ -1,0 +1,132 @@
+"""The distributed contract, with two CPU processes over gloo.
+
+Every rank computes features for its rows of a global batch with a DDP-wrapped model,
+calls the loss on its local rows and ``backward()``; DDP averages the gradients.  The
+parameters must then hold exactly the gradient of the single-process loss over the
+concatenated batch, and every rank must report the global loss — for CLIP and SigLIP,
+plain and tiled, with labels and label smoothing, and with ranks of unequal sizes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from clipforge import clip_loss, siglip_loss
+
+D_IN, D = 6, 5
+CASES = [
+    # name, loss, chunk_size, use labels, label smoothing
+    ("clip-naive", "clip", None, False, 0.0),
+    ("clip-tiled", "clip", 3, False, 0.0),
+    ("clip-tiled-labels-smooth", "clip", 2, True, 0.1),
+    ("clip-naive-labels-smooth", "clip", None, True, 0.1),
+    ("siglip-naive", "siglip", None, False, 0.0),
+    ("siglip-tiled", "siglip", 3, False, 0.0),
+    ("siglip-tiled-labels", "siglip", 4, True, 0.0),
+]
+
+
+class Towers(nn.Module):
+    """Two small towers and a learnable temperature and bias: enough to check every gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image = nn.Sequential(nn.Linear(D_IN, 8), nn.Tanh(), nn.Linear(8, D))
+        self.text = nn.Sequential(nn.Linear(D_IN, 8), nn.Tanh(), nn.Linear(8, D))
+        self.log_scale = nn.Parameter(torch.tensor(2.0))
+        self.bias = nn.Parameter(torch.tensor(-1.5))
+
+    def forward(self, x_img, x_txt):
+        img = nn.functional.normalize(self.image(x_img), dim=-1)
+        txt = nn.functional.normalize(self.text(x_txt), dim=-1)
+        return img, txt, self.log_scale.exp(), self.bias
+
+
+def global_batch(n):
+    g = torch.Generator().manual_seed(123)
+    x_img = torch.randn(n, D_IN, generator=g, dtype=torch.float64)
+    x_txt = x_img + 0.5 * torch.randn(n, D_IN, generator=g, dtype=torch.float64)
+    labels = torch.arange(n) // 2  # pairs of rows share a group, across rank borders too
+    return x_img, x_txt, labels
+
+
+def compute_loss(model, x_img, x_txt, labels, case, distributed):
+    _, kind, chunk, use_labels, eps = case
+    img, txt, s, b = model(x_img, x_txt)
+    lab = labels if use_labels else None
+    if kind == "clip":
+        loss = clip_loss(img, txt, s, labels=lab, label_smoothing=eps, chunk_size=chunk, distributed=distributed)
+        return loss + 0 * b  # CLIP has no bias; keep the parameter in the graph for DDP
+    return siglip_loss(img, txt, s, b, labels=lab, chunk_size=chunk, distributed=distributed)
+
+
+def grads_of(model):
+    return {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for k, p in model.named_parameters()}
+
+
+def reference(sizes):
+    """Single process, whole batch: loss and gradients per case."""
+    torch.manual_seed(0)
+    model = Towers().double()
+    x_img, x_txt, labels = global_batch(sum(sizes))
+    out = {}
+    for case in CASES:
+        model.zero_grad()
+        loss = compute_loss(model, x_img, x_txt, labels, case, distributed=False)
+        loss.backward()
+        out[case[0]] = (loss.detach(), grads_of(model))
+    return out
+
+
+def worker(rank, world, port, sizes, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(Towers().double())
+        x_img, x_txt, labels = global_batch(sum(sizes))
+        lo = sum(sizes[:rank])
+        rows = slice(lo, lo + sizes[rank])
+        out = {}
+        for case in CASES:
+            model.zero_grad()
+            loss = compute_loss(model, x_img[rows], x_txt[rows], labels[rows], case, distributed=True)
+            loss.backward()  # DDP averages gradients over ranks here
+            out[case[0]] = (loss.detach(), grads_of(model.module))
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=[(4, 4), (5, 3)], ids=["equal", "unequal"])
+def run(request):
+    sizes = list(request.param)
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(worker, args=(2, free_port(), sizes, results), nprocs=2, join=True)
+    return reference(sizes), dict(results)
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_ranks_get_the_single_process_gradient(run, case):
+    ref, results = run
+    ref_loss, ref_grads = ref[case]
+    for rank in (0, 1):
+        loss, grads = results[rank][case]
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)  # the global loss on every rank
+        assert set(grads) == set(ref_grads)
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-9, atol=1e-12, msg=f"{case} rank {rank} {name}")

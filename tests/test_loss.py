@@ -1,0 +1,340 @@
+"""The losses against naive references kept here: a loop over rows for the cross-entropy,
+the full-matrix sigmoid formula, forward and gradient, on shapes that do not divide evenly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipforge import ClipLoss, LogitScale, SigLipLoss, clip_loss, siglip_loss
+from clipforge.loss import auto_chunk_size
+
+# ---------------------------------------------------------------------------------------
+# References
+# ---------------------------------------------------------------------------------------
+
+
+def targets_ref(n: int, labels: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Ỹ (n, n) in float64, built entry by entry."""
+    y = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        pos = [j for j in range(n) if (j == i if labels is None else labels[j] == labels[i])]
+        for j in pos:
+            y[i, j] = 1.0 / len(pos)
+    return (1 - eps) * y + eps / n
+
+
+def clip_loss_ref(img, txt, scale, labels=None, eps=0.0):
+    """½ (mean_i CE(row i) + mean_j CE(column j)), a Python loop over rows, float64."""
+    img, txt = img.double(), txt.double()
+    scale = scale.double() if isinstance(scale, torch.Tensor) else torch.tensor(scale, dtype=torch.float64)
+    n = img.shape[0]
+    y = targets_ref(n, labels, eps)
+    logits = scale * img @ txt.T
+    rows = [-(y[i] * torch.log_softmax(logits[i], dim=0)).sum() for i in range(n)]
+    cols = [-(y[:, j] * torch.log_softmax(logits[:, j], dim=0)).sum() for j in range(n)]
+    return (torch.stack(rows).mean() + torch.stack(cols).mean()) / 2
+
+
+def siglip_loss_ref(img, txt, scale, bias, labels=None):
+    """−(1/N) Σ_ij log σ(z_ij (s I_i·T_j + b)), element by element, float64."""
+    img, txt = img.double(), txt.double()
+    n = img.shape[0]
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            pos = (i == j) if labels is None else bool(labels[i] == labels[j])
+            x = scale.double() * (img[i] @ txt[j]) + bias.double()
+            total = total + F.logsigmoid(x if pos else -x)
+    return -total / n
+
+
+def features(n, d, *, dtype=torch.float64, seed=0, normalize=True):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randn(n, d, generator=g, dtype=torch.float64)
+    txt = img + 0.8 * torch.randn(n, d, generator=g, dtype=torch.float64)  # correlated pairs
+    if normalize:
+        img, txt = F.normalize(img, dim=1), F.normalize(txt, dim=1)
+    return img.to(dtype).requires_grad_(), txt.to(dtype).requires_grad_()
+
+
+def grads(loss, *inputs):
+    return torch.autograd.grad(loss, inputs)
+
+
+def assert_close_all(a, b, **tol):
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, **tol)
+
+
+GROUPS = {1: [0], 2: [5, 5], 7: [0, 1, 0, 2, 1, 0, 3], 13: [i % 4 for i in range(13)], 31: [i // 3 for i in range(31)]}
+
+# ---------------------------------------------------------------------------------------
+# CLIP loss
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 13])
+@pytest.mark.parametrize("use_labels", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_naive_clip_matches_row_loop(n, use_labels, eps):
+    img, txt = features(n, 5)
+    s = torch.tensor(7.5, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor(GROUPS[n]) if use_labels else None
+    got = clip_loss(img, txt, s, labels=labels, label_smoothing=eps)
+    ref = clip_loss_ref(img, txt, s, labels, eps)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert_close_all(grads(got, img, txt, s), grads(ref, img, txt, s), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("n,chunk", [(1, 1), (1, 8), (2, 1), (7, 3), (13, 4), (13, 13), (13, 64), (31, 5)])
+@pytest.mark.parametrize("use_labels", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.25])
+def test_tiled_clip_matches_reference(n, chunk, use_labels, eps):
+    img, txt = features(n, 6, seed=n)
+    s = torch.tensor(11.0, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor(GROUPS[n]) if use_labels else None
+    got = clip_loss(img, txt, s, labels=labels, label_smoothing=eps, chunk_size=chunk)
+    ref = clip_loss_ref(img, txt, s, labels, eps)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert_close_all(grads(got, img, txt, s), grads(ref, img, txt, s), rtol=1e-10, atol=1e-12)
+
+
+def test_tiled_clip_gradcheck():
+    img, txt = features(9, 4, seed=3)
+    s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 5])
+    for lab in (None, labels):
+        assert torch.autograd.gradcheck(
+            lambda a, b, c: clip_loss(a, b, c, labels=lab, label_smoothing=0.1, chunk_size=4), (img, txt, s)
+        )
+        assert torch.autograd.gradgradcheck is not None  # backward is first-order only (documented)
+
+
+def test_tiled_clip_float32_large_batch_matches_float64():
+    img, txt = features(1000, 64, dtype=torch.float32, seed=1)
+    s = torch.tensor(100.0, requires_grad=True)  # the largest scale CLIP allows: sharpest softmax
+    got = clip_loss(img, txt, s, chunk_size=128)
+    g_got = grads(got, img, txt, s)
+    img64, txt64 = img.detach().double().requires_grad_(), txt.detach().double().requires_grad_()
+    s64 = s.detach().double().requires_grad_()
+    ref = clip_loss(img64, txt64, s64)
+    g_ref = grads(ref, img64, txt64, s64)
+    # The loss is tiny here (≈2e-7: the batch is separated at s = 100), a difference of
+    # log-sum-exps ≈ 100 and target logits ≈ 100 that the tiled path computes separately, so
+    # the absolute error is a few float32 ulps of the logits: ulp(100) ≈ 7.6e-6.
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=4 * 7.7e-6)
+    assert_close_all([g.double() for g in g_got], g_ref, rtol=1e-4, atol=1e-7)
+    # On an unseparated batch (s = 10) the value is exact to float32's relative rounding.
+    s10 = torch.tensor(10.0)
+    torch.testing.assert_close(
+        clip_loss(img.detach(), txt.detach(), s10, chunk_size=128).double(),
+        clip_loss(img64.detach(), txt64.detach(), s10.double()), rtol=2e-6, atol=0,
+    )
+
+
+def test_column_underflow_fallback_is_exact():
+    """Columns whose row-shifted exponentials underflow are recomputed with their own max.
+
+    Unnormalised features with large norms give logits spread over thousands: a tile's
+    column sums relative to the tile's maximum vanish in float32 and must not become −inf."""
+    g = torch.Generator().manual_seed(0)
+    img = (torch.randn(40, 8, generator=g) * torch.linspace(0.1, 30, 40)[:, None]).requires_grad_()
+    txt = (torch.randn(40, 8, generator=g) * torch.linspace(30, 0.1, 40)[:, None]).requires_grad_()
+    s = torch.tensor(5.0, requires_grad=True)
+    got = clip_loss(img, txt, s, chunk_size=16)
+    assert torch.isfinite(got)
+    ref = clip_loss(img.detach().double(), txt.detach().double(), s.detach().double())
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-3)
+    g_got = grads(got, img, txt, s)
+    i64, t64, s64 = (t.detach().double().requires_grad_() for t in (img, txt, s))
+    g_ref = grads(clip_loss(i64, t64, s64), i64, t64, s64)
+    for a, b in zip(g_got, g_ref):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("chunk", [None, 32])
+def test_low_precision_inputs_against_float64(dtype, rtol, chunk):
+    """bf16/fp16 features: the loss accumulates in float32, so its value is exact to
+    float32 rounding of the rounded inputs; gradients come back in the input dtype, so
+    their error is that dtype's rounding (bf16: 8 bits, fp16: 11 bits) — the tolerance."""
+    img, txt = features(100, 32, dtype=dtype, seed=4)
+    s = torch.tensor(30.0, requires_grad=True)
+    got = clip_loss(img, txt, s, chunk_size=chunk, labels=torch.arange(100) // 3)
+    assert got.dtype == torch.float32
+    g_got = grads(got, img, txt, s)
+    assert g_got[0].dtype == dtype and g_got[2].dtype == torch.float32
+    i64, t64, s64 = (t.detach().double().requires_grad_() for t in (img, txt, s))
+    ref = clip_loss_ref(i64, t64, s64, torch.arange(100) // 3)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)  # exact inputs, fp32 accumulation
+    g_ref = grads(ref, i64, t64, s64)
+    for a, b in zip(g_got, g_ref):
+        scale = b.abs().max()
+        assert (a.double() - b).abs().max() <= rtol * scale, (a.dtype, (a.double() - b).abs().max(), scale)
+
+
+def test_auto_chunk_and_module():
+    img, txt = features(50, 8, seed=2)
+    s = torch.tensor(20.0, dtype=torch.float64, requires_grad=True)
+    got = ClipLoss(label_smoothing=0.05)(img, txt, s)
+    ref = clip_loss_ref(img, txt, s, None, 0.05)
+    torch.testing.assert_close(got, ref)
+    assert 1 <= auto_chunk_size(50, 8) <= 50
+    budget = 64 << 20
+    edge = auto_chunk_size(100_000, 512, budget=budget)
+    assert 16 * edge * edge <= budget < 16 * (2 * edge) ** 2  # the largest tile within budget
+
+
+def test_matches_openclip_and_hf_formula():
+    """OpenCLIP's ClipLoss and Hugging Face's clip_loss are ½(CE(logits) + CE(logitsᵀ)) with
+    arange targets — written out here as they write it."""
+    img, txt = features(17, 8, dtype=torch.float32, seed=5)
+    s = torch.tensor(1 / 0.07)
+    logits_per_image = s * img @ txt.T
+    logits_per_text = s * txt @ img.T
+    labels = torch.arange(17)
+    theirs = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    for chunk in (None, 5):
+        torch.testing.assert_close(clip_loss(img, txt, s, chunk_size=chunk), theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_gradient_is_softmax_minus_target():
+    """dLoss/dL = ((softmax_rows(L) − Ỹ) + (softmax_cols(L) − Ỹ)) / 2N, checked on the logits."""
+    n = 5
+    logits = torch.randn(n, n, dtype=torch.float64, requires_grad=True)
+    eye = torch.eye(n, dtype=torch.float64)
+    loss = clip_loss(eye, logits.T.contiguous(), 1.0)  # I = identity ⇒ L = I·(logitsᵀ)ᵀ = logits
+    (g,) = torch.autograd.grad(loss, logits)
+    expected = ((logits.softmax(1) - eye) + (logits.softmax(0) - eye)) / (2 * n)
+    torch.testing.assert_close(g, expected.T.T)
+
+
+# ---------------------------------------------------------------------------------------
+# SigLIP loss
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,chunk", [(1, None), (1, 4), (7, None), (7, 3), (13, 5), (13, 64), (31, 8)])
+@pytest.mark.parametrize("use_labels", [False, True])
+def test_siglip_matches_reference(n, chunk, use_labels):
+    img, txt = features(n, 6, seed=n + 1)
+    s = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-10.0, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor(GROUPS[n]) if use_labels else None
+    got = siglip_loss(img, txt, s, b, labels=labels, chunk_size=chunk)
+    ref = siglip_loss_ref(img, txt, s, b, labels)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert_close_all(grads(got, img, txt, s, b), grads(ref, img, txt, s, b), rtol=1e-10, atol=1e-12)
+
+
+def test_siglip_gradcheck_and_module():
+    img, txt = features(8, 4, seed=7)
+    s = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])
+    assert torch.autograd.gradcheck(lambda *a: siglip_loss(*a, labels=labels, chunk_size=3), (img, txt, s, b))
+    torch.testing.assert_close(SigLipLoss()(img, txt, s, b, labels=labels), siglip_loss_ref(img, txt, s, b, labels))
+
+
+def test_siglip_matches_openclip_formula():
+    """OpenCLIP's SigLipLoss: −Σ logsigmoid(labels · logits) / N with labels 2·I − 1."""
+    img, txt = features(12, 8, dtype=torch.float32, seed=8)
+    s, b = torch.tensor(10.0), torch.tensor(-10.0)
+    logits = s * img @ txt.T + b
+    sign = 2 * torch.eye(12) - 1
+    theirs = -F.logsigmoid(sign * logits).sum() / 12
+    for chunk in (None, 5):
+        torch.testing.assert_close(siglip_loss(img, txt, s, b, chunk_size=chunk), theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_siglip_low_precision(dtype):
+    img, txt = features(64, 16, dtype=dtype, seed=9)
+    s = torch.tensor(10.0, requires_grad=True)
+    b = torch.tensor(-10.0, requires_grad=True)
+    got = siglip_loss(img, txt, s, b, chunk_size=20)
+    i64, t64, s64, b64 = (t.detach().double().requires_grad_() for t in (img, txt, s, b))
+    ref = siglip_loss(i64, t64, s64, b64)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+    for a, r in zip(grads(got, img, txt, s, b), grads(ref, i64, t64, s64, b64)):
+        assert (a.double() - r).abs().max() <= 2e-2 * r.abs().max()
+
+
+# ---------------------------------------------------------------------------------------
+# Temperature
+# ---------------------------------------------------------------------------------------
+
+
+def test_logit_scale_init_and_clamp():
+    ls = LogitScale()
+    assert math.isclose(float(ls().detach()), 1 / 0.07, rel_tol=1e-6)
+    assert ls.bias is None
+    sig = LogitScale.siglip()
+    assert math.isclose(float(sig().detach()), 10.0, rel_tol=1e-6) and float(sig.bias.detach()) == -10.0
+    with torch.no_grad():
+        ls.log_scale.fill_(math.log(500.0))
+    assert math.isclose(float(ls().detach()), 100.0, rel_tol=1e-6)  # value capped
+    ls.clamp_()
+    assert math.isclose(float(ls.log_scale.detach()), math.log(100.0), rel_tol=1e-6)
+    ls().backward()
+    assert ls.log_scale.grad is not None and float(ls.log_scale.grad) > 0  # at the cap, gradient still flows
+    assert set(dict(sig.named_parameters())) == {"log_scale", "bias"}
+
+
+def test_logit_scale_trains_through_the_loss():
+    ls = LogitScale()
+    img, txt = features(16, 8, dtype=torch.float32)
+    clip_loss(img, txt, ls(), chunk_size=5).backward()
+    g_tiled = ls.log_scale.grad.clone()
+    ls.zero_grad()
+    clip_loss(img, txt, ls()).backward()
+    torch.testing.assert_close(g_tiled, ls.log_scale.grad)
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(img=torch.randn(4, 3), txt=torch.randn(5, 3)), r"same shape.*\(4, 3\).*\(5, 3\)"),
+        (dict(img=torch.randn(4, 3), txt=torch.randn(4, 2)), r"same shape.*\(4, 3\).*\(4, 2\)"),
+        (dict(img=torch.randn(4), txt=torch.randn(4)), r"image_features must have shape \(N, d\)"),
+        (dict(img=torch.randn(0, 3), txt=torch.randn(0, 3)), r"empty batch"),
+        (dict(img=torch.tensor([[float("nan"), 1.0]]), txt=torch.ones(1, 2)), r"image_features has non-finite"),
+        (dict(txt=torch.tensor([[float("inf"), 1.0]]), img=torch.ones(1, 2)), r"text_features has non-finite"),
+        (dict(scale=0.0), r"logit_scale must be positive"),
+        (dict(scale=-1.0), r"logit_scale must be positive"),
+        (dict(scale=torch.ones(2)), r"logit_scale must be a scalar"),
+        (dict(labels=torch.zeros(3, dtype=torch.long)), r"labels must have shape \(4,\).*\(3,\)"),
+        (dict(labels=torch.zeros(4)), r"labels must be an integer tensor.*float32"),
+        (dict(chunk=0), r"chunk_size must be"),
+        (dict(eps=1.0), r"label_smoothing must be in \[0, 1\)"),
+        (dict(img=torch.zeros(4, 3, dtype=torch.long), txt=torch.zeros(4, 3, dtype=torch.long)), r"floating point"),
+    ],
+)
+def test_bad_input_is_a_clear_error(kwargs, match):
+    img = kwargs.get("img", torch.randn(4, 3))
+    txt = kwargs.get("txt", torch.randn(4, 3))
+    with pytest.raises(ValueError, match=match):
+        clip_loss(
+            img, txt, kwargs.get("scale", 10.0), labels=kwargs.get("labels"),
+            label_smoothing=kwargs.get("eps", 0.0), chunk_size=kwargs.get("chunk", None),
+        )
+
+
+def test_siglip_bad_bias():
+    with pytest.raises(ValueError, match="logit_bias must be finite"):
+        siglip_loss(torch.randn(3, 2), torch.randn(3, 2), 10.0, float("nan"))
+
+
+def test_distributed_true_without_process_group_is_an_error():
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        clip_loss(torch.randn(3, 2), torch.randn(3, 2), 10.0, distributed=True)
