@@ -5,7 +5,7 @@
 Prints a table, writes benchmarks/results/bench_loss.json and bench_loss.png.  Every case
 runs in its own process, so its peak memory is its own: "extra peak" is the peak resident
 memory during one forward + backward minus the resident memory just before it (inputs
-already allocated).  Times are medians over repeats after a warm-up run.  The plain
+already allocated).  Times are medians over repeats (3 by default) after a warm-up run.  The plain
 formula runs up to the largest N whose N×N buffers fit in memory; the tiled one goes on.
 Achieved GFLOP/s count 8·N²·d (the floor with recomputation: the logits are computed
 twice, and the two gradient products once each) against this machine's matmul rate,
@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -84,12 +85,12 @@ def child(impl: str, n: int, d: int, dtype_name: str, repeats: int) -> dict:
     first = step()
     _, peak = _rss()
     times = [step() for _ in range(repeats)] or [first]
-    times.sort()
+    median = statistics.median(times)
     return {
         "impl": impl, "n": n, "d": d, "dtype": dtype_name,
-        "seconds": times[len(times) // 2], "all_seconds": times, "first_seconds": first,
+        "seconds": median, "all_seconds": times, "first_seconds": first,
         "extra_peak_bytes": peak - before,
-        "gflops": 8 * n * n * d / times[len(times) // 2] / 1e9,
+        "gflops": 8 * n * n * d / median / 1e9,
     }
 
 
@@ -141,8 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="two sizes only (a smoke run)")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per case after the warm-up")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case after the warm-up")
     parser.add_argument("--max-n", type=int, default=None, help="skip cases above this N")
+    parser.add_argument("--sizes", type=lambda v: {int(x) for x in v.split(",")}, default=None,
+                        help="comma-separated N values to run (default: all of the plan)")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_loss.json")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print("-" * len(header))
     for n, d, impls in plan:
-        if args.max_n and n > args.max_n:
+        if (args.max_n and n > args.max_n) or (args.sizes and n not in args.sizes):
             continue
         for dtype in dtypes:
             if dtype == "bf16" and n > 16384:

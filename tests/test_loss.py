@@ -340,3 +340,12 @@ def test_siglip_bad_bias():
 def test_distributed_true_without_process_group_is_an_error():
     with pytest.raises(ValueError, match="torch.distributed is not initialised"):
         clip_loss(torch.randn(3, 2), torch.randn(3, 2), 10.0, distributed=True)
+
+
+def test_loading_a_scale_above_the_cap_keeps_it():
+    """OpenAI's checkpoints store log s = 4.6052 > log 100 and use s = 100.0035 as is."""
+    ls = LogitScale()
+    ls.load_state_dict({"log_scale": torch.tensor(4.6052)})
+    assert math.isclose(float(ls().detach()), math.exp(4.6052), rel_tol=1e-6)
+    ls.load_state_dict({"log_scale": torch.tensor(2.0)})  # a lower scale is unaffected
+    assert math.isclose(float(ls().detach()), math.exp(2.0), rel_tol=1e-6)

@@ -96,6 +96,15 @@ class LogitScale(nn.Module):
         self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
         self.bias = None if init_bias is None else nn.Parameter(torch.tensor(float(init_bias)))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        # Released checkpoints may store log s a hair above log 100 (OpenAI's: 4.6052, i.e.
+        # s = 100.0035) and use it unclamped: lift the cap to the stored value so loaded
+        # weights give the numbers they gave where they were made.
+        stored = state_dict.get(prefix + "log_scale")
+        if isinstance(stored, Tensor) and stored.numel() == 1 and torch.isfinite(stored).all():
+            self.max_scale = max(self.max_scale, math.exp(float(stored)))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @classmethod
     def clip(cls) -> "LogitScale":
         """CLIP's initialisation: s = 1/0.07, no bias."""
