@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Comm", "is_initialized", "world_info"]
+__all__ = ["Comm", "is_initialized", "world_info", "init_from_env", "wrap_data_parallel", "all_reduce_", "barrier", "shutdown"]
 
 
 def is_initialized() -> bool:
@@ -123,3 +123,47 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         return ctx.comm.all_reduce_sum(grad.contiguous())[ctx.rows], None
+
+
+# -- process groups and data parallelism for the trainer ---------------------------------
+
+
+def init_from_env(device_type: str) -> tuple[int, int, int]:
+    """Join the process group that ``torchrun`` describes in the environment.
+
+    Returns (rank, world_size, local_rank); (0, 1, 0) when the environment names no group
+    (a plain ``python``/``clipforge`` run).  NCCL on CUDA, gloo on CPU.
+    """
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    if not is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def wrap_data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``DistributedDataParallel`` around ``module`` when a group of several processes runs."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def all_reduce_(t: Tensor, op: str = "sum") -> Tensor:
+    """In-place sum or max over ranks; identity in a single process."""
+    if is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return t
+
+
+def barrier() -> None:
+    if is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,133 @@
+"""Reading image files for a model: Pillow decodes, unreadable files are skipped and recorded.
+
+A file is unreadable when it is missing, is not an image Pillow recognises, or is corrupt or
+truncated (``convert("RGB")`` decodes the whole file, so a truncated one fails there; Pillow's
+``LOAD_TRUNCATED_IMAGES`` is left off).  Errors raised by the transform are not caught: they are
+bugs, not bad data.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from clipforge.data._errors import DataError
+
+__all__ = ["ImageLoader", "Skipped", "read_rgb", "describe_skipped"]
+
+# Decoding failures that mean "bad data"; Pillow raises OSError for truncated or corrupt files.
+_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An image file that could not be read, and why."""
+
+    path: str
+    reason: str
+
+
+def read_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    """The image at ``path`` fully decoded, in RGB."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, FileNotFoundError):
+        return "file not found"
+    if isinstance(err, IsADirectoryError):
+        return "a directory, not a file"
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image Pillow can identify"
+    return f"{type(err).__name__}: {err}"
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, paths: Sequence[str | os.PathLike[str]], transform: Callable[[Image.Image], Tensor]) -> None:
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor | None, Skipped | None]:
+        path = self.paths[index]
+        try:
+            image = read_rgb(path)
+        except _READ_ERRORS as err:
+            return index, None, Skipped(str(path), _reason(err))
+        return index, self.transform(image), None
+
+
+def _collate(items: list[tuple[int, Tensor | None, Skipped | None]]) -> tuple[list[int], Tensor | None, list[Skipped]]:
+    kept = [(i, image) for i, image, _ in items if image is not None]
+    skipped = [skip for _, _, skip in items if skip is not None]
+    batch = torch.stack([image for _, image in kept]) if kept else None
+    return [i for i, _ in kept], batch, skipped
+
+
+def describe_skipped(skipped: Sequence[Skipped], *, shown: int = 3) -> str:
+    """"N unreadable image(s), e.g. a.jpg (file not found), ..." for messages and reports."""
+    examples = ", ".join(f"{os.path.basename(s.path)} ({s.reason})" for s in skipped[:shown])
+    return f"{len(skipped)} unreadable image(s), e.g. {examples}" if skipped else "no unreadable image"
+
+
+class ImageLoader:
+    """Batches [B, 3, H, W] of the readable images among ``paths``, in order.
+
+    After a full pass, ``kept`` lists the indices (into ``paths``) of the images yielded and
+    ``skipped`` the unreadable files.  A pass that finds no readable image raises a DataError
+    naming ``source``.  ``len()`` is the number of paths, for progress bars.
+
+    Args:
+        paths: image files.
+        transform: PIL image -> tensor [3, H, W], e.g. the ``preprocess`` of `clipforge.checkpoints.load`.
+        batch_size: images per batch.
+        num_workers: decoding processes (0 decodes in this one), as in `torch.utils.data.DataLoader`.
+        source: how messages name the data, e.g. "imagefolder:val/".
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        transform: Callable[[Image.Image], Tensor],
+        *,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        source: str = "images",
+    ) -> None:
+        self.paths, self.transform = list(paths), transform
+        self.batch_size, self.num_workers, self.source = batch_size, num_workers, source
+        self.kept: list[int] = []
+        self.skipped: list[Skipped] = []
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        self.kept, self.skipped = [], []
+        if not self.paths:
+            raise DataError(f"{self.source}: no image files")
+        loader: Any = DataLoader(
+            _ImageFiles(self.paths, self.transform),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=_collate,
+        )
+        for indices, batch, skipped in loader:
+            self.kept += indices
+            self.skipped += skipped
+            if batch is not None:
+                yield batch
+        if not self.kept:
+            raise DataError(
+                f"{self.source}: none of the {len(self.paths)} images could be read; {describe_skipped(self.skipped)}"
+            )

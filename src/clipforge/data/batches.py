@@ -1,0 +1,207 @@
+"""Deterministic training batches from any map-style image–caption source.
+
+The sample order is a pure function of (seed, step): positions run through the data set
+epoch after epoch, each epoch in its own seeded permutation, and optimiser step k takes
+positions [k·B, (k+1)·B).  A run resumed at step k therefore reads exactly the samples an
+uninterrupted run would, with no loader state to save.  With W ranks and K micro-batches
+per step, rank r reads its contiguous share of the global batch, cut into K micro-batches,
+so the ranks' rows concatenated in rank order are the single-process batch.
+
+Bad samples — unreadable or truncated images, missing files, empty or non-UTF-8 captions —
+are skipped and counted; `BatchStream.check_bad` stops the run with a DataError naming
+examples once more than a set fraction of what was read is bad.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from clipforge.data._errors import DataError
+
+__all__ = ["BatchPlan", "BatchStream", "Bad"]
+
+
+@dataclass(frozen=True)
+class Bad:
+    """A sample that was skipped, and why."""
+
+    index: int
+    reason: str
+
+
+class BatchPlan:
+    """Which data set indices each optimiser step reads."""
+
+    def __init__(self, size: int, *, batch_size: int, seed: int, rank: int = 0, world: int = 1, accum: int = 1) -> None:
+        if size < 1:
+            raise DataError("the training data set is empty")
+        if batch_size % (world * accum):
+            raise ValueError(
+                f"batch_size={batch_size} must be divisible by world size {world} × accum_steps {accum}"
+            )
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world, self.accum = rank, world, accum
+        self._perms: dict[int, Tensor] = {}
+
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.clear()
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.size, generator=g)
+        return self._perms[epoch]
+
+    def global_indices(self, step: int) -> list[int]:
+        """Data set indices of step ``step``'s whole batch, all ranks, in rank order."""
+        out = []
+        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
+            epoch, offset = divmod(pos, self.size)
+            out.append(int(self._perm(epoch)[offset]))
+        return out
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This rank's K micro-batches of step ``step``."""
+        per_rank = self.batch_size // self.world
+        mine = self.global_indices(step)[self.rank * per_rank : (self.rank + 1) * per_rank]
+        per_micro = per_rank // self.accum
+        return [mine[k * per_micro : (k + 1) * per_micro] for k in range(self.accum)]
+
+    def epoch(self, step: int) -> float:
+        return step * self.batch_size / self.size
+
+
+class _Samples(Dataset):
+    """index -> (image tensor, caption) or a `Bad` record; never raises for bad data."""
+
+    def __init__(self, source: Any, preprocess: Callable, *, seed: int, augment: bool) -> None:
+        self.source, self.preprocess, self.seed, self.augment = source, preprocess, seed, augment
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, Tensor, str] | Bad:
+        index, step = key
+        try:
+            image, caption = self.source[index]
+            if isinstance(caption, bytes):
+                caption = caption.decode("utf-8")
+            caption = caption.strip()
+            if not caption:
+                return Bad(index, "empty caption")
+            if self.augment:
+                # per-sample generator: the same crop for the same (seed, step, index) on resume
+                digest = hashlib.blake2b(f"{self.seed}/{step}/{index}".encode(), digest_size=8).digest()
+                g = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+                pixels = self.preprocess(image, generator=g)
+            else:
+                pixels = self.preprocess(image)
+        except (OSError, ValueError, TypeError, UnicodeDecodeError, SyntaxError, IndexError) as err:
+            return Bad(index, f"{type(err).__name__}: {err}"[:200])
+        return index, pixels, caption
+
+
+@dataclass
+class MicroBatch:
+    images: Tensor  # [b, 3, H, W]
+    tokens: Tensor  # [b, L]
+    indices: list[int]
+    bad: list[Bad] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class _Collate:
+    def __init__(self, tokenizer: Callable[[list[str]], Tensor]) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[tuple[int, Tensor, str] | Bad]) -> MicroBatch:
+        good = [x for x in items if not isinstance(x, Bad)]
+        bad = [x for x in items if isinstance(x, Bad)]
+        if not good:
+            return MicroBatch(torch.empty(0), torch.empty(0, dtype=torch.long), [], bad)
+        return MicroBatch(
+            torch.stack([p for _, p, _ in good]),
+            self.tokenizer([c for _, _, c in good]),
+            [i for i, _, _ in good],
+            bad,
+        )
+
+
+class BatchStream:
+    """Micro-batches for steps ``start .. stop-1``, loaded by ``workers`` processes.
+
+    Iterating yields, per step, this rank's list of K `MicroBatch` es.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        plan: BatchPlan,
+        *,
+        preprocess: Callable,
+        tokenizer: Callable[[list[str]], Tensor],
+        augment: bool = False,
+        workers: int = 0,
+        max_bad_fraction: float = 0.1,
+        source_name: str = "data",
+    ) -> None:
+        self.plan, self.workers = plan, workers
+        self.samples = _Samples(source, preprocess, seed=plan.seed, augment=augment)
+        self.collate = _Collate(tokenizer)
+        self.max_bad_fraction, self.source_name = max_bad_fraction, source_name
+        self.seen = 0
+        self.bad: list[Bad] = []
+        self.bad_count = 0
+
+    def steps(self, start: int, stop: int) -> Iterator[list[MicroBatch]]:
+        keys = [[(i, step) for i in micro] for step in range(start, stop) for micro in self.plan.micro_batches(step)]
+        loader = DataLoader(
+            self.samples, batch_sampler=keys, num_workers=self.workers, collate_fn=self.collate,
+            persistent_workers=False, prefetch_factor=4 if self.workers else None,
+        )
+        group: list[MicroBatch] = []
+        for micro in loader:
+            self._count(micro)
+            group.append(micro)
+            if len(group) == self.plan.accum:
+                yield group
+                group = []
+
+    def _count(self, micro: MicroBatch) -> None:
+        self.seen += len(micro) + len(micro.bad)
+        self.bad_count += len(micro.bad)
+        if len(self.bad) < 20:
+            self.bad.extend(micro.bad[: 20 - len(self.bad)])
+        self.check_bad()
+
+    def check_bad(self) -> None:
+        """DataError when more than ``max_bad_fraction`` of the samples read so far (at least 64) were bad."""
+        if self.seen >= 64 and self.bad_count > self.max_bad_fraction * self.seen:
+            examples = "; ".join(f"#{b.index}: {b.reason}" for b in self.bad[:3])
+            raise DataError(
+                f"{self.bad_count} of {self.seen} samples of {self.source_name} are unreadable "
+                f"(more than {self.max_bad_fraction:.0%}); e.g. {examples}"
+            )
+
+
+def captions_of(source: Any, limit: int) -> Sequence[str]:
+    """Up to ``limit`` captions of a source, cheaply where it can give captions alone."""
+    n = min(len(source), limit)
+    get = getattr(source, "caption", None)
+    out = []
+    for k in range(n):
+        try:
+            text = get(k) if callable(get) else source[k][1]
+        except (OSError, ValueError, IndexError):
+            continue
+        if text and text.strip():
+            out.append(text.strip())
+    return out

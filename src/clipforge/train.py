@@ -1,0 +1,445 @@
+"""Training CLIP: a pure `compute_gradients`/`train_step` and one linear `train(config)`.
+
+    clipforge train --model tiny --data shapes:// --steps 2000 --out runs/shapes
+    torchrun --nproc-per-node 4 -m clipforge.cli train --config run.toml
+
+prints a progress bar (step, samples/s, loss, lr, temperature, ETA) and writes
+``OUT/metrics.jsonl``, ``OUT/metrics.json``, TensorBoard scalars (when `tensorboard` is
+installed) and checkpoints under ``OUT/checkpoints/``.
+
+Gradient accumulation caches features (as GradCache does): the K micro-batches are first
+encoded without a graph, the loss of the whole batch is computed once on those features,
+and each micro-batch is then re-encoded with a graph and back-propagated with its slice of
+the features' gradient.  Every parameter — the logit scale included — gets exactly the
+gradient of one batch of K× the size (tests/test_train.py checks it in float64); a loss
+back-propagated once per micro-batch would count the temperature's gradient K times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from clipforge import distributed as dist
+from clipforge.data.batches import MicroBatch
+from clipforge.loss import clip_loss, siglip_loss
+from clipforge.train_config import TrainConfig
+
+__all__ = ["TrainConfig", "train", "train_step", "compute_gradients", "build_optimizer", "lr_factor", "evaluate"]
+
+
+# --------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------
+
+
+class _Forward(nn.Module):
+    """(image features, text features, scale, bias) from one call, so that data parallelism
+    sees the logit scale and bias used in the forward it wraps."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        img, txt, scale = self.model(images, tokens)
+        return img, txt, scale, self.model.logit_scale.bias
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _loss(kind: str, img: Tensor, txt: Tensor, scale: Tensor, bias: Tensor | None, *, eps: float, chunk: int | str) -> Tensor:
+    if kind == "siglip":
+        return siglip_loss(img, txt, scale, bias, chunk_size=chunk, distributed="auto")
+    return clip_loss(img, txt, scale, label_smoothing=eps, chunk_size=chunk, distributed="auto")
+
+
+def compute_gradients(
+    forward: nn.Module,
+    micro_batches: Sequence[MicroBatch],
+    *,
+    loss: str = "clip",
+    label_smoothing: float = 0.0,
+    chunk_size: int | str = "auto",
+    precision: str = "fp32",
+    loss_scale: float = 1.0,
+) -> dict[str, float]:
+    """Accumulate into ``.grad`` the gradient of the loss of the micro-batches taken together.
+
+    ``forward`` is a `_Forward` (possibly wrapped for data parallelism).  Returns the loss,
+    scale and bias (floats); the loss is NaN/inf when it was not finite, in which case
+    nothing was back-propagated.  ``loss_scale`` multiplies what is back-propagated (fp16).
+    """
+    device = micro_batches[0].images.device
+    kw = dict(eps=label_smoothing, chunk=chunk_size)
+    if len(micro_batches) == 1:
+        mb = micro_batches[0]
+        with _autocast(precision, device):
+            img, txt, scale, bias = forward(mb.images, mb.tokens)
+        value = _loss(loss, img.float(), txt.float(), scale, bias, **kw)
+        if torch.isfinite(value):
+            (value * loss_scale).backward()
+        return _stats(value, scale, bias)
+
+    core = forward.module if hasattr(forward, "no_sync") else forward
+    # 1. features of every micro-batch, without a graph
+    with torch.no_grad(), _autocast(precision, device):
+        parts = [core(mb.images, mb.tokens) for mb in micro_batches]
+    img_all = torch.cat([p[0].float() for p in parts]).requires_grad_()
+    txt_all = torch.cat([p[1].float() for p in parts]).requires_grad_()
+    scale = parts[0][2].detach().requires_grad_()
+    bias = None if parts[0][3] is None else parts[0][3].detach().requires_grad_()
+    # 2. the loss of the whole batch, once: gradients of the features, the scale and the bias
+    value = _loss(loss, img_all, txt_all, scale, bias, **kw)
+    if not torch.isfinite(value):
+        return _stats(value, scale, bias)
+    (value * loss_scale).backward()
+    # 3. re-encode each micro-batch with a graph and push its slice of the feature gradient
+    sizes = [len(mb) for mb in micro_batches]
+    g_img, g_txt = img_all.grad.split(sizes), txt_all.grad.split(sizes)
+    for k, mb in enumerate(micro_batches):
+        last = k == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(forward, "no_sync") else forward.no_sync()
+        with sync:
+            with _autocast(precision, device):
+                img, txt, s, b = forward(mb.images, mb.tokens)
+            outputs, grads = [img.float(), txt.float(), s], [g_img[k], g_txt[k], scale.grad if last else torch.zeros_like(s)]
+            if b is not None:
+                outputs.append(b)
+                grads.append(bias.grad if last else torch.zeros_like(b))
+            torch.autograd.backward(outputs, grads)
+    return _stats(value, scale, bias)
+
+
+def _stats(value: Tensor, scale: Tensor, bias: Tensor | None) -> dict[str, float]:
+    out = {"loss": float(value.detach()), "logit_scale": float(scale.detach())}
+    if bias is not None:
+        out["logit_bias"] = float(bias.detach())
+    return out
+
+
+def train_step(
+    forward: nn.Module,
+    micro_batches: Sequence[MicroBatch],
+    optimizer: torch.optim.Optimizer,
+    *,
+    config: TrainConfig,
+    scaler: Any = None,
+) -> dict[str, float]:
+    """One optimiser step: gradients, clipping, update, temperature clamp.  No I/O.
+
+    A non-finite loss or gradient skips the update (``skipped`` = 1 in the result).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    stats = compute_gradients(
+        forward, micro_batches, loss=config.loss, label_smoothing=config.label_smoothing,
+        chunk_size=config.chunk_size or "auto", precision=config.precision,
+        loss_scale=scaler.get_scale() if scaler is not None else 1.0,
+    )
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not math.isfinite(stats["loss"]):
+        optimizer.zero_grad(set_to_none=True)
+        return {**stats, "grad_norm": float("nan"), "skipped": 1.0}
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the update itself when the gradients overflowed
+        scaler.update()
+        skipped = not math.isfinite(norm)
+    elif math.isfinite(norm):
+        optimizer.step()
+        skipped = False
+    else:
+        skipped = True
+    core = forward.module.model if hasattr(forward, "no_sync") else forward.model
+    core.logit_scale.clamp_()
+    return {**stats, "grad_norm": norm, "skipped": float(skipped)}
+
+
+# --------------------------------------------------------------------------------------
+# Optimiser and schedule
+# --------------------------------------------------------------------------------------
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on gains, biases, embeddings and the logit scale and bias."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim < 2 or "embedding" in name or name.startswith("logit_scale")
+        (no_decay if exempt else decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps)
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio``."""
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    span = max(1, config.steps - config.warmup)
+    progress = min(1.0, (step - config.warmup) / span)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------
+
+
+def evaluate(model: nn.Module, tokenizer: Callable, preprocess: Callable, config: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """Zero-shot accuracy on each ``eval_zeroshot`` set and retrieval recall on ``eval_retrieval``."""
+    from clipforge.data import open_data
+    from clipforge.embed import embed_images, embed_texts
+    from clipforge.retrieval import retrieval_metrics
+    from clipforge.zeroshot import build_zeroshot_classifier, classification_metrics, zeroshot_logits
+
+    was_training = model.training
+    model.eval()
+    results: dict[str, Any] = {}
+    autocast = torch.bfloat16 if config.precision == "bf16" else None
+    try:
+        for uri in config.eval_zeroshot:
+            source = open_data(uri)
+            n = min(len(source), config.eval_samples)
+            images = [preprocess(source[k][0]) for k in range(n)]
+            labels = torch.tensor([source.label(k) for k in range(n)])
+            templates = list(getattr(source, "templates", ("a {c}",)))
+            classifier = build_zeroshot_classifier(model, tokenizer, source.classnames, templates, device=device, autocast_dtype=autocast)
+            feats = embed_images(model, images, batch_size=256, device=device, autocast_dtype=autocast, progress=False)
+            metrics = classification_metrics(zeroshot_logits(feats, classifier), labels, ks=(1, 5))
+            results[uri] = {k: metrics[k] for k in ("acc1", "acc5", "mean_per_class_recall")}
+            results[uri]["confusion_matrix"] = metrics["confusion_matrix"]
+        if config.eval_retrieval:
+            source = open_data(config.eval_retrieval)
+            n = min(len(source), config.eval_samples)
+            pairs = [source[k] for k in range(n)]
+            img = embed_images(model, [preprocess(p[0]) for p in pairs], batch_size=256, device=device, autocast_dtype=autocast, progress=False)
+            txt = embed_texts(model, tokenizer, [p[1] for p in pairs], device=device, autocast_dtype=autocast, progress=False)
+            results[config.eval_retrieval] = retrieval_metrics(img, txt, torch.arange(n), ks=(1, 5, 10))
+    finally:
+        model.train(was_training)
+    return results
+
+
+# --------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+def build_model(config: TrainConfig, source: Any) -> tuple[nn.Module, Callable, Callable]:
+    """(model, preprocess, tokenizer) to train: a checkpoint as it is, or a fresh preset whose
+    vocabulary is a BPE trained on the data's captions when the preset has none of its own."""
+    from clipforge.checkpoints import load
+    from clipforge.data.batches import captions_of
+    from clipforge.model import CLIP, get_config, list_presets
+    from clipforge.tokenizer import Tokenizer, train_bpe
+    from clipforge.transforms import image_transform
+
+    tokenizer = Tokenizer.from_dir(config.tokenizer) if config.tokenizer else None
+    base = config.model.removesuffix("-quickgelu")
+    if base in list_presets() and not Path(config.model).exists():
+        cfg = get_config(config.model)
+        if tokenizer is None and cfg.text.vocab_size != 49408:
+            tokenizer = train_bpe(captions_of(source, 20_000), config.vocab_size, context_length=cfg.text.context_length)
+        if tokenizer is not None:
+            cfg = replace(cfg, text=replace(cfg.text, vocab_size=tokenizer.vocab_size))
+        if config.loss == "siglip" and cfg.init_logit_bias is None:
+            from clipforge.loss import SIGLIP_INIT_BIAS, SIGLIP_INIT_SCALE
+
+            cfg = replace(cfg, init_logit_scale=SIGLIP_INIT_SCALE, init_logit_bias=SIGLIP_INIT_BIAS)
+        torch.manual_seed(config.seed)
+        model = CLIP(cfg)
+        vision = cfg.vision
+        preprocess = image_transform(vision.image_size, mean=vision.mean, std=vision.std, train=config.augment)
+        if tokenizer is None:
+            from clipforge.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(context_length=cfg.text.context_length)
+        return model, preprocess, tokenizer
+    model, _, loaded_tok = load(config.model)
+    tokenizer = tokenizer or loaded_tok
+    if tokenizer is None:
+        raise ValueError(f"{config.model} has no tokenizer of its own: pass --tokenizer DIR")
+    vision = model.config.vision
+    preprocess = image_transform(vision.image_size, mean=vision.mean, std=vision.std, train=config.augment)
+    model.train()
+    return model, preprocess, tokenizer
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run ``config`` to its last step; returns the final metrics (also in OUT/metrics.json)."""
+    from clipforge._run_state import find_checkpoint, load_train_state, save_checkpoint, set_rng_state
+    from clipforge.data import open_data
+    from clipforge.data.batches import BatchPlan, BatchStream
+
+    # ---- processes and device -----------------------------------------------------------
+    device_probe = _device(config.device, 0)
+    rank, world, local_rank = dist.init_from_env(device_probe.type)
+    device = _device(config.device, local_rank)
+    main_process = rank == 0
+    out = Path(config.out)
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+
+    # ---- data and model -----------------------------------------------------------------
+    source = open_data(config.data)
+    resume_from = find_checkpoint(out, config.resume) if config.resume else None
+    # a resumed run takes model and tokenizer from its checkpoint
+    model, preprocess, tokenizer = build_model(config.replace(model=str(resume_from)) if resume_from else config, source)
+    model.to(device)
+    if config.lock_image or config.lock_text:
+        tower = model.visual if config.lock_image else model.text
+        tower.requires_grad_(False)
+        tower.eval()
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing(image=not config.lock_image, text=not config.lock_text)
+    forward: nn.Module = _Forward(model)
+    if config.compile:
+        forward = torch.compile(forward)
+    forward = dist.wrap_data_parallel(forward, device)
+
+    plan = BatchPlan(len(source), batch_size=config.batch_size, seed=config.seed, rank=rank, world=world, accum=config.accum_steps)
+    stream = BatchStream(
+        source, plan, preprocess=preprocess, tokenizer=tokenizer, augment=config.augment,
+        workers=config.workers, max_bad_fraction=config.max_bad_fraction, source_name=config.data,
+    )
+
+    # ---- optimiser, schedule, resume ----------------------------------------------------
+    optimizer = build_optimizer(model, config)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+    start = 0
+    if resume_from is not None:
+        state = load_train_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start = int(state["step"])
+    log = _Log(out, start, config, enabled=main_process)
+    if main_process and resume_from is not None:
+        print(f"resumed from {resume_from} at step {start}")
+
+    # ---- the loop -----------------------------------------------------------------------
+    def save(step: int) -> None:
+        if main_process:
+            save_checkpoint(out, step, model=model, tokenizer=tokenizer, keep_last=config.keep_last, state={
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else {}, "config": config.to_dict(),
+            })
+        dist.barrier()
+
+    bar = _progress(config, start, enabled=main_process)
+    t_last, samples = time.perf_counter(), 0
+    skipped_steps = 0
+    step = start
+    for step, micro in enumerate(stream.steps(start, config.steps), start=start):
+        micro = [MicroBatch(m.images.to(device, non_blocking=True), m.tokens.to(device), m.indices, m.bad) for m in micro]
+        stats = train_step(forward, micro, optimizer, config=config, scaler=scaler)
+        schedule.step()
+        skipped_steps += int(stats["skipped"])
+        samples += sum(len(m) for m in micro) * world
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            now = time.perf_counter()
+            row = {"step": done, **stats, "lr": schedule.get_last_lr()[0], "samples_per_s": samples / max(now - t_last, 1e-9),
+                   "epoch": plan.epoch(done), "bad_samples": stream.bad_count, "skipped_steps": skipped_steps}
+            log.write(row)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{row['lr']:.2e}", T=f"{1 / stats['logit_scale']:.4f}",
+                            sps=f"{row['samples_per_s']:.0f}")
+            t_last, samples = now, 0
+        bar.update(1)
+        if config.eval_every and done % config.eval_every == 0 and done < config.steps and main_process:
+            log.write({"step": done, "eval": evaluate(model, tokenizer, preprocess, config, device)})
+        if done % config.save_every == 0 and done < config.steps:
+            save(done)
+    bar.close()
+
+    # ---- the end ------------------------------------------------------------------------
+    final: dict[str, Any] = {"step": config.steps, "bad_samples": stream.bad_count, "samples_read": stream.seen,
+                             "skipped_steps": skipped_steps}
+    if start < config.steps:
+        save(config.steps)
+    if main_process:
+        if config.eval_zeroshot or config.eval_retrieval:
+            final["eval"] = evaluate(model, tokenizer, preprocess, config, device)
+            log.write({"step": config.steps, "eval": final["eval"]})
+        final["bad_examples"] = [f"#{b.index}: {b.reason}" for b in stream.bad[:5]]
+        (out / "metrics.json").write_text(json.dumps(final, indent=1))
+        log.close()
+    return final
+
+
+class _Log:
+    """metrics.jsonl (truncated to the resumed step, so a resumed run's log reads as one run)
+    and TensorBoard scalars when available."""
+
+    def __init__(self, out: Path, start: int, config: TrainConfig, *, enabled: bool) -> None:
+        self.enabled, self.path, self.tb = enabled, out / "metrics.jsonl", None
+        if not enabled:
+            return
+        kept = []
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= start]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start or None)
+        except ImportError:
+            self.tb = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for key, value in _flatten(row).items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self.tb.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _flatten(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        elif not isinstance(value, list):
+            flat[prefix + key] = value
+    return flat
+
+
+def _progress(config: TrainConfig, start: int, *, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.steps, initial=start, disable=not (enabled and config.progress), unit="step", dynamic_ncols=True)

@@ -1,0 +1,111 @@
+"""`TrainConfig`: every setting of a training run, typed and validated on construction.
+
+A run is configured from a TOML file and command-line overrides (``clipforge train
+--config run.toml --steps 500``); an unknown key is an error that names it.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig", "load_toml"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+LOSSES = ("clip", "siglip")
+
+
+@dataclass
+class TrainConfig:
+    """A training run.  Field comments are the documentation; ``clipforge train --help`` shows them."""
+
+    model: str = "tiny"  # preset name (random init) or checkpoint path to start from
+    data: str = "shapes://"  # training data URI: shapes://, digits://, csv:FILE, jsonl:FILE, ...
+    out: str = "runs/train"  # run directory: checkpoints, metrics.jsonl, TensorBoard logs
+    steps: int = 1000  # optimiser steps
+    batch_size: int = 256  # global batch per step (all ranks and micro-batches together)
+    accum_steps: int = 1  # micro-batches per step; the gradient equals one batch of batch_size
+    lr: float = 5e-4  # peak learning rate
+    warmup: int = 100  # linear warm-up steps, then cosine decay to min_lr_ratio · lr
+    min_lr_ratio: float = 0.0  # final learning rate as a fraction of lr
+    weight_decay: float = 0.2  # AdamW decay; never on gains, biases, embeddings, logit scale/bias
+    beta1: float = 0.9  # AdamW β1
+    beta2: float = 0.98  # AdamW β2 (CLIP §2.5 uses 0.98)
+    adam_eps: float = 1e-6  # AdamW ε (CLIP §2.5 uses 1e-6)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    precision: str = "fp32"  # fp32, bf16 (autocast, CPU or CUDA) or fp16 (autocast + grad scaler, CUDA)
+    loss: str = "clip"  # clip (softmax) or siglip (sigmoid)
+    label_smoothing: float = 0.0  # CLIP loss only
+    chunk_size: int = 0  # loss tile edge; 0 picks it from N, d and free memory
+    seed: int = 0  # model init, data order and augmentation
+    augment: bool = False  # random resized crops (off for shapes://, whose captions name positions)
+    workers: int = 0  # data loading processes
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    tokenizer: str = ""  # tokenizer directory; empty: the checkpoint's, or a BPE trained on the data
+    vocab_size: int = 1024  # size of a BPE trained on the data (fresh presets only)
+    lock_image: bool = False  # freeze the image tower (LiT)
+    lock_text: bool = False  # freeze the text tower
+    grad_checkpointing: bool = False  # recompute transformer blocks in backward
+    compile: bool = False  # torch.compile the model
+    resume: str = ""  # "latest" or a checkpoint directory; empty starts afresh
+    save_every: int = 500  # checkpoint every N steps (and at the end)
+    keep_last: int = 3  # checkpoints kept
+    log_every: int = 10  # steps between metrics.jsonl lines
+    eval_every: int = 0  # steps between evaluations; 0: only at the end
+    eval_zeroshot: list[str] = field(default_factory=list)  # labelled data URIs for zero-shot accuracy
+    eval_retrieval: str = ""  # captioned data URI for retrieval recall@k
+    eval_samples: int = 512  # images per evaluation set (the first N)
+    max_bad_fraction: float = 0.1  # stop when more of the samples read are unreadable
+    progress: bool = True  # tqdm progress bar
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"train config: {name} {what}, got {getattr(self, name)!r}")
+
+        for name in ("steps", "batch_size", "accum_steps", "save_every", "keep_last", "log_every", "eval_samples", "vocab_size"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be a positive integer")
+        for name in ("warmup", "eval_every", "chunk_size", "workers", "seed"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "must be a non-negative integer")
+        need(self.lr > 0, "lr", "must be positive")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        need(self.weight_decay >= 0, "weight_decay", "must be non-negative")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta2" if not 0 <= self.beta2 < 1 else "beta1", "must be in [0, 1)")
+        need(self.grad_clip >= 0, "grad_clip", "must be non-negative")
+        need(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
+        need(self.loss in LOSSES, "loss", f"must be one of {LOSSES}")
+        need(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        need(0 <= self.max_bad_fraction <= 1, "max_bad_fraction", "must be in [0, 1]")
+        need(not (self.lock_image and self.lock_text), "lock_text", "cannot be set together with lock_image")
+        need(self.batch_size % self.accum_steps == 0, "accum_steps", f"must divide batch_size={self.batch_size}")
+        need(isinstance(self.eval_zeroshot, list), "eval_zeroshot", "must be a list of data URIs")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict; a [train] table is accepted as well as top-level keys."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    with open(path, "rb") as f:
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: not valid TOML: {err}") from None
+    return data.get("train", data)
