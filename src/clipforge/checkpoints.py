@@ -1,0 +1,494 @@
+"""Reading and writing CLIP checkpoints: OpenAI, OpenCLIP, Hugging Face and clipforge's own.
+
+    model, preprocess, tokenizer = load("ViT-B-32.pt")   # OpenAI's release, a TorchScript archive
+    model = load_model("clip-vit-base-patch32/")           # a Hugging Face directory
+    convert("ViT-B-32.pt", "vit-b-32-hf/", to="hf")
+
+What `load` accepts:
+
+| source | weights | architecture from |
+|---|---|---|
+| a preset name (``"ViT-B-32"``, ``"tiny"``) | random | the preset |
+| OpenAI ``.pt`` (TorchScript archive or state dict) | read | tensor shapes; QuickGELU |
+| OpenCLIP ``.pt``/``.bin``/``.safetensors`` (bare, under ``state_dict``, ``module.``) | read | tensor shapes |
+| OpenCLIP hub directory (``open_clip_config.json``) | read | the config |
+| Hugging Face CLIP directory (``config.json`` + weights) | read | the config |
+| clipforge directory (``config.json`` + ``model.safetensors`` + tokenizer) | read | the config |
+
+Without a config the architecture is read off the tensor shapes as OpenAI's ``build_model``
+does, which assumes 64-wide attention heads.  The activation cannot be seen in the weights:
+OpenAI's TorchScript archives and files whose name contains "quickgelu" get QuickGELU, others
+GELU; ``act=`` overrides.
+
+Nothing but tensors is ever unpickled: state dicts go through ``torch.load(weights_only=True)``.
+A TorchScript archive is a zip whose ``data.pkl`` pickles the module tree; `torch.jit.load` would
+also compile and run the archive's code, so it is not used.  Instead a restricted unpickler
+rebuilds tensors from the archive's raw storages and records each module's attributes,
+refusing any other global (see `_ScriptUnpickler`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from clipforge.model._formats import (
+    CheckpointError,
+    config_from_hf,
+    config_from_openclip,
+    config_to_hf,
+    config_to_openclip,
+    few,
+    from_hf,
+    infer_config,
+    to_clipforge_names,
+    to_hf,
+    to_openclip,
+)
+from clipforge.model.clip import CLIP
+from clipforge.model.config import PRESETS, CLIPConfig, TextConfig, get_config
+
+__all__ = ["Checkpoint", "CheckpointError", "convert", "load", "load_model", "read_checkpoint", "save"]
+
+PathLike = str | os.PathLike[str]
+CONFIG_FILE = "config.json"  # clipforge and Hugging Face directories
+WEIGHTS_FILE = "model.safetensors"
+OPENCLIP_CONFIG = "open_clip_config.json"
+OPENCLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+FORMAT_VERSION = 1
+
+# ----------------------------------------------------------------------------- raw tensors
+
+
+class _ScriptObject:
+    """Stands in for a TorchScript module while unpickling: keeps its attributes, runs nothing."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.attributes = state
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    dtype: torch.dtype
+
+
+def _rebuild_tensor(storage: Tensor, offset: int, size: tuple, stride: tuple, *_: Any) -> Tensor:
+    return torch.as_strided(storage, size, stride, offset)
+
+
+def _build_list(value: Any, *_: Any) -> Any:
+    """Returns its first argument: the typed-list and type-tag wrappers carry plain values."""
+    return value
+
+
+_STORAGE_DTYPES = {
+    "Float": torch.float32, "Half": torch.float16, "BFloat16": torch.bfloat16, "Double": torch.float64,
+    "Long": torch.int64, "Int": torch.int32, "Short": torch.int16, "Char": torch.int8, "Byte": torch.uint8,
+    "Bool": torch.bool,
+}
+# Every global a TorchScript data.pkl may name, mapped to a harmless stand-in defined here.
+_SCRIPT_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _build_list,
+    ("torch.jit._pickle", "restore_type_tag"): _build_list,
+    **{("torch.jit._pickle", f"build_{kind}list"): _build_list for kind in ("int", "double", "bool", "tensor")},
+    **{("torch", f"{name}Storage"): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
+}
+
+
+class _ScriptUnpickler(pickle.Unpickler):
+    """Reads a TorchScript ``data.pkl``: tensors, containers and attribute records, nothing else."""
+
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, path: Path) -> None:
+        super().__init__(io.BytesIO(data))
+        self.archive, self.prefix, self.path = archive, prefix, path
+        self.storages: dict[str, Tensor] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("__torch__"):
+            return _ScriptObject
+        if (module, name) in _SCRIPT_GLOBALS:
+            return _SCRIPT_GLOBALS[(module, name)]
+        raise CheckpointError(
+            f"{self.path}: the TorchScript archive refers to {module}.{name}, which is not a tensor; refusing it"
+        )
+
+    def persistent_load(self, pid: Any) -> Tensor:
+        kind, storage_type, key, _location, numel = pid
+        if kind != "storage" or not isinstance(storage_type, _StorageType):
+            raise CheckpointError(f"{self.path}: unexpected TorchScript record {pid!r}")
+        if key not in self.storages:
+            raw = bytearray(self.archive.read(f"{self.prefix}/data/{key}"))
+            dtype = storage_type.dtype
+            flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            if flat.numel() != numel:
+                raise CheckpointError(
+                    f"{self.path}: storage {key} holds {flat.numel()} values, not {numel} (truncated?)"
+                )
+            self.storages[key] = flat
+        return self.storages[key]
+
+
+def _flatten_script(obj: Any, prefix: str, out: dict[str, Tensor]) -> None:
+    state = obj.attributes if isinstance(obj, _ScriptObject) else obj
+    if not isinstance(state, dict):
+        return
+    for name, value in state.items():
+        if isinstance(value, Tensor):
+            out[prefix + name] = value
+        elif isinstance(value, (_ScriptObject, dict)):
+            _flatten_script(value, f"{prefix}{name}.", out)
+
+
+def _read_torchscript(path: Path, archive: zipfile.ZipFile) -> dict[str, Tensor]:
+    roots = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+    if len(roots) != 1:
+        raise CheckpointError(f"{path}: TorchScript archive without a single <name>/data.pkl")
+    prefix = roots[0].split("/")[0]
+    byteorder = f"{prefix}/byteorder"
+    if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
+        raise CheckpointError(f"{path}: big-endian TorchScript archives are not supported")
+    root = _ScriptUnpickler(archive.read(roots[0]), archive, prefix, path).load()
+    state: dict[str, Tensor] = {}
+    _flatten_script(root, "", state)
+    return state
+
+
+def _is_torchscript(archive: zipfile.ZipFile) -> bool:
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
+    """The tensor dict inside a loaded object: bare, under "state_dict" or "model"; prefixes cut."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    others = [k for k, v in obj.items() if not isinstance(v, Tensor)]
+    if others:
+        raise CheckpointError(f"{path}: entries that are not tensors: {few(others)}")
+    state = dict(obj)
+    for wrapper in ("module.", "_orig_mod."):  # DistributedDataParallel, torch.compile
+        if state and all(k.startswith(wrapper) for k in state):
+            state = {k[len(wrapper):]: v for k, v in state.items()}
+    return state
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with its header's length (8 bytes, little-endian), then '{'."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _read_file(path: Path) -> tuple[dict[str, Tensor], bool]:
+    """The tensors of a weights file, and whether it was a TorchScript archive."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no such checkpoint file: {path}")
+    if path.suffix == ".safetensors" or _is_safetensors(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path)), False
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated?): {err}") from err
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                if _is_torchscript(archive):
+                    return _read_torchscript(path, archive), True
+        except CheckpointError:
+            raise
+        except (zipfile.BadZipFile, KeyError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as err:
+            raise CheckpointError(f"{path}: corrupt or truncated TorchScript archive: {err}") from err
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path}: refusing to unpickle objects other than tensors: {err}") from err
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or foreign?): {err}") from err
+    return _unwrap(obj, path), False
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk: architecture, clipforge-named tensors, where it came from."""
+
+    config: CLIPConfig
+    state_dict: dict[str, Tensor]
+    source: Path
+    format: str  # "clipforge", "hf", "openclip" (OpenCLIP's names, also OpenAI's) or "openai" (TorchScript)
+    tokenizer_dir: Path | None = None  # a directory holding tokenizer files, if any
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not a readable JSON file: {err}") from err
+
+
+def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():  # sharded: {"weight_map": {tensor name: shard file}}
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        state: dict[str, Tensor] = {}
+        for shard in shards:
+            state.update(_read_file(directory / shard)[0])
+        return state
+    for name in HF_WEIGHTS:
+        if (directory / name).is_file():
+            return _read_file(directory / name)[0]
+    raise CheckpointError(f"{directory}: Hugging Face directory without {' or '.join(HF_WEIGHTS)}")
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return (directory / "tokenizer.json").is_file() or (
+        (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()
+    )
+
+
+def _read_directory(directory: Path) -> Checkpoint:
+    tokenizer_dir = directory if _has_tokenizer(directory) else None
+    if (directory / OPENCLIP_CONFIG).is_file():
+        config = config_from_openclip(_read_json(directory / OPENCLIP_CONFIG), directory / OPENCLIP_CONFIG)
+        weights = next((directory / n for n in OPENCLIP_WEIGHTS if (directory / n).is_file()), None)
+        if weights is None:
+            raise CheckpointError(f"{directory}: OpenCLIP directory without {' or '.join(OPENCLIP_WEIGHTS)}")
+        state, _ = to_clipforge_names(_read_file(weights)[0], weights)
+        return Checkpoint(config, state, weights, "openclip", tokenizer_dir)
+    if not (directory / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{directory}: no {CONFIG_FILE} or {OPENCLIP_CONFIG}; not a checkpoint directory")
+    data = _read_json(directory / CONFIG_FILE)
+    if data.get("format") == "clipforge":
+        try:
+            config = CLIPConfig.from_dict(data["model"])
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f"{directory / CONFIG_FILE}: invalid clipforge config: {err}") from err
+        state = _read_file(directory / WEIGHTS_FILE)[0]
+        return Checkpoint(config, state, directory / WEIGHTS_FILE, "clipforge", tokenizer_dir)
+    if data.get("model_type") == "clip" or "vision_config" in data:
+        pre = directory / "preprocessor_config.json"
+        config = config_from_hf(data, _read_json(pre) if pre.is_file() else None, directory / CONFIG_FILE)
+        state = from_hf(_read_hf_weights(directory))
+        return Checkpoint(config, state, directory, "hf", tokenizer_dir)
+    raise CheckpointError(f"{directory / CONFIG_FILE}: neither a clipforge nor a Hugging Face CLIP config")
+
+
+def read_checkpoint(path: PathLike, *, act: str | None = None) -> Checkpoint:
+    """Reads any supported checkpoint file or directory into clipforge's names.
+
+    ``act`` sets the activation of weights that come without a config (see the module notes).
+    """
+    path = Path(path)
+    if path.is_dir():
+        checkpoint = _read_directory(path)
+        if act is not None:
+            checkpoint.config = checkpoint.config.with_activation(act)
+        return checkpoint
+    raw, torchscript = _read_file(path)
+    state, naming = to_clipforge_names(raw, path)
+    if act is None:
+        quick = torchscript or "quickgelu" in path.name.lower().replace("_", "")
+        act = "quick_gelu" if quick else "gelu"
+    try:
+        config = infer_config(state, act=act, path=path)
+    except CheckpointError:
+        raise
+    except ValueError as err:
+        raise CheckpointError(f"{path}: tensor shapes do not form a supported CLIP: {err}") from err
+    return Checkpoint(config, state, path, "openai" if torchscript else naming)
+
+
+def _load_weights(model: CLIP, state: dict[str, Tensor], source: Path) -> None:
+    """Loads ``state`` into ``model``, or raises a CheckpointError naming every misfit."""
+    expected = model.state_dict()
+    # BatchNorm's batch counter only matters for momentum=None; OpenAI's files may lack it.
+    state = dict(state)
+    for key, value in expected.items():
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = torch.zeros_like(value, device="cpu")
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {list(state[k].shape)} vs model {list(expected[k].shape)}"
+        for k in state
+        if k in expected and state[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {few(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches: {few(mismatched)}")
+    if problems:
+        raise CheckpointError(f"{source}: does not fit the model it describes; " + "; ".join(problems))
+    model.load_state_dict(state, assign=True)
+
+
+def _assemble(config: CLIPConfig, state: dict[str, Tensor], source: Path) -> CLIP:
+    """A model holding the checkpoint's tensors as they are (dtype included), after checking them."""
+    with torch.device("meta"):  # no random init for weights about to be replaced
+        model = CLIP(config)
+    _load_weights(model, state, source)
+    return model
+
+
+def _resolve(name_or_path: PathLike) -> Path | str:
+    """An existing path, or else a preset name."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    name = str(name_or_path)
+    try:
+        get_config(name)
+    except ValueError:
+        raise FileNotFoundError(
+            f"{name!r} is neither an existing file or directory nor a preset ({', '.join(PRESETS)})"
+        ) from None
+    return name
+
+
+def _load(
+    name_or_path: PathLike, *, device: str | torch.device, dtype: torch.dtype | None, act: str | None
+) -> tuple[CLIP, Path | None]:
+    """The model, and the directory holding its tokenizer files if there is one."""
+    source = _resolve(name_or_path)
+    if isinstance(source, str):
+        config = get_config(source)
+        model, tokenizer_dir = CLIP(config.with_activation(act) if act else config), None
+    else:
+        checkpoint = read_checkpoint(source, act=act)
+        model = _assemble(checkpoint.config, checkpoint.state_dict, checkpoint.source)
+        tokenizer_dir = checkpoint.tokenizer_dir
+    return model.to(device=device, dtype=dtype or torch.float32).eval(), tokenizer_dir
+
+
+def load_model(
+    name_or_path: PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    act: str | None = None,
+) -> CLIP:
+    """A `CLIP` in eval mode: a preset with random weights, or a checkpoint's (see the module notes).
+
+    Floating-point weights are cast to ``dtype`` (float32 when None, whatever the file holds);
+    ``act`` ("gelu" or "quick_gelu") overrides the activation.
+    """
+    return _load(name_or_path, device=device, dtype=dtype, act=act)[0]
+
+
+def load(
+    name_or_path: PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    act: str | None = None,
+) -> tuple[CLIP, Callable, Any]:
+    """(model, preprocess, tokenizer) for a preset name or a checkpoint; the model as `load_model`'s.
+
+    ``preprocess`` maps a PIL image to the model's input tensor.  The tokenizer is the one
+    stored with the checkpoint, else OpenAI's when the vocabulary is OpenAI's 49,408 ids, else
+    None (a custom vocabulary whose tokenizer was not saved with the weights).
+    """
+    from clipforge.tokenizer import Tokenizer, load_tokenizer
+    from clipforge.transforms import image_transform
+
+    model, tokenizer_dir = _load(name_or_path, device=device, dtype=dtype, act=act)
+    vision, text = model.config.vision, model.config.text
+    preprocess = image_transform(vision.image_size, mean=vision.mean, std=vision.std)
+    if tokenizer_dir is not None:
+        tokenizer = Tokenizer.from_dir(tokenizer_dir, context_length=text.context_length)
+    elif text.vocab_size == TextConfig().vocab_size:
+        tokenizer = load_tokenizer(context_length=text.context_length)
+    else:
+        tokenizer = None
+    return model, preprocess, tokenizer
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _save_tensors(state: dict[str, Tensor], path: Path) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    else:
+        torch.save(tensors, path)
+
+
+def save(model: CLIP, directory: PathLike, *, tokenizer: Any = None) -> Path:
+    """Writes clipforge's format: ``config.json``, ``model.safetensors`` and the tokenizer's files."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"format": "clipforge", "version": FORMAT_VERSION, "model": model.config.to_dict()}
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    _save_tensors(model.state_dict(), directory / WEIGHTS_FILE)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
+
+
+def convert(src: PathLike, dst: PathLike, *, to: str, act: str | None = None) -> Path:
+    """Rewrites the checkpoint ``src`` in another format; every tensor is kept bit for bit.
+
+    ``to``: "clipforge" (a directory), "hf" (a Hugging Face CLIPModel directory) or "openclip"
+    (a directory with ``open_clip_config.json``, or a bare state dict when ``dst`` ends in
+    ``.safetensors``, ``.pt`` or ``.bin``).  Weights are kept in the dtype they were stored in.
+    """
+    if to not in ("clipforge", "hf", "openclip"):
+        raise ValueError(f"to must be 'clipforge', 'hf' or 'openclip', got {to!r}")
+    checkpoint = read_checkpoint(src, act=act)
+    model = _assemble(checkpoint.config, checkpoint.state_dict, checkpoint.source)
+    tokenizer = None
+    if checkpoint.tokenizer_dir is not None:
+        from clipforge.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(checkpoint.tokenizer_dir, context_length=model.context_length)
+    dst = Path(dst)
+    if to == "clipforge":
+        return save(model, dst, tokenizer=tokenizer)
+    state = model.state_dict()
+    if to == "openclip" and dst.suffix in (".safetensors", ".pt", ".bin"):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _save_tensors(to_openclip(state), dst)
+        return dst
+    if to == "openclip":
+        configs = {OPENCLIP_CONFIG: config_to_openclip(model.config)}
+        weights, weights_file = to_openclip(state), OPENCLIP_WEIGHTS[0]
+    else:
+        hf, preprocessor = config_to_hf(model.config)
+        hf["torch_dtype"] = str(state["visual.conv1.weight"].dtype).removeprefix("torch.")
+        configs = {CONFIG_FILE: hf, "preprocessor_config.json": preprocessor}
+        weights, weights_file = to_hf(state), WEIGHTS_FILE
+    dst.mkdir(parents=True, exist_ok=True)
+    for name, content in configs.items():
+        (dst / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    _save_tensors(weights, dst / weights_file)
+    if tokenizer is not None:
+        tokenizer.save(dst)
+    return dst

@@ -1,0 +1,71 @@
+"""CLIP: an image tower and a text tower mapping into one embedding space, and a logit scale.
+
+    model = CLIP(get_config("ViT-B-32"))
+    image_features, text_features, logit_scale = model(images, tokens)  # normalised features
+    logits = logit_scale * image_features @ text_features.T
+
+The loss lives in `clipforge.loss`; the model only returns features.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clipforge.loss import LogitScale
+from clipforge.model.config import CLIPConfig
+from clipforge.model.resnet import ModifiedResNet
+from clipforge.model.text import TextTransformer
+from clipforge.model.vision import VisionTransformer
+
+__all__ = ["CLIP"]
+
+
+class CLIP(nn.Module):
+    """Contrastive language-image model (Radford et al., 2021).
+
+    Submodules: ``visual`` (a `VisionTransformer` or `ModifiedResNet`), ``text`` (a
+    `TextTransformer`) and ``logit_scale`` (a `LogitScale`).
+    """
+
+    def __init__(self, config: CLIPConfig) -> None:
+        super().__init__()
+        self.config = config
+        tower = ModifiedResNet if config.vision.is_resnet else VisionTransformer
+        self.visual = tower(config.vision, config.embed_dim)
+        self.text = TextTransformer(config.text, config.embed_dim)
+        self.logit_scale = LogitScale(config.init_logit_scale, init_bias=config.init_logit_bias)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision.image_size
+
+    @property
+    def context_length(self) -> int:
+        return self.config.text.context_length
+
+    def encode_image(self, images: Tensor, *, normalize: bool = False) -> Tensor:
+        """Image features [B, embed_dim] for images [B, 3, S, S], L2-normalised if asked."""
+        features = self.visual(images)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: Tensor, *, normalize: bool = False) -> Tensor:
+        """Text features [B, embed_dim] for token ids [B, L], L2-normalised if asked."""
+        features = self.text(tokens)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(image features, text features, logit scale): features L2-normalised, scale 0-dim."""
+        return (
+            self.encode_image(images, normalize=True),
+            self.encode_text(tokens, normalize=True),
+            self.logit_scale(),
+        )
+
+    def set_grad_checkpointing(self, *, image: bool = True, text: bool = True) -> None:
+        """Recompute each tower's blocks in the backward pass instead of storing activations."""
+        self.visual.set_grad_checkpointing(image)
+        self.text.set_grad_checkpointing(text)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

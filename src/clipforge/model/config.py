@@ -1,0 +1,281 @@
+"""Model configurations: dataclasses validated on construction, and the named presets.
+
+A `CLIPConfig` holds an image-tower config (`VisionConfig`: a Vision Transformer, or OpenAI's
+modified ResNet when ``patch_size`` is None), a text-tower config (`TextConfig`) and the size
+of the shared embedding.  ``to_dict``/``from_dict`` round-trip through JSON and reject unknown
+keys by name.  The presets carry the published shapes of OpenAI's CLIP models (Radford et al.,
+2021, Tables 19-20; github.com/openai/CLIP ``clip/model.py`` ``build_model``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+__all__ = [
+    "ACTIVATIONS",
+    "OPENAI_MEAN",
+    "OPENAI_STD",
+    "VisionConfig",
+    "TextConfig",
+    "CLIPConfig",
+    "PRESETS",
+    "get_config",
+    "list_presets",
+]
+
+ACTIVATIONS = ("gelu", "quick_gelu")
+# Per-channel pixel statistics of OpenAI's training set (clip/clip.py, `_transform`).
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+QUICKGELU_SUFFIX = "-quickgelu"
+
+
+def _positive_int(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
+
+
+def _positive_float(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise ValueError(f"{owner}.{name} must be a positive finite number, got {value!r}")
+
+
+def _check_activation(owner: str, value: Any) -> None:
+    if value not in ACTIVATIONS:
+        raise ValueError(f"{owner}.act must be one of {ACTIVATIONS}, got {value!r}")
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}.from_dict expects a dict, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) for {cls.__name__}: {', '.join(map(repr, unknown))} "
+            f"(known: {', '.join(sorted(known))})"
+        )
+    return dict(data)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The image tower: a Vision Transformer, or OpenAI's modified ResNet if ``patch_size`` is None."""
+
+    image_size: int = 224  # input side in pixels (square images)
+    patch_size: int | None = 32  # ViT patch side; None selects the modified ResNet
+    width: int = 768  # ViT: residual stream width; ResNet: channels after the stem
+    layers: int | tuple[int, int, int, int] = 12  # ViT: blocks; ResNet: Bottlenecks per stage
+    heads: int = 12  # ViT: attention heads; ResNet: heads of the attention pool
+    mlp_ratio: float = 4.0  # ViT MLP hidden width / width (HF: intermediate_size / hidden_size)
+    act: str = "gelu"  # ViT MLP activation: "gelu" or OpenAI's "quick_gelu", x*sigmoid(1.702x)
+    layer_norm_eps: float = 1e-5  # every LayerNorm of the tower (1e-5 in OpenAI, OpenCLIP, HF)
+    mean: tuple[float, float, float] = OPENAI_MEAN  # preprocessing: per-channel mean
+    std: tuple[float, float, float] = OPENAI_STD  # preprocessing: per-channel std
+
+    def __post_init__(self) -> None:
+        owner = "VisionConfig"
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "mean", tuple(self.mean))
+        object.__setattr__(self, "std", tuple(self.std))
+        _positive_int(owner, "image_size", self.image_size)
+        _positive_int(owner, "width", self.width)
+        _positive_int(owner, "heads", self.heads)
+        _positive_float(owner, "mlp_ratio", self.mlp_ratio)
+        _positive_float(owner, "layer_norm_eps", self.layer_norm_eps)
+        _check_activation(owner, self.act)
+        if self.patch_size is None:  # modified ResNet
+            if not (isinstance(self.layers, tuple) and len(self.layers) == 4):
+                raise ValueError(
+                    f"{owner}.layers must be 4 stage depths for a ResNet (patch_size=None), "
+                    f"got {self.layers!r}"
+                )
+            for depth in self.layers:
+                _positive_int(owner, "layers[i]", depth)
+            if self.image_size % 32:
+                raise ValueError(
+                    f"{owner}.image_size must be a multiple of 32 for a ResNet (it downsamples "
+                    f"32x), got {self.image_size}"
+                )
+            if (self.width * 32) % self.heads:
+                raise ValueError(
+                    f"{owner}.heads={self.heads} must divide the attention-pool width "
+                    f"32*width={self.width * 32}"
+                )
+        else:
+            _positive_int(owner, "patch_size", self.patch_size)
+            _positive_int(owner, "layers", self.layers)
+            if self.image_size % self.patch_size:
+                raise ValueError(
+                    f"{owner}.image_size={self.image_size} must be a multiple of "
+                    f"patch_size={self.patch_size}"
+                )
+            if self.width % self.heads:
+                raise ValueError(f"{owner}.heads={self.heads} must divide width={self.width}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
+                raise ValueError(f"{owner}.{name} must be 3 numbers (RGB), got {value!r}")
+        if not all(s > 0 for s in self.std):
+            raise ValueError(f"{owner}.std must be positive, got {self.std!r}")
+
+    @property
+    def is_resnet(self) -> bool:
+        return self.patch_size is None
+
+    @property
+    def mlp_width(self) -> int:
+        return round(self.width * self.mlp_ratio)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key in ("layers", "mean", "std"):
+            if isinstance(d[key], tuple):
+                d[key] = list(d[key])
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VisionConfig:
+        return cls(**_from_dict(cls, data))
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The text tower: a causal Transformer read out at the end-of-text token."""
+
+    context_length: int = 77  # positions (OpenAI: 77 tokens including start and end of text)
+    vocab_size: int = 49408  # token ids; the end-of-text id must be the largest one used
+    width: int = 512  # residual stream width
+    heads: int = 8  # attention heads
+    layers: int = 12  # transformer blocks
+    mlp_ratio: float = 4.0  # MLP hidden width / width
+    act: str = "gelu"  # MLP activation: "gelu" or "quick_gelu"
+    layer_norm_eps: float = 1e-5  # every LayerNorm of the tower
+
+    def __post_init__(self) -> None:
+        owner = "TextConfig"
+        for name in ("context_length", "vocab_size", "width", "heads", "layers"):
+            _positive_int(owner, name, getattr(self, name))
+        _positive_float(owner, "mlp_ratio", self.mlp_ratio)
+        _positive_float(owner, "layer_norm_eps", self.layer_norm_eps)
+        _check_activation(owner, self.act)
+        if self.width % self.heads:
+            raise ValueError(f"{owner}.heads={self.heads} must divide width={self.width}")
+
+    @property
+    def mlp_width(self) -> int:
+        return round(self.width * self.mlp_ratio)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TextConfig:
+        return cls(**_from_dict(cls, data))
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    """A whole CLIP model: both towers, the joint embedding and the logit scale's initial value."""
+
+    embed_dim: int = 512  # joint image-text embedding size
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    init_logit_scale: float = 1 / 0.07  # CLIP §2.5: temperature initialised to 0.07
+    init_logit_bias: float | None = None  # a learnable logit bias (SigLIP) when set
+
+    def __post_init__(self) -> None:
+        owner = "CLIPConfig"
+        _positive_int(owner, "embed_dim", self.embed_dim)
+        if isinstance(self.vision, dict):
+            object.__setattr__(self, "vision", VisionConfig.from_dict(self.vision))
+        if isinstance(self.text, dict):
+            object.__setattr__(self, "text", TextConfig.from_dict(self.text))
+        if not isinstance(self.vision, VisionConfig):
+            raise ValueError(f"{owner}.vision must be a VisionConfig, got {type(self.vision).__name__}")
+        if not isinstance(self.text, TextConfig):
+            raise ValueError(f"{owner}.text must be a TextConfig, got {type(self.text).__name__}")
+        _positive_float(owner, "init_logit_scale", self.init_logit_scale)
+        if self.init_logit_bias is not None and not (
+            isinstance(self.init_logit_bias, (int, float)) and math.isfinite(self.init_logit_bias)
+        ):
+            raise ValueError(f"{owner}.init_logit_bias must be a finite number or None")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "embed_dim": self.embed_dim,
+            "vision": self.vision.to_dict(),
+            "text": self.text.to_dict(),
+            "init_logit_scale": self.init_logit_scale,
+            "init_logit_bias": self.init_logit_bias,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CLIPConfig:
+        data = _from_dict(cls, data)
+        for key, sub in (("vision", VisionConfig), ("text", TextConfig)):
+            if key in data:
+                data[key] = sub.from_dict(data[key])
+        return cls(**data)
+
+    def with_activation(self, act: str) -> CLIPConfig:
+        """The same config with both towers' MLP activation set to ``act``."""
+        return replace(self, vision=replace(self.vision, act=act), text=replace(self.text, act=act))
+
+
+def _openai_text(width: int) -> TextConfig:
+    # OpenAI's text towers: 12 layers, 64-wide heads, 77 positions, 49,408-token BPE vocabulary.
+    return TextConfig(width=width, heads=width // 64, layers=12)
+
+
+def _vit(embed_dim: int, image: int, patch: int, width: int, layers: int, text_width: int) -> CLIPConfig:
+    vision = VisionConfig(image_size=image, patch_size=patch, width=width, layers=layers, heads=width // 64)
+    return CLIPConfig(embed_dim=embed_dim, vision=vision, text=_openai_text(text_width))
+
+
+def _resnet(embed_dim: int, image: int, layers: tuple[int, int, int, int], width: int, text_width: int) -> CLIPConfig:
+    # The attention pool works on 32*width channels with 64-wide heads (build_model: width*32 // 64).
+    vision = VisionConfig(image_size=image, patch_size=None, width=width, layers=layers, heads=width * 32 // 64)
+    return CLIPConfig(embed_dim=embed_dim, vision=vision, text=_openai_text(text_width))
+
+
+PRESETS: dict[str, CLIPConfig] = {
+    # A few million parameters: trains on a CPU in minutes on 64x64 images and short captions.
+    "tiny": CLIPConfig(
+        embed_dim=128,
+        vision=VisionConfig(image_size=64, patch_size=8, width=192, layers=6, heads=3),
+        text=TextConfig(context_length=32, vocab_size=4096, width=128, heads=2, layers=4),
+    ),
+    "ViT-B-32": _vit(512, 224, 32, 768, 12, 512),
+    "ViT-B-16": _vit(512, 224, 16, 768, 12, 512),
+    "ViT-L-14": _vit(768, 224, 14, 1024, 24, 768),
+    "ViT-L-14-336": _vit(768, 336, 14, 1024, 24, 768),
+    "RN50": _resnet(1024, 224, (3, 4, 6, 3), 64, 512),
+    "RN101": _resnet(512, 224, (3, 4, 23, 3), 64, 512),
+    "RN50x4": _resnet(640, 288, (4, 6, 10, 6), 80, 640),
+}
+
+
+def list_presets() -> list[str]:
+    """The preset names; each also exists with a ``-quickgelu`` suffix (OpenCLIP's naming)."""
+    return list(PRESETS)
+
+
+def get_config(name: str) -> CLIPConfig:
+    """The preset called ``name``; a ``-quickgelu`` suffix switches both towers to QuickGELU.
+
+    Presets use GELU (faster, and what OpenCLIP trains with); OpenAI's released weights were
+    trained with QuickGELU, which loading those weights sets by itself.
+    """
+    act = "gelu"
+    base = name
+    if name.endswith(QUICKGELU_SUFFIX):
+        base, act = name[: -len(QUICKGELU_SUFFIX)], "quick_gelu"
+    if base not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
+    return PRESETS[base].with_activation(act)

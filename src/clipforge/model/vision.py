@@ -1,0 +1,70 @@
+"""The Vision Transformer image tower (OpenAI's modified ResNet is in `resnet.py`).
+
+The ViT follows OpenAI's ``VisionTransformer`` (``clip/model.py``) and keeps its parameter
+names: a bias-free patch convolution ``conv1``, ``class_embedding``, ``positional_embedding``,
+``ln_pre``, the pre-LN ``transformer``, ``ln_post`` on the class token and ``proj``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from clipforge.model.config import VisionConfig
+from clipforge.model.transformer import Transformer
+
+__all__ = ["VisionTransformer", "check_image_shape"]
+
+
+def check_image_shape(images: Tensor, image_size: int) -> None:
+    """Raise a ValueError unless ``images`` is [B, 3, image_size, image_size]."""
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (image_size, image_size):
+        raise ValueError(
+            f"expected images of shape [B, 3, {image_size}, {image_size}], "
+            f"got {list(images.shape)}"
+        )
+
+
+class VisionTransformer(nn.Module):
+    """Images [B, 3, S, S] -> features [B, output_dim] read at the class token."""
+
+    def __init__(self, config: VisionConfig, output_dim: int) -> None:
+        super().__init__()
+        if config.is_resnet:
+            raise ValueError("VisionTransformer needs VisionConfig.patch_size; got None (a ResNet)")
+        self.image_size = config.image_size
+        width, patch = config.width, config.patch_size
+        grid = config.image_size // patch
+        scale = width**-0.5  # OpenAI's init for the embeddings and the projection
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.transformer = Transformer(
+            width,
+            config.layers,
+            config.heads,
+            mlp_width=config.mlp_width,
+            act=config.act,
+            eps=config.layer_norm_eps,
+        )
+        self.ln_post = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def forward(self, images: Tensor) -> Tensor:
+        check_image_shape(images, self.image_size)
+        x = self.conv1(images)  # [B, width, grid, grid]
+        B, D = x.shape[:2]
+        x = x.flatten(2).transpose(1, 2)  # [B, grid*grid, width]
+        cls = self.class_embedding.to(x.dtype).expand(B, 1, D)  # [B, 1, width]
+        x = torch.cat([cls, x], dim=1)  # [B, grid*grid + 1, width]
+        x = x + self.positional_embedding.to(x.dtype)
+        x = self.ln_pre(x)
+        index = torch.zeros(B, dtype=torch.long, device=x.device)  # the class token
+        x = self.transformer.forward_pooled(x, index)  # [B, width]
+        x = self.ln_post(x)
+        return x @ self.proj  # [B, output_dim]
+
