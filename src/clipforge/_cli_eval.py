@@ -1,0 +1,310 @@
+"""``clipforge eval zeroshot|retrieval``: benchmarks whose JSON follows CLIP_benchmark's result schema.
+
+The JSON written by ``--out`` is CLIP_benchmark's (``clip_benchmark/cli.py``)::
+
+    {"dataset": ..., "model": ..., "pretrained": ..., "task": "zeroshot_classification",
+     "metrics": {...}, "language": "en", "clipforge": {...}}
+
+``metrics`` holds exactly the keys CLIP_benchmark writes for the task (``acc1``, ``acc5``,
+``mean_per_class_recall``; ``image_retrieval_recall@k``, ``text_retrieval_recall@k``), so tools
+that read its results read these; an undefined value is ``null``.  Everything else sits under
+``clipforge``: the library's full metrics dict (ranks, per-class accuracy, confusion matrix),
+skipped images, counts, device, precision and timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipforge.cli import CommandError
+
+__all__ = ["add_parser", "run_retrieval", "run_zeroshot"]
+
+SKIPPED_LISTED = 20  # skipped files named in the JSON; all are counted
+
+
+def add_parser(subparsers: Any) -> None:
+    """Registers ``eval zeroshot`` and ``eval retrieval``."""
+    parser = subparsers.add_parser("eval", help="zero-shot classification and retrieval benchmarks")
+    tasks = parser.add_subparsers(dest="task", metavar="TASK", required=True)
+
+    zeroshot = tasks.add_parser("zeroshot", help="zero-shot classification of a labelled image folder")
+    _common_options(zeroshot, data_help="imagefolder:DIR (one sub-folder per class)")
+    zeroshot.add_argument("--classnames", metavar="FILE", help="class names: a JSON list in class-index order, "
+                          "a JSON object folder name → class name, or a text file with one name per line "
+                          "(default: the folder names)")
+    zeroshot.add_argument("--templates", metavar="NAME|FILE", default="default",
+                          help="a shipped template set (default, single) or a JSON template file (default: default)")
+    zeroshot.add_argument("--topk", metavar="K", type=int, nargs="+", default=[1, 5],
+                          help="top-k accuracies (default: 1 5)")
+    zeroshot.set_defaults(func=run_zeroshot)
+
+    retrieval = tasks.add_parser("retrieval", help="image→text and text→image retrieval over captioned images")
+    _common_options(retrieval, data_help="csv:FILE or jsonl:FILE (image path and caption per row)")
+    retrieval.add_argument("--recall-k", metavar="K", type=int, nargs="+", default=[1, 5, 10],
+                           help="k of each recall@k (default: 1 5 10)")
+    retrieval.add_argument("--block-size", type=int, default=4096, help="score tile side (default: 4096)")
+    retrieval.add_argument("--image-key", help="image path column (default: filepath, image, ...)")
+    retrieval.add_argument("--caption-key", help="caption column (default: title, caption, ...)")
+    retrieval.add_argument("--csv-separator",
+                           help="CSV separator: tab, comma or one character (default: tab if the header has one)")
+    retrieval.set_defaults(func=run_retrieval)
+
+
+def _common_options(parser: argparse.ArgumentParser, *, data_help: str) -> None:
+    parser.add_argument("--model", required=True, help="a preset name (random weights) or a checkpoint file/folder")
+    parser.add_argument("--data", required=True, help=data_help)
+    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder, for checkpoints saved without one")
+    parser.add_argument("--batch-size", type=int, default=256, help="images or texts per forward pass (default: 256)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="fp32, or bf16 autocast over fp32 weights (default: fp32)")
+    parser.add_argument("--workers", type=int, default=4, help="image decoding processes (default: 4)")
+    parser.add_argument("--dataset-name", help="the JSON's dataset field (default: the --data value)")
+    parser.add_argument("--out", metavar="FILE", help="write the results as JSON (CLIP_benchmark's schema)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+# ----------------------------------------------------------------------------- shared steps
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self.last, 3)
+        self.last = now
+
+    def timings(self) -> dict[str, float]:
+        return {**self.laps, "total": round(time.perf_counter() - self.start, 3)}
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """model, preprocess, tokenizer, and how the run is set up."""
+    from clipforge.checkpoints import load
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, preprocess, tokenizer = load(args.model, device=device)
+    if args.tokenizer:
+        from clipforge.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(args.tokenizer, context_length=model.context_length)
+    if tokenizer is None:
+        raise CommandError(
+            f"{args.model}: no tokenizer comes with this model (its vocabulary has "
+            f"{model.config.text.vocab_size} ids, not OpenAI's); pass --tokenizer DIR"
+        )
+    is_path = Path(args.model).exists()
+    setup = {
+        "model": Path(args.model).stem if is_path else args.model,
+        "pretrained": str(args.model) if is_path else "random-init",
+        "device": device,
+        "precision": args.precision,
+        "autocast_dtype": torch.bfloat16 if args.precision == "bf16" else None,
+    }
+    return model, preprocess, tokenizer, setup
+
+
+def _open(uri: str, kind: type, task: str, **options: Any) -> Any:
+    from clipforge.data import open_data
+
+    source = open_data(uri, **options)
+    if not isinstance(source, kind):
+        raise CommandError(f"eval {task} cannot use {uri!r}: it gives a {type(source).__name__}, not a {kind.__name__}")
+    return source
+
+
+def _skipped_report(loader: Any) -> dict[str, Any]:
+    return {
+        "skipped_images": len(loader.skipped),
+        "skipped_examples": [{"path": s.path, "reason": s.reason} for s in loader.skipped[:SKIPPED_LISTED]],
+    }
+
+
+def _result(args: argparse.Namespace, setup: dict[str, Any], task: str, metrics: dict, extra: dict) -> dict[str, Any]:
+    from clipforge import __version__
+
+    extra = {"version": __version__, "data": args.data, "device": setup["device"],
+             "precision": setup["precision"], **extra}
+    return {
+        "dataset": args.dataset_name or args.data,
+        "model": setup["model"],
+        "pretrained": setup["pretrained"],
+        "task": task,
+        "metrics": metrics,
+        "language": "en",
+        "clipforge": extra,
+    }
+
+
+def _dumps(value: Any, depth: int = 0) -> str:
+    """JSON with one key per line, but each list on one line: a 1000-class confusion matrix
+    stays 1000 lines, not a million."""
+    if isinstance(value, dict) and value:
+        pad = "  " * (depth + 1)
+        items = [f"{pad}{json.dumps(str(k))}: {_dumps(v, depth + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + "  " * depth + "}"
+    if isinstance(value, list) and value and isinstance(value[0], (list, dict)):
+        pad = "  " * (depth + 1)
+        return "[\n" + ",\n".join(pad + _dumps(v, depth + 1) for v in value) + "\n" + "  " * depth + "]"
+    return json.dumps(value, allow_nan=False, ensure_ascii=False)
+
+
+def _write(path: str | None, result: dict[str, Any]) -> None:
+    if path is None:
+        return
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(_dumps(result) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [header, ["-" * w for w in widths], *rows]
+    # The first column (names) aligned left, the numbers right.
+    cells = ([r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:], widths[1:]))] for r in lines)
+    return "\n".join("  ".join(row) for row in cells)
+
+
+def _headline(task: str, args: argparse.Namespace, setup: dict[str, Any]) -> str:
+    model = f"model {setup['model']} ({setup['pretrained']})"
+    return f"eval {task}  {args.data}  {model}  {setup['device']} {setup['precision']}"
+
+
+# ----------------------------------------------------------------------------- zero-shot
+
+
+def _read_classnames(path: str, folders: list[str]) -> list[str]:
+    """Class names from --classnames, checked against the folder's classes."""
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CommandError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
+        if isinstance(data, dict):
+            missing = [f for f in folders if f not in data]
+            if missing:
+                raise CommandError(f"{path}: no class name for folder(s) {missing[:5]}")
+            names = [data[f] for f in folders]
+        elif isinstance(data, list):
+            names = data
+        else:
+            raise CommandError(f"{path}: expected a JSON list or object, got {type(data).__name__}")
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    bad = [i for i, n in enumerate(names) if not isinstance(n, str) or not n.strip()]
+    if bad:
+        raise CommandError(f"{path}: class name {bad[0]} is empty or not a string ({names[bad[0]]!r})")
+    if len(names) != len(folders):
+        raise CommandError(f"{path}: {len(names)} class names for {len(folders)} class folders")
+    return names
+
+
+def run_zeroshot(args: argparse.Namespace) -> int:
+    """``clipforge eval zeroshot --model M --data imagefolder:DIR [--out FILE]``: prints a table
+    of top-k accuracies and mean per-class recall, with the number of images skipped."""
+    from clipforge.data import ImageFolder
+    from clipforge.data._images import describe_skipped
+    from clipforge.embed import embed_images
+    from clipforge.templates import load_templates
+    from clipforge.zeroshot import build_zeroshot_classifier, classification_metrics, expand_prompts, zeroshot_logits
+
+    clock = _Clock()
+    model, preprocess, tokenizer, setup = _load(args)
+    folder = _open(args.data, ImageFolder, "zeroshot")
+    classnames = _read_classnames(args.classnames, folder.classes) if args.classnames else folder.classes
+    try:
+        templates = load_templates(args.templates)
+        prompts, _ = expand_prompts(classnames, templates)
+    except ValueError as err:
+        raise CommandError(str(err)) from err
+    clock.lap("load")
+    options = {"batch_size": args.batch_size, "device": setup["device"], "autocast_dtype": setup["autocast_dtype"],
+               "progress": not args.quiet}
+    classifier = build_zeroshot_classifier(model, tokenizer, classnames, templates, **options)
+    clock.lap("classifier")
+    loader = folder.images(preprocess, batch_size=args.batch_size, num_workers=args.workers)
+    features = embed_images(model, loader, **options)
+    clock.lap("images")
+    targets = torch.tensor([folder.targets[i] for i in loader.kept])
+    metrics = classification_metrics(zeroshot_logits(features, classifier), targets, ks=args.topk)
+    clock.lap("metrics")
+
+    topk = {f"acc{k}": metrics[f"acc{k}"] for k in args.topk}
+    benchmark = {**topk, "mean_per_class_recall": metrics["mean_per_class_recall"]}
+    full = {**metrics, "per_class_accuracy": dict(zip(classnames, metrics["per_class_accuracy"]))}
+    extra = {"images": len(folder), "images_evaluated": len(loader.kept), **_skipped_report(loader),
+             "classes": classnames, "templates": args.templates, "prompts": len(prompts),
+             "metrics": full, "timings_s": clock.timings()}
+    print(_headline("zeroshot", args, setup))
+    print(f"{len(loader.kept)} of {len(folder)} images, {len(classnames)} classes, {len(prompts)} prompts; "
+          f"{describe_skipped(loader.skipped)}")
+    print(_table(["metric", "value"], [[k, _fmt(v)] for k, v in benchmark.items()]))
+    print(f"time {clock.timings()['total']:.1f}s")
+    _write(args.out, _result(args, setup, "zeroshot_classification", benchmark, extra))
+    return 0
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+def run_retrieval(args: argparse.Namespace) -> int:
+    """``clipforge eval retrieval --model M --data csv:FILE|jsonl:FILE [--out FILE]``: prints a
+    table of recall@k, mean and median rank in both directions, with the images skipped."""
+    from clipforge.data import CaptionSet
+    from clipforge.data._images import describe_skipped
+    from clipforge.embed import embed_images, embed_texts
+    from clipforge.retrieval import retrieval_metrics
+
+    clock = _Clock()
+    model, preprocess, tokenizer, setup = _load(args)
+    options = {"image_key": args.image_key, "caption_key": args.caption_key}
+    if args.csv_separator is not None:
+        options["sep"] = args.csv_separator
+    pairs = _open(args.data, CaptionSet, "retrieval", **options)
+    clock.lap("load")
+    run = {"batch_size": args.batch_size, "device": setup["device"], "autocast_dtype": setup["autocast_dtype"],
+           "progress": not args.quiet}
+    loader = pairs.images(preprocess, batch_size=args.batch_size, num_workers=args.workers)
+    image_features = embed_images(model, loader, **run)
+    kept = pairs.select_images(loader.kept)  # captions of unreadable images go with them
+    clock.lap("images")
+    text_features = embed_texts(model, tokenizer, kept.captions, **run)
+    clock.lap("texts")
+    metrics = retrieval_metrics(image_features, text_features, kept.text_to_image, ks=args.recall_k,
+                                block_size=args.block_size)
+    clock.lap("metrics")
+
+    benchmark: dict[str, float | None] = {}
+    for k in args.recall_k:  # CLIP_benchmark's names: "image retrieval" is text→image
+        benchmark[f"image_retrieval_recall@{k}"] = metrics[f"text_to_image_R@{k}"]
+        benchmark[f"text_retrieval_recall@{k}"] = metrics[f"image_to_text_R@{k}"]
+    extra = {"images": len(pairs.image_paths), "images_evaluated": len(kept.image_paths), **_skipped_report(loader),
+             "captions": len(pairs.captions), "captions_evaluated": len(kept.captions),
+             "empty_captions_skipped": pairs.empty_captions, "metrics": metrics, "timings_s": clock.timings()}
+    print(_headline("retrieval", args, setup))
+    print(f"{len(kept.image_paths)} of {len(pairs.image_paths)} images, {len(kept.captions)} captions; "
+          f"{describe_skipped(loader.skipped)}; {pairs.empty_captions} empty caption(s) skipped")
+    directions = ("text_to_image", "image_to_text")
+    rows = [[f"R@{k}", *(_fmt(metrics[f"{d}_R@{k}"]) for d in directions)] for k in args.recall_k]
+    for name in ("mean_rank", "median_rank"):
+        rows.append([name.replace("_", " "), *(f"{metrics[f'{d}_{name}']:.2f}" for d in directions)])
+    print(_table(["metric", "text→image", "image→text"], rows))
+    print(f"time {clock.timings()['total']:.1f}s")
+    _write(args.out, _result(args, setup, "zeroshot_retrieval", benchmark, extra))
+    return 0

@@ -1,0 +1,187 @@
+"""End-to-end tests of ``clipforge eval``: a random-weight tiny model on a generated image folder
+and caption file; the JSON must hold the library's numbers for the same features."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipforge.checkpoints import load, load_model, save
+from clipforge.cli import main
+from clipforge.data import read_captions, scan_image_folder
+from clipforge.embed import embed_images, embed_texts
+from clipforge.retrieval import retrieval_metrics
+from clipforge.templates import load_templates
+from clipforge.tokenizer import train_bpe
+from clipforge.zeroshot import build_zeroshot_classifier, classification_metrics, zeroshot_logits
+
+CLASSES = ["bird", "cat", "dog"]
+CAPTIONS = {
+    "bird/0.png": ["a small bird on a branch", "a bird singing"],
+    "bird/1.png": ["a blue bird"],
+    "cat/0.png": ["a cat asleep", "a grey cat on a sofa"],
+    "cat/1.png": ["a kitten playing"],
+    "dog/0.png": ["a dog running on grass"],
+    "dog/1.png": ["a brown dog", "a dog with a ball", "a puppy"],
+}
+
+
+def write_png(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, 3, dtype=np.uint8)
+    pixels = np.clip(base + rng.integers(-30, 30, (20, 24, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    folder = root / "images"
+    for seed, name in enumerate(CAPTIONS):
+        write_png(folder / name, seed)
+    write_png(folder / "dog" / "2.png", 10)
+    (folder / "cat" / "corrupt.jpg").write_bytes(b"not really a jpeg")
+    os.symlink(folder / "gone.png", folder / "dog" / "missing.png")
+    rows = ["filepath\ttitle"]
+    rows += [f"images/{name}\t{caption}" for name, captions in CAPTIONS.items() for caption in captions]
+    rows += ["images/cat/corrupt.jpg\ta corrupt picture", "images/nowhere.png\ta missing picture",
+             "images/dog/2.png\t ", "images/dog/2.png\ta dog, shown in a third picture"]
+    (root / "captions.tsv").write_text("\n".join(rows) + "\n")
+    # A tiny model saved with a tokenizer trained on the words it will see (its vocabulary is not OpenAI's).
+    torch.manual_seed(0)
+    model = load_model("tiny")
+    corpus = [c for captions in CAPTIONS.values() for c in captions] + [t for t in load_templates("default")]
+    tokenizer = train_bpe(corpus * 3 + CLASSES, 600, min_frequency=1, context_length=model.context_length)
+    save(model, root / "tiny-model", tokenizer=tokenizer)
+    tokenizer.save(root / "tokenizer")
+    return {"root": root, "folder": folder, "captions": root / "captions.tsv", "model": root / "tiny-model",
+            "tokenizer": root / "tokenizer"}
+
+
+def run(*argv: str) -> int:
+    return main(["eval", *argv, "--quiet", "--workers", "0", "--batch-size", "4"])
+
+
+def assert_close_dict(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == (pytest.approx(value, abs=1e-6) if isinstance(value, float) else value), key
+
+
+def test_zeroshot_end_to_end(workspace, capsys):
+    out = workspace["root"] / "zeroshot.json"
+    templates = workspace["root"] / "templates.json"
+    templates.write_text(json.dumps(["a photo of a {c}.", "a picture of the {c}.", "OpenAI's placeholder: {}."]))
+    code = run("zeroshot", "--model", str(workspace["model"]), "--data", f"imagefolder:{workspace['folder']}",
+               "--templates", str(templates), "--out", str(out))
+    printed = capsys.readouterr().out
+    assert code == 0
+    text = out.read_text()
+    result = json.loads(text)
+    assert "NaN" not in text  # json.loads would accept NaN; CLIP_benchmark-readers may not
+    assert result.keys() == {"dataset", "model", "pretrained", "task", "metrics", "language", "clipforge"}
+    assert result["task"] == "zeroshot_classification" and result["language"] == "en"
+    assert result["model"] == "tiny-model" and result["pretrained"] == str(workspace["model"])
+    assert result["dataset"] == f"imagefolder:{workspace['folder']}"
+    assert set(result["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert result["metrics"]["acc5"] is None  # 3 classes: top-5 is undefined
+    extra = result["clipforge"]
+    assert extra["images"] == 9 and extra["images_evaluated"] == 7 and extra["skipped_images"] == 2
+    assert {Path(s["path"]).name for s in extra["skipped_examples"]} == {"corrupt.jpg", "missing.png"}
+    assert extra["classes"] == CLASSES and extra["prompts"] == 9
+    assert "2 unreadable image(s)" in printed and "acc1" in printed and "n/a" in printed
+
+    # The library on the same model and images gives the same numbers.
+    model, preprocess, tokenizer = load(workspace["model"])
+    folder = scan_image_folder(workspace["folder"])
+    loader = folder.images(preprocess, batch_size=4)
+    features = embed_images(model, loader, batch_size=4, progress=False)
+    classifier = build_zeroshot_classifier(model, tokenizer, CLASSES, load_templates(templates), batch_size=4)
+    targets = [folder.targets[i] for i in loader.kept]
+    expected = classification_metrics(zeroshot_logits(features, classifier), targets)
+    assert_close_dict(result["metrics"], {k: expected[k] for k in ("acc1", "acc5", "mean_per_class_recall")})
+    library = {**expected, "per_class_accuracy": dict(zip(CLASSES, expected["per_class_accuracy"]))}
+    assert_close_dict(extra["metrics"], library)
+    assert sum(map(sum, extra["metrics"]["confusion_matrix"])) == 7
+
+
+def test_retrieval_end_to_end(workspace, capsys):
+    out = workspace["root"] / "retrieval.json"
+    code = run("retrieval", "--model", str(workspace["model"]), "--data", f"csv:{workspace['captions']}",
+               "--recall-k", "1", "2", "5", "--block-size", "3", "--out", str(out))
+    printed = capsys.readouterr().out
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["task"] == "zeroshot_retrieval"
+    assert set(result["metrics"]) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 2, 5)}
+    extra = result["clipforge"]
+    assert extra["images"] == 9 and extra["images_evaluated"] == 7 and extra["skipped_images"] == 2
+    assert extra["captions"] == 13 and extra["captions_evaluated"] == 11 and extra["empty_captions_skipped"] == 1
+    assert "text→image" in printed and "mean rank" in printed
+
+    model, preprocess, tokenizer = load(workspace["model"])
+    pairs = read_captions(workspace["captions"])
+    loader = pairs.images(preprocess, batch_size=4)
+    image_features = embed_images(model, loader, batch_size=4, progress=False)
+    kept = pairs.select_images(loader.kept)
+    text_features = embed_texts(model, tokenizer, kept.captions, batch_size=4, progress=False)
+    expected = retrieval_metrics(image_features, text_features, kept.text_to_image, ks=(1, 2, 5))
+    assert_close_dict(extra["metrics"], expected)
+    assert expected["text_to_image_R@5"] is not None and expected["image_to_text_R@5"] is not None
+    for k in (1, 2, 5):
+        assert result["metrics"][f"image_retrieval_recall@{k}"] == pytest.approx(expected[f"text_to_image_R@{k}"])
+        assert result["metrics"][f"text_retrieval_recall@{k}"] == pytest.approx(expected[f"image_to_text_R@{k}"])
+
+
+def test_preset_model_with_a_tokenizer_folder(workspace, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code = run("retrieval", "--model", "tiny", "--tokenizer", str(workspace["tokenizer"]),
+               "--data", f"csv:{workspace['captions']}", "--dataset-name", "toy", "--precision", "bf16",
+               "--out", str(out))
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == "tiny" and result["pretrained"] == "random-init" and result["dataset"] == "toy"
+    assert result["clipforge"]["precision"] == "bf16"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["zeroshot", "--model", "tiny", "--data", "imagefolder:{folder}"], "pass --tokenizer DIR"),
+        (["zeroshot", "--model", "{model}", "--data", "imagefolder:{root}/absent"], "absent: not a folder"),
+        (["zeroshot", "--model", "{model}", "--data", "csv:{captions}"], "cannot use"),
+        (["zeroshot", "--model", "{model}", "--data", "{folder}"], "known scheme"),
+        (["zeroshot", "--model", "{model}", "--data", "imagefolder:{folder}", "--templates", "{captions}"],
+         "captions.tsv:1: not valid JSON"),
+        (["zeroshot", "--model", "{model}", "--data", "imagefolder:{folder}", "--classnames", "{root}/names.txt"],
+         "2 class names for 3 class folders"),
+        (["retrieval", "--model", "{root}/nothing", "--data", "csv:{captions}"], "neither an existing file"),
+        (["retrieval", "--model", "{model}", "--data", "csv:{captions}", "--caption-key", "text"],
+         "no caption column 'text'"),
+    ],
+)
+def test_input_errors_print_one_line_and_return_2(workspace, capsys, argv, message):
+    (workspace["root"] / "names.txt").write_text("a bird\na cat\n")
+    argv = [a.format(**workspace) for a in argv]
+    assert run(*argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("clipforge eval: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_classnames_file_renames_the_classes(workspace, tmp_path):
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"bird": "small bird", "cat": "house cat", "dog": "dog"}))
+    out = tmp_path / "z.json"
+    assert run("zeroshot", "--model", str(workspace["model"]), "--data", f"imagefolder:{workspace['folder']}",
+               "--classnames", str(names), "--templates", "single", "--topk", "1", "2", "--out", str(out)) == 0
+    result = json.loads(out.read_text())
+    assert result["clipforge"]["classes"] == ["small bird", "house cat", "dog"]
+    assert result["clipforge"]["prompts"] == 3
+    assert set(result["metrics"]) == {"acc1", "acc2", "mean_per_class_recall"}
