@@ -6,13 +6,13 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow bench-loss figures demo clean
+.PHONY: install test test-slow bench-loss bench-eval figures demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test,bench,docs]"
+	$(BIN)/python -m pip install --quiet -e ".[test,bench,docs,train]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,6 +25,13 @@ test-slow: $(STAMP)
 
 bench-loss: $(STAMP)
 	$(BIN)/python benchmarks/bench_loss.py
+
+bench-eval: $(STAMP)
+	$(BIN)/python benchmarks/bench_eval.py
+
+# The main job on built-in data: train the tiny preset on shapes://, evaluate, write runs/demo/.
+demo: $(STAMP)
+	$(BIN)/clipforge demo
 
 figures: $(STAMP)
 	$(BIN)/python docs/make_loss_figures.py

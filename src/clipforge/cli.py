@@ -22,6 +22,7 @@ __all__ = ["COMMANDS", "CommandError", "build_parser", "main"]
 COMMANDS: list[str] = [
     "clipforge._cli_eval",
     "clipforge._cli_train",
+    "clipforge.demo",
     "clipforge._cli_tools",
 ]
 

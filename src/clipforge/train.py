@@ -61,6 +61,11 @@ def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContex
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def _f32(x: Tensor) -> Tensor:
+    """Autocast's half-precision features to float32 for the loss; float64 stays float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _loss(kind: str, img: Tensor, txt: Tensor, scale: Tensor, bias: Tensor | None, *, eps: float, chunk: int | str) -> Tensor:
     if kind == "siglip":
         return siglip_loss(img, txt, scale, bias, chunk_size=chunk, distributed="auto")
@@ -89,7 +94,7 @@ def compute_gradients(
         mb = micro_batches[0]
         with _autocast(precision, device):
             img, txt, scale, bias = forward(mb.images, mb.tokens)
-        value = _loss(loss, img.float(), txt.float(), scale, bias, **kw)
+        value = _loss(loss, _f32(img), _f32(txt), scale, bias, **kw)
         if torch.isfinite(value):
             (value * loss_scale).backward()
         return _stats(value, scale, bias)
@@ -98,8 +103,8 @@ def compute_gradients(
     # 1. features of every micro-batch, without a graph
     with torch.no_grad(), _autocast(precision, device):
         parts = [core(mb.images, mb.tokens) for mb in micro_batches]
-    img_all = torch.cat([p[0].float() for p in parts]).requires_grad_()
-    txt_all = torch.cat([p[1].float() for p in parts]).requires_grad_()
+    img_all = torch.cat([_f32(p[0]) for p in parts]).requires_grad_()
+    txt_all = torch.cat([_f32(p[1]) for p in parts]).requires_grad_()
     scale = parts[0][2].detach().requires_grad_()
     bias = None if parts[0][3] is None else parts[0][3].detach().requires_grad_()
     # 2. the loss of the whole batch, once: gradients of the features, the scale and the bias
@@ -116,7 +121,7 @@ def compute_gradients(
         with sync:
             with _autocast(precision, device):
                 img, txt, s, b = forward(mb.images, mb.tokens)
-            outputs, grads = [img.float(), txt.float(), s], [g_img[k], g_txt[k], scale.grad if last else torch.zeros_like(s)]
+            outputs, grads = [_f32(img), _f32(txt), s], [g_img[k], g_txt[k], scale.grad if last else torch.zeros_like(s)]
             if b is not None:
                 outputs.append(b)
                 grads.append(bias.grad if last else torch.zeros_like(b))

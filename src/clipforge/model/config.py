@@ -248,7 +248,7 @@ PRESETS: dict[str, CLIPConfig] = {
     # A few million parameters: trains on a CPU in minutes on 64x64 images and short captions.
     "tiny": CLIPConfig(
         embed_dim=128,
-        vision=VisionConfig(image_size=64, patch_size=8, width=192, layers=6, heads=3),
+        vision=VisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=2),
         text=TextConfig(context_length=32, vocab_size=4096, width=128, heads=2, layers=4),
     ),
     "ViT-B-32": _vit(512, 224, 32, 768, 12, 512),
