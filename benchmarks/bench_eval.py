@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from _memory import reset_peak, rss  # benchmarks/_memory.py
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 ZEROSHOT_FULL, ZEROSHOT_QUICK = 10_000, 1_000
@@ -37,23 +39,6 @@ RETRIEVAL_FULL = [(20_000, 100_000, 1024, "blocked"), (20_000, 100_000, 4096, "b
                   (5_000, 25_000, 4096, "blocked"), (5_000, 25_000, 0, "full matrix")]
 RETRIEVAL_QUICK = [(2_000, 10_000, 1024, "blocked"), (2_000, 10_000, 0, "full matrix")]
 DIM, CAPTIONS_PER_IMAGE = 512, 5
-
-
-def _rss() -> tuple[int, int]:
-    """(current, peak) resident set size in bytes, from /proc."""
-    cur = peak = 0
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                cur = int(line.split()[1]) * 1024
-            elif line.startswith("VmHWM:"):
-                peak = int(line.split()[1]) * 1024
-    return cur, peak
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to VmRSS (Linux ≥ 4.0)
-        f.write("5")
 
 
 # ----------------------------------------------------------------------------- zero-shot
@@ -105,8 +90,8 @@ def zeroshot_case(n: int, precision: str) -> dict:
 
     autocast = torch.bfloat16 if precision == "bf16" else None
     templates = load_templates("default")
-    _reset_peak()
-    before, _ = _rss()
+    reset_peak()
+    before, _ = rss()
     t0 = time.perf_counter()
     classifier = build_zeroshot_classifier(model, tokenizer, names, templates, batch_size=256, autocast_dtype=autocast)
     t1 = time.perf_counter()
@@ -116,7 +101,7 @@ def zeroshot_case(n: int, precision: str) -> dict:
     targets = torch.arange(n) % len(names)
     metrics = classification_metrics(zeroshot_logits(features, classifier), targets)
     t3 = time.perf_counter()
-    _, peak = _rss()
+    _, peak = rss()
     return {
         "case": "zeroshot", "images": n, "classes": len(names), "prompts": len(names) * len(templates),
         "precision": precision, "classifier_s": t1 - t0, "images_s": t2 - t1, "metrics_s": t3 - t2,
@@ -162,15 +147,15 @@ def retrieval_case(n_img: int, n_txt: int, block: int, impl: str) -> dict:
     texts = F.normalize(images[t2i] + 5.0 * torch.randn(n_txt, DIM, generator=g) / DIM**0.5, dim=-1)
     tiles_total = -(-n_img // block) * -(-n_txt // block) if block else 1
     tiles_first = len(torch.unique((t2i // block) * (-(-n_txt // block)) + torch.arange(n_txt) // block)) if block else 0
-    _reset_peak()
-    before, _ = _rss()
+    reset_peak()
+    before, _ = rss()
     t0 = time.perf_counter()
     if impl == "blocked":
         metrics = retrieval_metrics(images, texts, t2i, ks=(1, 5, 10), block_size=block)
     else:
         metrics = full_matrix_metrics(images, texts, t2i, (1, 5, 10))
     seconds = time.perf_counter() - t0
-    _, peak = _rss()
+    _, peak = rss()
     return {
         "case": "retrieval", "impl": impl, "images": n_img, "captions": n_txt, "d": DIM, "block_size": block,
         "tiles_sweep1": tiles_first, "tiles_sweep2": tiles_total, "seconds": seconds,

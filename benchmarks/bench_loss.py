@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from _memory import reset_peak, rss  # benchmarks/_memory.py
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # (N, d, implementations) — the plain formula stops at 16,384 (it needs ~4 GB there).
@@ -39,23 +41,6 @@ FULL_PLAN = [
     (131072, 256, ("tiled",)),
 ]
 QUICK_PLAN = [(1024, 512, ("naive", "tiled")), (4096, 512, ("naive", "tiled"))]
-
-
-def _rss() -> tuple[int, int]:
-    """(current, peak) resident set size in bytes, from /proc."""
-    cur = peak = 0
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                cur = int(line.split()[1]) * 1024
-            elif line.startswith("VmHWM:"):
-                peak = int(line.split()[1]) * 1024
-    return cur, peak
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to VmRSS (Linux ≥ 4.0)
-        f.write("5")
 
 
 def child(impl: str, n: int, d: int, dtype_name: str, repeats: int) -> dict:
@@ -80,10 +65,10 @@ def child(impl: str, n: int, d: int, dtype_name: str, repeats: int) -> dict:
         return time.perf_counter() - t0
 
     gc.collect()
-    _reset_peak()
-    before, _ = _rss()
+    reset_peak()
+    before, _ = rss()
     first = step()
-    _, peak = _rss()
+    _, peak = rss()
     times = [step() for _ in range(repeats)] or [first]
     median = statistics.median(times)
     return {

@@ -137,8 +137,7 @@ def _clip_grad_tiles(
     n, m = x.shape[0], y.shape[0]
     gx = x.new_zeros(n, y.shape[1])
     gy = x.new_zeros(m, x.shape[1])
-    low = mm_dtype != x.dtype
-    x_mm, y_mm = (x.to(mm_dtype), y.to(mm_dtype)) if low else (x, y)
+    x_mm, y_mm = (x.to(mm_dtype), y.to(mm_dtype)) if mm_dtype != x.dtype else (x, y)
     buf = _TileBuffers(2, chunk, x)
     for i0 in range(0, n, chunk):
         xi = x[i0 : i0 + chunk]
@@ -149,14 +148,20 @@ def _clip_grad_tiles(
             tile = _logits(buf.get(0, bi, bj), xi, yj, scale)  # (bi, bj) logits, recomputed
             g = torch.sub(tile, ri, out=buf.get(1, bi, bj)).exp_()  # softmax over captions
             g.add_(tile.sub_(c[None, j0 : j0 + chunk]).exp_())  # + softmax over images
-            if low:
-                g = g.to(mm_dtype)
-                gx[i0 : i0 + chunk] += g @ y_mm[j0 : j0 + chunk]
-                gy[j0 : j0 + chunk] += g.T @ x_mm[i0 : i0 + chunk]
-            else:
-                gx[i0 : i0 + chunk].addmm_(g, yj)
-                gy[j0 : j0 + chunk].addmm_(g.T, xi)
+            _accumulate(g, gx[i0 : i0 + chunk], gy[j0 : j0 + chunk], x_mm[i0 : i0 + chunk], y_mm[j0 : j0 + chunk])
     return gx, gy
+
+
+def _accumulate(g: Tensor, gx: Tensor, gy: Tensor, xi: Tensor, yj: Tensor) -> None:
+    """gx += G yj and gy += Gᵀ xi for one tile; in place when G and the features share a
+    dtype, else (bf16/fp16 features) G is cast to theirs and the products added in fp32."""
+    if g.dtype == xi.dtype:
+        gx.addmm_(g, yj)
+        gy.addmm_(g.T, xi)
+    else:
+        g = g.to(xi.dtype)
+        gx += g @ yj
+        gy += g.T @ xi
 
 
 def _siglip_fwd_tiles(x: Tensor, y: Tensor, scale: float, bias: Tensor, chunk: int) -> Tensor:
@@ -180,8 +185,7 @@ def _siglip_grad_tiles(
     gx = x.new_zeros(n, y.shape[1])
     gy = x.new_zeros(m, x.shape[1])
     gsum = x.new_zeros(())
-    low = mm_dtype != x.dtype
-    x_mm, y_mm = (x.to(mm_dtype), y.to(mm_dtype)) if low else (x, y)
+    x_mm, y_mm = (x.to(mm_dtype), y.to(mm_dtype)) if mm_dtype != x.dtype else (x, y)
     buf = _TileBuffers(1, chunk, x)
     for i0 in range(0, n, chunk):
         xi = x[i0 : i0 + chunk]
@@ -189,13 +193,7 @@ def _siglip_grad_tiles(
             yj = y[j0 : j0 + chunk]
             g = _logits(buf.get(0, xi.shape[0], yj.shape[0]), xi, yj, scale, bias).sigmoid_()
             gsum += g.sum()
-            if low:
-                g = g.to(mm_dtype)
-                gx[i0 : i0 + chunk] += g @ y_mm[j0 : j0 + chunk]
-                gy[j0 : j0 + chunk] += g.T @ x_mm[i0 : i0 + chunk]
-            else:
-                gx[i0 : i0 + chunk].addmm_(g, yj)
-                gy[j0 : j0 + chunk].addmm_(g.T, xi)
+            _accumulate(g, gx[i0 : i0 + chunk], gy[j0 : j0 + chunk], x_mm[i0 : i0 + chunk], y_mm[j0 : j0 + chunk])
     return gx, gy, gsum
 
 
