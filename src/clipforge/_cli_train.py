@@ -56,17 +56,21 @@ def add_parser(subparsers: Any) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The file's keys, then every option given on the command line."""
+    """The file's keys, then every option given on the command line; validated once, merged
+    (a file need not be valid on its own when the command line completes it)."""
     data: dict[str, Any] = load_toml(args.config) if args.config else {}
-    base = TrainConfig.from_dict(data, source=args.config or "config")
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
-    return base.replace(**overrides)
+    return TrainConfig.from_dict({**data, **overrides}, source=args.config or "config")
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from clipforge.cli import CommandError
     from clipforge.train import train
 
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as err:  # an unknown key or a bad value: the user's input, not a bug
+        raise CommandError(str(err)) from None
     final = train(config)
     shown = {k: v for k, v in final.items() if k != "eval"}
     print(json.dumps(shown))

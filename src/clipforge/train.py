@@ -231,15 +231,32 @@ def evaluate(model: nn.Module, tokenizer: Callable, preprocess: Callable, config
             results[uri] = {k: metrics[k] for k in ("acc1", "acc5", "mean_per_class_recall")}
             results[uri]["confusion_matrix"] = metrics["confusion_matrix"]
         if config.eval_retrieval:
-            source = open_data(config.eval_retrieval)
-            n = min(len(source), config.eval_samples)
-            pairs = [source[k] for k in range(n)]
-            img = embed_images(model, [preprocess(p[0]) for p in pairs], batch_size=256, device=device, autocast_dtype=autocast, progress=False)
-            txt = embed_texts(model, tokenizer, [p[1] for p in pairs], device=device, autocast_dtype=autocast, progress=False)
-            results[config.eval_retrieval] = retrieval_metrics(img, txt, torch.arange(n), ks=(1, 5, 10))
+            images, captions, owner = _retrieval_set(open_data(config.eval_retrieval), config.eval_samples)
+            img = embed_images(model, [preprocess(im) for im in images], batch_size=256, device=device, autocast_dtype=autocast, progress=False)
+            txt = embed_texts(model, tokenizer, captions, device=device, autocast_dtype=autocast, progress=False)
+            results[config.eval_retrieval] = retrieval_metrics(img, txt, torch.tensor(owner), ks=(1, 5, 10))
     finally:
         model.train(was_training)
     return results
+
+
+def _retrieval_set(source: Any, limit: int) -> tuple[list[Any], list[str], list[int]]:
+    """(images, captions, caption → image index) of the first ``limit`` images: a caption
+    file's several captions per image stay grouped; other sources give one pair per item."""
+    if hasattr(source, "text_to_image") and hasattr(source, "image_paths"):  # a CaptionSet
+        from clipforge.data._images import read_rgb
+
+        images, new_index = [], {}
+        for i, path in enumerate(source.image_paths[:limit]):
+            try:
+                images.append(read_rgb(path))
+                new_index[i] = len(images) - 1
+            except OSError:  # unreadable: left out with its captions
+                continue
+        keep = [j for j, i in enumerate(source.text_to_image) if i in new_index]
+        return images, [source.captions[j] for j in keep], [new_index[source.text_to_image[j]] for j in keep]
+    pairs = [source[k] for k in range(min(len(source), limit))]
+    return [p[0] for p in pairs], [p[1] for p in pairs], list(range(len(pairs)))
 
 
 # --------------------------------------------------------------------------------------
@@ -301,6 +318,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     # ---- processes and device -----------------------------------------------------------
     device_probe = _device(config.device, 0)
+    joined_here = not dist.is_initialized()
     rank, world, local_rank = dist.init_from_env(device_probe.type)
     device = _device(config.device, local_rank)
     main_process = rank == 0
@@ -396,6 +414,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         final["bad_examples"] = [f"#{b.index}: {b.reason}" for b in stream.bad[:5]]
         (out / "metrics.json").write_text(json.dumps(final, indent=1))
         log.close()
+    if joined_here:
+        dist.shutdown()  # the group this call joined; a caller's own group stays
     return final
 
 

@@ -69,7 +69,11 @@ class TrainConfig:
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be a positive integer")
         for name in ("warmup", "eval_every", "chunk_size", "workers", "seed"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "must be a non-negative integer")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip", "label_smoothing", "max_bad_fraction"):
+            value = getattr(self, name)  # a quoted number in TOML would otherwise fail below with a TypeError
+            need(isinstance(value, (int, float)) and not isinstance(value, bool), name, "must be a number")
         need(self.lr > 0, "lr", "must be positive")
+        need(self.adam_eps > 0, "adam_eps", "must be positive")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         need(self.weight_decay >= 0, "weight_decay", "must be non-negative")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta2" if not 0 <= self.beta2 < 1 else "beta1", "must be in [0, 1)")

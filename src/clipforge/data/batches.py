@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from clipforge.data._errors import DataError
@@ -102,7 +103,8 @@ class _Samples(Dataset):
                 pixels = self.preprocess(image, generator=g)
             else:
                 pixels = self.preprocess(image)
-        except (OSError, ValueError, TypeError, UnicodeDecodeError, SyntaxError, IndexError) as err:
+        except (OSError, ValueError, TypeError, UnicodeDecodeError, SyntaxError, IndexError,
+                Image.DecompressionBombError) as err:
             return Bad(index, f"{type(err).__name__}: {err}"[:200])
         return index, pixels, caption
 
@@ -166,6 +168,8 @@ class BatchStream:
         loader = DataLoader(
             self.samples, batch_sampler=keys, num_workers=self.workers, collate_fn=self.collate,
             persistent_workers=False, prefetch_factor=4 if self.workers else None,
+            # its own generator: the loader's seed draw must not advance the global RNG
+            generator=torch.Generator().manual_seed(self.plan.seed),
         )
         group: list[MicroBatch] = []
         for micro in loader:
@@ -200,6 +204,8 @@ def captions_of(source: Any, limit: int) -> Sequence[str]:
     for k in range(n):
         try:
             text = get(k) if callable(get) else source[k][1]
+            if isinstance(text, bytes):  # as `_Samples` reads it; non-UTF-8 is skipped (a ValueError)
+                text = text.decode("utf-8")
         except (OSError, ValueError, IndexError):
             continue
         if text and text.strip():

@@ -32,7 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from clipforge.data._errors import DataError
-from clipforge.data._images import ImageLoader
+from clipforge.data._images import ImageLoader, read_rgb
 
 __all__ = ["CAPTION_KEYS", "IMAGE_KEYS", "CaptionSet", "open_csv", "open_jsonl", "read_captions"]
 
@@ -50,6 +50,18 @@ class CaptionSet:
     captions: list[str]
     text_to_image: list[int]
     empty_captions: int = 0  # rows skipped because their caption was empty
+
+    # Map-style access, as training reads it: one (image, caption) pair per caption.
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, str]:
+        """Caption ``index`` and its image, decoded in RGB (OSError when missing or unreadable)."""
+        return read_rgb(self.image_paths[self.text_to_image[index]]), self.captions[index]
+
+    def caption(self, index: int) -> str:
+        """Caption ``index`` without reading its image."""
+        return self.captions[index]
 
     def images(
         self, transform: Callable[[Image.Image], Tensor], *, batch_size: int = 256, num_workers: int = 0
