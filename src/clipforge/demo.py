@@ -17,14 +17,14 @@ from clipforge.train_config import TrainConfig
 
 __all__ = ["DEMO", "add_parser", "run_demo"]
 
-# The recipe, tuned on this project's 2-core CPU (docs/training.md records the runs).
+# The recipe measured on this project's 2-core CPU (docs/benchmarks.md#training records it).
 DEMO = TrainConfig(
     model="tiny",
     data="shapes://?n=200000",
     out="runs/demo",
     steps=600,
     batch_size=128,
-    lr=2e-3,
+    lr=5e-4,
     warmup=50,
     weight_decay=0.1,
     vocab_size=1024,

@@ -245,10 +245,12 @@ def _resnet(embed_dim: int, image: int, layers: tuple[int, int, int, int], width
 
 
 PRESETS: dict[str, CLIPConfig] = {
-    # A few million parameters: trains on a CPU in minutes on 64x64 images and short captions.
+    # A few million parameters for CPU training on 64x64 images and short captions.  16-pixel
+    # patches (16 tokens) cost about half as much per sample as 8-pixel ones; on shapes://
+    # both reached the same zero-shot accuracy per sample seen (docs/benchmarks.md#training).
     "tiny": CLIPConfig(
         embed_dim=128,
-        vision=VisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=2),
+        vision=VisionConfig(image_size=64, patch_size=16, width=128, layers=4, heads=2),
         text=TextConfig(context_length=32, vocab_size=4096, width=128, heads=2, layers=4),
     ),
     "ViT-B-32": _vit(512, 224, 32, 768, 12, 512),
