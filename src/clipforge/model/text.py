@@ -35,14 +35,7 @@ class TextTransformer(nn.Module):
         width = config.width
         self.token_embedding = nn.Embedding(config.vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, width))
-        self.transformer = Transformer(
-            width,
-            config.layers,
-            config.heads,
-            mlp_width=config.mlp_width,
-            act=config.act,
-            eps=config.layer_norm_eps,
-        )
+        self.transformer = Transformer.from_config(config)
         self.ln_final = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.text_projection = nn.Parameter(torch.empty(width, output_dim))
         self.init_weights()

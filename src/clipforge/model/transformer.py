@@ -13,6 +13,7 @@ every position, queries and the MLP for one.  The result equals the full forward
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +129,13 @@ class Transformer(nn.Module):
         )
         self.grad_checkpointing = False
         self.init_weights()
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Transformer":
+        """The blocks a tower config describes (``width``, ``layers``, ``heads``,
+        ``mlp_width``, ``act``, ``layer_norm_eps``: `VisionConfig` and `TextConfig` both)."""
+        return cls(config.width, config.layers, config.heads, mlp_width=config.mlp_width,
+                   act=config.act, eps=config.layer_norm_eps)
 
     @torch.no_grad()
     def init_weights(self) -> None:

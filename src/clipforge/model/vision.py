@@ -40,14 +40,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.ln_pre = nn.LayerNorm(width, eps=config.layer_norm_eps)
-        self.transformer = Transformer(
-            width,
-            config.layers,
-            config.heads,
-            mlp_width=config.mlp_width,
-            act=config.act,
-            eps=config.layer_norm_eps,
-        )
+        self.transformer = Transformer.from_config(config)
         self.ln_post = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
