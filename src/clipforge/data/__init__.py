@@ -12,6 +12,7 @@ A URI is ``scheme:location`` (``scheme://location`` works too), optionally follo
 | ``imagefolder`` | a folder of class sub-folders, torchvision's ImageFolder layout | `ImageFolder` |
 | ``csv`` | a CSV/TSV file with an image path and a caption column | `CaptionSet` |
 | ``jsonl`` | a JSON Lines file, one object per image or caption | `CaptionSet` |
+| ``pairs`` | a folder of ``name.jpg`` + ``name.txt`` caption files | `CaptionedFolder` |
 | ``shapes`` | none: ``shapes://?split=train&size=64`` | `ShapesDataset` (generated) |
 | ``digits`` | none: ``digits://?split=test`` | `DigitsDataset` |
 
@@ -66,6 +67,7 @@ _SCHEMES: dict[str, tuple[str, str]] = {
     ),
     "csv": ("a CSV/TSV file of image paths and captions", "clipforge.data.captions:open_csv"),
     "jsonl": ("a JSON Lines file of image paths and captions", "clipforge.data.captions:open_jsonl"),
+    "pairs": ("a folder of name.jpg + name.txt caption files", "clipforge.data.pairs:open_pairs"),
     "shapes": ("built-in generated shapes with captions (no files)", "clipforge.data.shapes:open_shapes"),
     "digits": ("handwritten digits with captions (scikit-learn's bundled set)", "clipforge.data.digits:open_digits"),
 }
