@@ -11,6 +11,7 @@ training, and text↔image retrieval, then writes ``runs/demo/`` (checkpoints,
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from clipforge.train_config import TrainConfig
@@ -68,7 +69,7 @@ def run_demo(args: Any) -> int:
             print(f"  text→image R@1 on {name}: {metrics['text_to_image_R@1']:.3f}, R@5: {metrics['text_to_image_R@5']:.3f}")
     from clipforge._run_state import list_checkpoints
 
-    ckpt = list_checkpoints(__import__("pathlib").Path(config.out))[-1]
+    ckpt = list_checkpoints(Path(config.out))[-1]
     print(f"""
 Use the model:
   python -c "import clipforge; m, pre, tok = clipforge.load('{ckpt}')"

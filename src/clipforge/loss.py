@@ -184,9 +184,10 @@ def _check_inputs(
             raise ValueError(f"labels must have shape ({n},) to match the {n} features, got {tuple(labels.shape)}")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-    if chunk_size is not None and chunk_size != "auto":
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be None, 'auto' or a positive int, got {chunk_size!r}")
+    if chunk_size is not None and chunk_size != "auto" and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be None, 'auto' or a positive int, got {chunk_size!r}")
     return scale, bias
 
 

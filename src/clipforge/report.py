@@ -74,7 +74,7 @@ def _confusion(matrix: list[list[int]], classnames: list[str], title: str, path:
     present = (m.sum(1) > 0).nonzero().squeeze(1).tolist()
     rows = m[present]  # only classes that occur in this set
     fig, ax = plt.subplots(figsize=(12, 0.28 * len(present) + 2))
-    ax.imshow(rows / rows.sum(1, keepdim=True).clamp(min=1), cmap="Blues", aspect="auto", vmin=0, vmax=1)
+    ax.imshow((rows / rows.sum(1, keepdim=True).clamp(min=1)).numpy(), cmap="Blues", aspect="auto", vmin=0, vmax=1)
     ax.set_yticks(range(len(present)), [classnames[k] for k in present], fontsize=6)
     ax.set_xticks(range(len(classnames)), classnames, rotation=90, fontsize=5)
     ax.set(xlabel="predicted", ylabel="true", title=title)
@@ -129,23 +129,22 @@ def write_report(run: str | Path, *, checkpoint: str | Path | None = None) -> Pa
         lines += ["## Evaluation", "", "| set | metric | value |", "|---|---|---|"]
         for name, metrics in evals.items():
             for key, value in metrics.items():
-                if isinstance(value, (int, float)) and value is not None:
+                if isinstance(value, (int, float)):
                     lines.append(f"| `{name}` | {key} | {value:.4f} |")
         lines.append("")
-    if config.get("eval_retrieval"):
-        source = open_data(config["eval_retrieval"])
-        _similarity(model, tokenizer, preprocess, source, figures / "similarity.png")
+    retrieval = open_data(config["eval_retrieval"]) if config.get("eval_retrieval") else None
+    if retrieval is not None:
+        _similarity(model, tokenizer, preprocess, retrieval, figures / "similarity.png")
         lines += ["## Similarity matrix", "", "![similarity](figures/similarity.png)", ""]
     for k, uri in enumerate(config.get("eval_zeroshot", [])):
         if uri in evals and "confusion_matrix" in evals[uri]:
             classnames = open_data(uri).classnames
             name = f"confusion-{k}.png"
             _confusion(evals[uri]["confusion_matrix"], classnames, f"Zero-shot confusion: {uri}", figures / name)
-            lines += [f"## Zero-shot confusion matrix: `{uri}`", "", f"![confusion]({'figures/' + name})", ""]
-    if config.get("eval_retrieval"):
-        source = open_data(config["eval_retrieval"])
-        queries = getattr(source, "example_queries", None) or [source[k][1] for k in range(4)]
-        _retrieval(model, tokenizer, preprocess, source, list(queries), figures / "retrieval.png")
+            lines += [f"## Zero-shot confusion matrix: `{uri}`", "", f"![confusion](figures/{name})", ""]
+    if retrieval is not None:
+        queries = [retrieval[k][1] for k in range(4)]  # the first validation captions
+        _retrieval(model, tokenizer, preprocess, retrieval, queries, figures / "retrieval.png")
         lines += ["## Retrieval examples", "", "![retrieval](figures/retrieval.png)", ""]
     if final.get("bad_samples"):
         lines += [f"{final['bad_samples']} unreadable samples were skipped, e.g. {final.get('bad_examples')}", ""]

@@ -379,7 +379,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
     bar = _progress(config, start, enabled=main_process)
     t_last, samples = time.perf_counter(), 0
     skipped_steps = 0
-    step = start
     for step, micro in enumerate(stream.steps(start, config.steps), start=start):
         micro = [MicroBatch(m.images.to(device, non_blocking=True), m.tokens.to(device), m.indices, m.bad) for m in micro]
         stats = train_step(forward, micro, optimizer, config=config, scaler=scaler)
@@ -446,7 +445,7 @@ class _Log:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for key, value in _flatten(row).items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, row["step"])
 
     def close(self) -> None:
