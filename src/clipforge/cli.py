@@ -2,6 +2,8 @@
 
     clipforge eval zeroshot --model tiny --data imagefolder:val/ --tokenizer tok/
     clipforge eval retrieval --model ckpt/ --data csv:captions.tsv --out result.json
+    clipforge index build --model ckpt/ --data imagefolder:photos/ --out photos.index
+    clipforge search photos.index "a red star"
 
 Adding a subcommand: write a module with ``add_parser(subparsers)`` that adds its parser with
 ``subparsers.add_parser(name, ...)`` and sets ``func`` (a function of the parsed arguments that
@@ -24,6 +26,7 @@ COMMANDS: list[str] = [
     "clipforge._cli_train",
     "clipforge.demo",
     "clipforge._cli_tools",
+    "clipforge._cli_search",
 ]
 
 

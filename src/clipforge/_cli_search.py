@@ -1,0 +1,191 @@
+"""``clipforge index build|add``, ``clipforge search`` and ``clipforge serve``: image search.
+
+    clipforge index build --model CKPT --data imagefolder:photos/ --out photos.index
+    clipforge index add photos.index --data imagefolder:more/
+    clipforge search photos.index "a red star" -k 10 [--json]
+    clipforge search photos.index --image query.jpg
+    clipforge serve photos.index [--port 8000]
+
+``index build`` prints the number of images embedded and skipped, the faiss index chosen and
+its recall@10 against exact search; ``search`` prints a table of rank, score and path (or JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from clipforge.cli import CommandError
+
+__all__ = ["add_parser", "run_add", "run_build", "run_search", "run_serve"]
+
+SKIPPED_SHOWN = 10
+
+
+def add_parser(subparsers: Any) -> None:
+    """Registers ``index`` (with ``build`` and ``add``), ``search`` and ``serve``."""
+    index = subparsers.add_parser("index", help="embed a collection of images and index it for search")
+    actions = index.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    build = actions.add_parser("build", help="embed every image of a data source and build its faiss index")
+    build.add_argument("--model", required=True, help="a checkpoint file or folder (not a random preset)")
+    build.add_argument("--data", required=True,
+                       help="imagefolder:DIR, csv:FILE, jsonl:FILE, pairs:DIR, or any other data URI")
+    build.add_argument("--out", required=True, metavar="INDEX_DIR",
+                       help="index directory; an interrupted build there is continued")
+    _embed_options(build)
+    build.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                       help="fp32, or bf16 autocast over fp32 weights (default: fp32)")
+    build.add_argument("--memory-budget", default="4G",
+                       help="memory the faiss index may use; it decides the index type (default: 4G)")
+    build.add_argument("--index-type", choices=("auto", "flat", "ivfpq", "hnsw"), default="auto",
+                       help="auto: exact for small sets, IVF-PQ with re-ranking for large ones (default: auto)")
+    build.add_argument("--target-recall", type=float, default=0.95,
+                       help="recall@10 the search setting is tuned to reach (default: 0.95)")
+    build.set_defaults(func=run_build)
+
+    add = actions.add_parser("add", help="add the images of a data source that are not in the index yet")
+    add.add_argument("index_dir", metavar="INDEX_DIR")
+    add.add_argument("--data", required=True, help="a data URI, as for index build")
+    add.add_argument("--model", help="the index's model, checked against it (default: the one recorded)")
+    _embed_options(add)
+    add.add_argument("--reindex", action="store_true",
+                     help="rebuild the faiss index from all embeddings, choosing its type for the new size")
+    add.set_defaults(func=run_add)
+
+    search = subparsers.add_parser("search", help="search an index by text or by image")
+    search.add_argument("index_dir", metavar="INDEX_DIR")
+    search.add_argument("query", nargs="?", help="the text to search for")
+    search.add_argument("--image", metavar="FILE", help="search by this image instead of a text")
+    search.add_argument("-k", type=int, default=10, help="results (default: 10)")
+    search.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    search.add_argument("--model", help="the index's model, checked against it (default: the one recorded)")
+    search.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    search.set_defaults(func=run_search)
+
+    serve = subparsers.add_parser("serve", help="a web page and JSON API to search an index")
+    serve.add_argument("index_dir", metavar="INDEX_DIR")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest query image (default: 10)")
+    serve.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    serve.set_defaults(func=run_serve)
+
+
+def _embed_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder, for checkpoints saved without one")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    parser.add_argument("--workers", type=int, default=2, help="image decoding processes (default: 2)")
+    parser.add_argument("--chunk-size", type=int, default=10_000,
+                        help="embeddings per file; an interruption loses at most one (default: 10000)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _guard(call: Any) -> Any:
+    """Runs ``call()``, turning the search package's errors about the user's input into CommandError."""
+    from clipforge.search.store import IndexDirError
+
+    try:
+        return call()
+    except IndexDirError as err:
+        raise CommandError(str(err)) from err
+    except ImportError as err:
+        raise CommandError(str(err)) from err
+
+
+def _report(report: Any, what: str) -> None:
+    from clipforge.data._images import Skipped, describe_skipped
+
+    print(f"{what} {report.directory}: {report.embedded} image(s) embedded, {report.already} already there, "
+          f"{report.total} in the index")
+    if report.skipped:
+        print(describe_skipped([Skipped(s["path"], s["reason"]) for s in report.skipped]))
+        for row in report.skipped[:SKIPPED_SHOWN]:
+            print(f"  skipped {row['path']}: {row['reason']}")
+        more = len(report.skipped) - SKIPPED_SHOWN
+        print(f"  ... and {more} more; all are listed in {report.directory / 'skipped.jsonl'}" if more > 0
+              else f"  (listed in {report.directory / 'skipped.jsonl'})")
+    info = report.index
+    params = " ".join(f"{k}={v:g}" for k, v in info.get("params", {}).items()) or "exact"
+    print(f"faiss index {info['spec']['factory']} ({params}): recall@10 {info['recall_at_10']:.3f} against exact "
+          f"search on {info['recall_queries']} stored images, median query {info['median_query_ms']:.2f} ms")
+    if info.get("suggested_kind") and info["suggested_kind"] != info["spec"]["kind"]:
+        print(f"note: at {report.total} images the rule picks a {info['suggested_kind']} index; "
+              f"clipforge index add --reindex rebuilds it")
+    print(f"time: embedding {report.seconds['embed']:.1f}s, indexing {report.seconds['index']:.1f}s")
+
+
+def run_build(args: argparse.Namespace) -> int:
+    """``clipforge index build --model M --data URI --out DIR``: embeds, indexes, prints a summary."""
+    from clipforge.search.build import build_index
+
+    def call() -> Any:
+        return build_index(args.data, args.out, model=args.model, tokenizer=args.tokenizer, device=args.device,
+                           precision=args.precision, batch_size=args.batch_size, workers=args.workers,
+                           chunk_size=args.chunk_size, memory_budget=args.memory_budget, kind=args.index_type,
+                           target_recall=args.target_recall, progress=not args.quiet)
+
+    _report(_guard(call), "built")
+    return 0
+
+
+def run_add(args: argparse.Namespace) -> int:
+    """``clipforge index add DIR --data URI``: embeds the new images, adds them, prints a summary."""
+    from clipforge.search.build import add_to_index
+
+    def call() -> Any:
+        return add_to_index(args.index_dir, args.data, model=args.model, tokenizer=args.tokenizer,
+                            device=args.device, batch_size=args.batch_size, workers=args.workers,
+                            chunk_size=args.chunk_size, reindex=args.reindex, progress=not args.quiet)
+
+    _report(_guard(call), "added to")
+    return 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    """``clipforge search DIR "text" | --image FILE [-k K] [--json]``: prints the ranked results."""
+    from clipforge.search.index import Index
+
+    if (args.query is None) == (args.image is None):
+        raise CommandError("give either a query text or --image FILE")
+    if args.query is not None and not args.query.strip():
+        raise CommandError("the query text is empty")
+    index = _guard(lambda: Index.load(args.index_dir, model=args.model, device=args.device))
+    try:
+        hits = index.search_text(args.query, args.k) if args.image is None else index.search_image(args.image, args.k)
+    except ValueError as err:
+        raise CommandError(str(err)) from err
+    except OSError as err:  # the query image: missing or not an image
+        raise CommandError(f"{args.image}: cannot read the query image: {err}") from err
+    query = {"text": args.query} if args.image is None else {"image": args.image}
+    if args.json:
+        print(json.dumps({"query": query, "k": args.k, "results": [h.to_dict() for h in hits]}, ensure_ascii=False))
+        return 0
+    for rank, hit in enumerate(hits, 1):
+        label = hit.path or hit.key
+        caption = f"  ({hit.caption})" if hit.caption else ""
+        print(f"{rank:>4}  {hit.score:7.4f}  {label}{caption}")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """``clipforge serve DIR [--host H] [--port P]``: serves the search page until interrupted."""
+    from clipforge.search.index import Index
+
+    try:
+        import uvicorn
+
+        from clipforge.search.server import create_app
+    except ImportError as err:
+        raise CommandError(f"clipforge serve needs the search extra: pip install 'clipforge[search]' ({err})") from err
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host}: anyone who can reach this address can search the index and "
+              f"see its images", file=sys.stderr)
+    index = _guard(lambda: Index.load(args.index_dir, device=args.device))
+    app = create_app(index, max_upload_bytes=int(args.max_upload_mb * (1 << 20)))
+    print(f"serving {args.index_dir} ({len(index)} images) on http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
