@@ -45,10 +45,10 @@ def test_index_type_follows_size_and_budget():
     assert ann.choose_index(ann.FLAT_MAX, 512, memory_budget=big).kind == "flat"
     spec = ann.choose_index(1_000_000, 512, memory_budget=big)
     assert (spec.kind, spec.nlist, spec.pq_m, spec.refine) == ("ivfpq", 1024, 64, "Flat")
-    assert spec.factory == "IVF1024,PQ64,RFlat" and spec.bytes_per_vector == 512 * 4 + 64 + 8
+    assert spec.factory == "IVF1024,PQ64x4fs,RFlat" and spec.bytes_per_vector == 512 * 4 + 32 + 8
     # A budget too small for the float32 vectors re-ranks on 8-bit codes, then not at all.
     assert ann.choose_index(1_000_000, 512, memory_budget=1 << 30).refine == "SQ8"
-    assert ann.choose_index(1_000_000, 512, memory_budget=100 << 20).factory == "IVF1024,PQ64"
+    assert ann.choose_index(1_000_000, 512, memory_budget=100 << 20).factory == "IVF1024,PQ64x4fs"
     # A small set over the budget is not flat; nlist keeps 39 training points per list.
     assert ann.choose_index(5_000, 512, memory_budget=1 << 20).kind == "ivfpq"
     assert ann.choose_index(1_000, 96, memory_budget=big, kind="ivfpq").nlist == 16
@@ -86,10 +86,11 @@ def test_tuning_reaches_the_target_recall(kind):
     assert built.tuned.recall_at_10 >= 0.95
     assert all(row["recall_at_10"] < 0.95 or row["median_ms"] >= built.tuned.median_ms
                for row in built.tuned.tried)  # the chosen setting is the fastest that reaches it
-    # The index is left at the chosen setting: searching stored vectors finds each first.
-    scores, ids = ann.search(built.index, vectors[:20], 5)
+    # The index is left at the chosen setting: searching stored vectors for their 10 nearest
+    # (the k it is tuned for) finds each first.
+    scores, ids = ann.search(built.index, vectors[:20], 10)
     np.testing.assert_array_equal(ids[:, 0], np.arange(20))
-    assert scores.shape == (20, 5)
+    assert scores.shape == (20, 10)
 
 
 def test_parse_size():
@@ -285,7 +286,7 @@ def test_cli_build_and_search(built, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0
     assert f"{len(c.colours)} image(s) embedded" in printed and "2 unreadable image(s)" in printed
-    assert "IVF16,PQ4,RFlat" in printed and "recall@10" in printed and "broken.png" in printed
+    assert "IVF16,PQ4x4fs,RFlat" in printed and "recall@10" in printed and "broken.png" in printed
 
     assert main(["search", str(out), "a blue circle", "-k", "4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -110,7 +110,10 @@ class Index:
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.store.manifest["dim"]:
             raise ValueError(f"queries must be [q, {self.store.manifest['dim']}], got {list(queries.shape)}")
-        return ann.search(self.faiss_index, queries, min(k, len(self)))
+        # The search setting is tuned for recall@10; a smaller k asks for 10 and keeps the first
+        # k, so that re-ranking sees as many candidates as it was tuned with.
+        scores, ids = ann.search(self.faiss_index, queries, min(max(k, 10), len(self)))
+        return scores[:, :k], ids[:, :k]
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
         keep = ids >= 0  # faiss pads with -1 when fewer than k are found
