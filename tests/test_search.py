@@ -122,6 +122,31 @@ def test_items_of_generated_and_streamed_sources():
     assert [(i.key, i.caption) for i in streamed] == [("shard-0/a", "first"), ("stream:x#1", "second")]
     assert streamed[1].image().mode == "RGB"
 
+    class Record:  # an undecoded shard sample
+        def __init__(self, key, error=None):
+            self.name, self.error = f"/d/0.tar#{key}", error
+
+        def caption(self):
+            return f"caption {self.name}"
+
+        def decode(self):
+            if self.error:
+                raise ValueError(self.error)
+            return shapes[0][0], self.caption()
+
+    class Shards:
+        streaming = True
+
+        def samples(self):
+            yield Record("a")
+            yield Record("", error="shard /d/0.tar: truncated")
+
+    records = list(items_of(Shards(), "shards:/d/0.tar"))
+    assert [(i.key, i.caption) for i in records] == [("/d/0.tar#a", "caption /d/0.tar#a"), ("/d/0.tar#", None)]
+    assert records[0].image().size == (32, 32)
+    with pytest.raises(ValueError, match="truncated"):
+        records[1].image()
+
     class Custom:  # a source that says for itself how it is indexed
         def index_items(self):
             return [Item("k", None, "c", lambda: shapes[2][0])]
@@ -255,6 +280,29 @@ def test_generated_images_without_files_are_indexed(built, tmp_path):
     index = Index.load(tmp_path / "index")
     assert report.total == 30 and index.item(4)["key"] == "shapes://?split=seen&size=32&n=30#4"
     assert index.item(4)["path"] is None and index.search_similar(4, k=1)[0].id == 4
+
+
+def test_webdataset_shards_are_indexed_by_sample_name(built, tmp_path):
+    """Runs once the shards: scheme is registered (clipforge.data.shards and webdataset)."""
+    import tarfile
+
+    from clipforge.data import schemes
+
+    if "shards" not in schemes():
+        pytest.skip("no shards: data scheme in this tree")
+    pytest.importorskip("webdataset")
+    shard = tmp_path / "000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name in ("00003", "00004", "00005"):
+            tar.add(built["images"] / f"{name}.png", arcname=f"{name}.png")
+            tar.add(built["images"] / f"{name}.txt", arcname=f"{name}.txt")
+    report = build_index(f"shards:{shard}", tmp_path / "index", model=built["c"].model, progress=False)
+    index = Index.load(tmp_path / "index")
+    assert report.total == 3 and index.item(1)["key"] == f"{shard}#00004"
+    assert index.item(1)["caption"] == (built["images"] / "00004.txt").read_text()
+    assert index.search_image(built["images"] / "00005.png", k=1)[0].key == f"{shard}#00005"
+    again = add_to_index(tmp_path / "index", f"shards:{shard}", progress=False)
+    assert (again.embedded, again.already) == (0, 3)
 
 
 def test_the_model_is_checked(built, tmp_path):

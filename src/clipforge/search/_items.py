@@ -7,6 +7,7 @@ one, a caption if there is one, and the image itself, decoded with unreadable on
 | `CaptionSet` (``csv:``, ``jsonl:``) | the file path | the file | the image's first caption |
 | `CaptionedFolder` (``pairs:``) | the file path | the file | its ``.txt`` |
 | any other map-style source: ``len(s)``, ``s[i] -> (image, caption)`` (``shapes:``, ``digits:``) | ``URI#i`` | none | ``s[i]``'s caption |
+| a stream of undecoded records, ``samples()`` (``shards:``) | the record's ``name`` (``shard-url#key``) | none | the record's ``caption()`` |
 | any other iterable of ``(image, caption)`` or of dicts with ``image``, ``caption``, ``key``, ``path`` | ``key``, else ``URI#i`` | ``path`` | ``caption`` |
 
 A source can also say for itself how it is indexed with a method ``index_items()`` returning
@@ -98,6 +99,15 @@ def _record_item(record: Any, uri: str, index: int) -> Item:
     return Item(key, os.path.abspath(path) if path else None, caption if isinstance(caption, str) else None, load)
 
 
+def _sample_item(record: Any) -> Item:
+    """An undecoded stream record (a shard sample): decoded only if its key is not indexed yet."""
+    try:
+        caption = record.caption() if getattr(record, "error", None) is None else None
+    except (ValueError, UnicodeDecodeError):
+        caption = None
+    return Item(record.name, None, caption or None, lambda: record.decode()[0])
+
+
 def items_of(source: Any, uri: str) -> Iterable[Item]:
     """The items of a data source (see the module notes); a list when the source has a length."""
     from clipforge.data import CaptionSet, ImageFolder
@@ -112,6 +122,8 @@ def items_of(source: Any, uri: str) -> Iterable[Item]:
     if isinstance(source, CaptionedFolder):
         return [Item(os.path.abspath(p), os.path.abspath(p), _caption_or_none(source, i))
                 for i, p in enumerate(source.images)]
+    if getattr(source, "streaming", False) and hasattr(source, "samples"):
+        return (_sample_item(record) for record in source.samples())
     if hasattr(source, "__len__") and hasattr(source, "__getitem__"):
         return [_map_item(source, uri, i) for i in range(len(source))]
     if hasattr(source, "__iter__"):
