@@ -310,11 +310,25 @@ def build_model(config: TrainConfig, source: Any) -> tuple[nn.Module, Callable, 
     return model, preprocess, tokenizer
 
 
+def _check_stream_position(saved: dict[str, Any], now: dict[str, Any], checkpoint: Path) -> None:
+    """A streamed source resumes exactly only with the settings that cut its stream."""
+    if not now["streaming"] or not saved:
+        return
+    changed = [f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in ("data", "seed", "batch_size", "accum_steps", "world", "workers")
+               if saved.get(key) != now[key]]
+    if changed:
+        raise ValueError(
+            f"cannot resume {checkpoint} exactly: a streamed data source (shards:) is split by these settings, "
+            f"which changed: {'; '.join(changed)}; resume with the original ones, or start a new run from the "
+            f"checkpoint with --model {checkpoint}"
+        )
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run ``config`` to its last step; returns the final metrics (also in OUT/metrics.json)."""
     from clipforge._run_state import find_checkpoint, load_train_state, save_checkpoint, set_rng_state
     from clipforge.data import open_data
-    from clipforge.data.batches import BatchPlan, BatchStream
+    from clipforge.data.batches import BatchPlan, BatchStream, StreamBatchStream
 
     # ---- processes and device -----------------------------------------------------------
     device_probe = _device(config.device, 0)
@@ -344,11 +358,26 @@ def train(config: TrainConfig) -> dict[str, Any]:
         forward = torch.compile(forward)
     forward = dist.wrap_data_parallel(forward, device)
 
-    plan = BatchPlan(len(source), batch_size=config.batch_size, seed=config.seed, rank=rank, world=world, accum=config.accum_steps)
-    stream = BatchStream(
-        source, plan, preprocess=preprocess, tokenizer=tokenizer, augment=config.augment,
-        workers=config.workers, max_bad_fraction=config.max_bad_fraction, source_name=config.data,
-    )
+    if getattr(source, "streaming", False):  # shards: each rank and worker reads its own share
+        stream: BatchStream = StreamBatchStream(
+            source, batch_size=config.batch_size, seed=config.seed, rank=rank, world=world, accum=config.accum_steps,
+            preprocess=preprocess, tokenizer=tokenizer, augment=config.augment, workers=config.workers,
+            max_bad_fraction=config.max_bad_fraction, source_name=config.data,
+        )
+        epoch_of: Callable[[int], float | None] = stream.epoch
+    else:
+        plan = BatchPlan(len(source), batch_size=config.batch_size, seed=config.seed, rank=rank, world=world,
+                         accum=config.accum_steps)
+        stream = BatchStream(
+            source, plan, preprocess=preprocess, tokenizer=tokenizer, augment=config.augment,
+            workers=config.workers, max_bad_fraction=config.max_bad_fraction, source_name=config.data,
+        )
+        epoch_of = plan.epoch
+
+    # where the data stands is a function of the step and of these (a stream's also of world and workers)
+    data_position = {"data": config.data, "seed": config.seed, "batch_size": config.batch_size,
+                     "accum_steps": config.accum_steps, "world": world, "workers": config.workers,
+                     "streaming": bool(getattr(source, "streaming", False))}
 
     # ---- optimiser, schedule, resume ----------------------------------------------------
     optimizer = build_optimizer(model, config)
@@ -363,6 +392,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start = int(state["step"])
+        _check_stream_position(state.get("data", {}), data_position, resume_from)
     log = _Log(out, start, config, enabled=main_process)
     if main_process and resume_from is not None:
         print(f"resumed from {resume_from} at step {start}")
@@ -373,6 +403,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             save_checkpoint(out, step, model=model, tokenizer=tokenizer, keep_last=config.keep_last, state={
                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else {}, "config": config.to_dict(),
+                "data": data_position,
             })
         dist.barrier()
 
@@ -389,7 +420,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if done % config.log_every == 0 or done == config.steps:
             now = time.perf_counter()
             row = {"step": done, **stats, "lr": schedule.get_last_lr()[0], "samples_per_s": samples / max(now - t_last, 1e-9),
-                   "epoch": plan.epoch(done), "bad_samples": stream.bad_count, "skipped_steps": skipped_steps}
+                   "epoch": epoch_of(done), "bad_samples": stream.bad_count, "skipped_steps": skipped_steps}
             log.write(row)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{row['lr']:.2e}", T=f"{1 / stats['logit_scale']:.4f}",
                             sps=f"{row['samples_per_s']:.0f}")

@@ -15,6 +15,7 @@ A URI is ``scheme:location`` (``scheme://location`` works too), optionally follo
 | ``pairs`` | a folder of ``name.jpg`` + ``name.txt`` caption files | `CaptionedFolder` |
 | ``shapes`` | none: ``shapes://?split=train&size=64`` | `ShapesDataset` (generated) |
 | ``digits`` | none: ``digits://?split=test`` | `DigitsDataset` |
+| ``shards`` | webdataset tar shards: ``shards:/d/{000..099}.tar``, ``shards:pipe:CMD`` | `ShardSource` (streamed) |
 
 Another module adds a scheme with `register_scheme`; its opener receives the `DataURI`'s
 location and options.
@@ -70,6 +71,7 @@ _SCHEMES: dict[str, tuple[str, str]] = {
     "pairs": ("a folder of name.jpg + name.txt caption files", "clipforge.data.pairs:open_pairs"),
     "shapes": ("built-in generated shapes with captions (no files)", "clipforge.data.shapes:open_shapes"),
     "digits": ("handwritten digits with captions (scikit-learn's bundled set)", "clipforge.data.digits:open_digits"),
+    "shards": ("webdataset tar shards of images and captions, streamed", "clipforge.data.shards:open_shards"),
 }
 
 

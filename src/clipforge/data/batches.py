@@ -15,6 +15,7 @@ examples once more than a set fraction of what was read is bad.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,11 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from clipforge.data._errors import DataError
 
-__all__ = ["BatchPlan", "BatchStream", "Bad"]
+__all__ = ["BatchPlan", "BatchStream", "Bad", "MicroBatch", "StreamBatchStream"]
 
 
 @dataclass(frozen=True)
@@ -78,24 +79,25 @@ class BatchPlan:
         return step * self.batch_size / self.size
 
 
-class _Samples(Dataset):
-    """index -> (image tensor, caption) or a `Bad` record; never raises for bad data."""
+_BAD_DATA = (OSError, ValueError, TypeError, UnicodeDecodeError, SyntaxError, IndexError, Image.DecompressionBombError)
 
-    def __init__(self, source: Any, preprocess: Callable, *, seed: int, augment: bool) -> None:
-        self.source, self.preprocess, self.seed, self.augment = source, preprocess, seed, augment
 
-    def __len__(self) -> int:
-        return len(self.source)
+class _Prepare:
+    """(image, caption) -> (index, image tensor, caption), or a `Bad` record: never raises for bad data."""
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[int, Tensor, str] | Bad:
-        index, step = key
+    def __init__(self, preprocess: Callable, *, seed: int, augment: bool) -> None:
+        self.preprocess, self.seed, self.augment = preprocess, seed, augment
+
+    def __call__(self, fetch: Callable[[], tuple[Any, Any]], index: int, step: int,
+                 name: str = "") -> tuple[int, Tensor, str] | Bad:
+        where = f"{name}: " if name else ""
         try:
-            image, caption = self.source[index]
+            image, caption = fetch()
             if isinstance(caption, bytes):
                 caption = caption.decode("utf-8")
             caption = caption.strip()
             if not caption:
-                return Bad(index, "empty caption")
+                return Bad(index, f"{where}empty caption")
             if self.augment:
                 # per-sample generator: the same crop for the same (seed, step, index) on resume
                 digest = hashlib.blake2b(f"{self.seed}/{step}/{index}".encode(), digest_size=8).digest()
@@ -103,10 +105,23 @@ class _Samples(Dataset):
                 pixels = self.preprocess(image, generator=g)
             else:
                 pixels = self.preprocess(image)
-        except (OSError, ValueError, TypeError, UnicodeDecodeError, SyntaxError, IndexError,
-                Image.DecompressionBombError) as err:
-            return Bad(index, f"{type(err).__name__}: {err}"[:200])
+        except _BAD_DATA as err:
+            return Bad(index, f"{where}{type(err).__name__}: {err}"[:300])
         return index, pixels, caption
+
+
+class _Samples(Dataset):
+    """(index, step) -> (index, image tensor, caption) or a `Bad` record, from a map-style source."""
+
+    def __init__(self, source: Any, preprocess: Callable, *, seed: int, augment: bool) -> None:
+        self.source, self.prepare = source, _Prepare(preprocess, seed=seed, augment=augment)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, Tensor, str] | Bad:
+        index, step = key
+        return self.prepare(lambda: self.source[index], index, step)
 
 
 @dataclass
@@ -196,8 +211,106 @@ class BatchStream:
             )
 
 
+class _StreamMicroBatches(IterableDataset):
+    """A rank's micro-batches from a streaming source (`clipforge.data.shards.ShardSource`).
+
+    Micro-batch j of the rank (j = step·K + k) is made by loader worker (j - start) mod N from
+    the records of consumer rank·N + (j mod N) — so the stream of micro-batch j does not depend
+    on where a run started, and the loader's round-robin over workers returns them in order.
+    Each micro-batch takes the next ``size`` records of its consumer, bad ones included (they
+    are skipped and counted, as in the map-style path), so skipping consumed records needs no
+    decoding.
+    """
+
+    def __init__(self, source: Any, *, rank: int, world: int, slots: int, size: int, accum: int, start: int,
+                 seed: int, prepare: _Prepare, collate: _Collate) -> None:
+        self.source, self.rank, self.world, self.slots, self.size = source, rank, world, slots, size
+        self.accum, self.start, self.seed, self.prepare, self.collate = accum, start, seed, prepare, collate
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != self.slots:
+            raise RuntimeError(f"stream built for {self.slots} loader workers, running in {workers}")
+        slot = (worker + self.start) % workers  # the micro-batches j ≡ slot (mod N) are this worker's
+        records = self.source.consumer_stream(self.rank * workers + slot, self.world * workers, seed=self.seed)
+        done_before = len(range(slot, self.start, workers))  # this slot's micro-batches before `start`
+        records = itertools.islice(records, done_before * self.size, None)
+        j = self.start + (slot - self.start) % workers
+        position = done_before * self.size  # index of the next record in this consumer's stream
+        while True:
+            items = []
+            for record in itertools.islice(records, self.size):
+                items.append(self.prepare(record.decode, position, j // self.accum, name=record.error or record.name))
+                position += 1
+            yield self.collate(items)
+            j += workers
+
+
+class StreamBatchStream(BatchStream):
+    """`BatchStream` for streaming sources: the same interface, micro-batches from `_StreamMicroBatches`.
+
+    Resuming at step k replays each consumer's stream and skips the records consumed before k,
+    so the run reads what an uninterrupted one would — given the same seed, world size, batch
+    size, accumulation and number of workers.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        *,
+        batch_size: int,
+        seed: int,
+        preprocess: Callable,
+        tokenizer: Callable[[list[str]], Tensor],
+        rank: int = 0,
+        world: int = 1,
+        accum: int = 1,
+        augment: bool = False,
+        workers: int = 0,
+        max_bad_fraction: float = 0.1,
+        source_name: str = "data",
+    ) -> None:
+        if batch_size % (world * accum):
+            raise ValueError(f"batch_size={batch_size} must be divisible by world size {world} × accum_steps {accum}")
+        self.source, self.seed, self.rank, self.world, self.accum = source, seed, rank, world, accum
+        self.micro_size = batch_size // (world * accum)
+        self.batch_size, self.workers, self.augment = batch_size, workers, augment
+        self.prepare = _Prepare(preprocess, seed=seed, augment=augment)
+        self.collate = _Collate(tokenizer)
+        self.max_bad_fraction, self.source_name = max_bad_fraction, source_name
+        self.seen, self.bad, self.bad_count = 0, [], 0
+
+    def epoch(self, step: int) -> float | None:
+        return None  # a stream's length is not known
+
+    def steps(self, start: int, stop: int) -> Iterator[list[MicroBatch]]:
+        if stop <= start:
+            return
+        dataset = _StreamMicroBatches(
+            self.source, rank=self.rank, world=self.world, slots=max(1, self.workers), size=self.micro_size,
+            accum=self.accum, start=start * self.accum, seed=self.seed, prepare=self.prepare, collate=self.collate,
+        )
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.workers,
+                            prefetch_factor=4 if self.workers else None, persistent_workers=False,
+                            generator=torch.Generator().manual_seed(self.seed))  # not the global RNG
+        group: list[MicroBatch] = []
+        iterator = iter(loader)
+        try:
+            for micro in itertools.islice(iterator, (stop - start) * self.accum):
+                self._count(micro)
+                group.append(micro)
+                if len(group) == self.accum:
+                    yield group
+                    group = []
+        finally:
+            del iterator  # shuts the workers down: the stream itself never ends
+
+
 def captions_of(source: Any, limit: int) -> Sequence[str]:
     """Up to ``limit`` captions of a source, cheaply where it can give captions alone."""
+    if getattr(source, "streaming", False):
+        return source.captions(limit)
     n = min(len(source), limit)
     get = getattr(source, "caption", None)
     out = []
