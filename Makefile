@@ -6,13 +6,13 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow bench-loss bench-eval figures demo clean
+.PHONY: install test test-slow bench-loss bench-eval bench-index bench-serve figures figure-search demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test,bench,docs,train]"
+	$(BIN)/python -m pip install --quiet -e ".[test,bench,docs,train,search]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,12 +29,25 @@ bench-loss: $(STAMP)
 bench-eval: $(STAMP)
 	$(BIN)/python benchmarks/bench_eval.py
 
+# The search index on 1,000,000 clustered 512-d vectors (several minutes, ~5 GiB of memory).
+bench-index: $(STAMP)
+	$(BIN)/python benchmarks/bench_index.py
+
+# A load test of `clipforge serve` on 127.0.0.1: 2,000 requests at concurrency 8, then hostile inputs.
+bench-serve: $(STAMP)
+	$(BIN)/python benchmarks/bench_serve.py
+
 # The main job on built-in data: train the tiny preset on shapes://, evaluate, write runs/demo/.
 demo: $(STAMP)
 	$(BIN)/clipforge demo
 
 figures: $(STAMP)
 	$(BIN)/python docs/make_loss_figures.py
+
+# The search page screenshot, docs/figures/search_page.png, taken by the browser test
+# (needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver).
+figure-search: $(STAMP)
+	CLIPFORGE_SCREENSHOT=docs/figures/search_page.png $(BIN)/python -m pytest -q -m slow tests/test_search_browser.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

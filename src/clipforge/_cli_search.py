@@ -71,6 +71,8 @@ def add_parser(subparsers: Any) -> None:
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest query image (default: 10)")
     serve.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    serve.add_argument("--threads", type=int, default=1,
+                       help="PyTorch threads per query (default: 1; concurrent requests run in parallel instead)")
     serve.set_defaults(func=run_serve)
 
 
@@ -184,6 +186,13 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host}: anyone who can reach this address can search the index and "
               f"see its images", file=sys.stderr)
+    if args.threads < 1:
+        raise CommandError(f"--threads must be positive, got {args.threads}")
+    import torch
+
+    # Requests are served by a thread pool; each query's forward pass on several intra-op
+    # threads as well would put more threads than cores to work, waiting on each other.
+    torch.set_num_threads(args.threads)
     index = _guard(lambda: Index.load(args.index_dir, device=args.device))
     app = create_app(index, max_upload_bytes=int(args.max_upload_mb * (1 << 20)))
     print(f"serving {args.index_dir} ({len(index)} images) on http://{args.host}:{args.port}/", flush=True)
