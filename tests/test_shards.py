@@ -243,3 +243,26 @@ def test_training_from_shards_resumes_bit_identically(tmp_path, one_thread):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[-1]["bad_samples"] == 0
     with pytest.raises(ValueError, match="workers 0 -> 1"):
         train(config(tmp_path / "parts", 7, resume="latest", workers=1))
+
+
+def test_two_ranks_train_from_uneven_shards_without_hanging(tmp_path):
+    """5 shards of unequal length for 2 ranks: the shares differ by a shard every epoch, and
+    10 steps run through several epochs — each rank's stream runs on into the next epoch, so
+    neither waits for the other (a hang fails the test at its timeout)."""
+    from test_train_runs import run_two_processes
+
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    for s, size in enumerate((9, 3, 6, 2, 5)):
+        members = []
+        for k in range(size):
+            members += sample(f"{s}{k:03d}", f"shape {s} number {k}", (40 * s, 20 * k, 90))
+        write_shard(shard_dir / f"{s}.tar", members)
+    out = tmp_path / "run"
+    config = TrainConfig(model="tiny", data=f"shards:{shard_dir}/{{0..4}}.tar?shuffle=4", out=str(out), steps=10,
+                         batch_size=8, warmup=1, lr=1e-3, vocab_size=600, save_every=100, log_every=1,
+                         device="cpu", progress=False)
+    run_two_processes(config)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11)) and all(r["bad_samples"] == 0 for r in rows)
+    assert (out / "checkpoints/step-0000010/model.safetensors").is_file()
