@@ -88,7 +88,8 @@ def main() -> None:
     print(f"built {built.spec.factory} in {built.build_s:.1f}s, tuned in {built.tune_s:.1f}s: {built.tuned.params}",
           flush=True)
     for row in built.tuned.tried:
-        print(f"  tune {row['params']}: recall@10 {row['recall_at_10']:.3f}, median {row['median_ms']:.2f} ms")
+        print(f"  tune {row['params']}: recall@10 {row['recall_at_10']:.3f} (less 2 s.e. "
+              f"{row['recall_lower_bound']:.3f}), median {row['median_ms']:.2f} ms")
 
     times, found = ann.query_times_ms(built.index, test_queries)
     recall = ann.recall_at_k(found, truth, 10)

@@ -22,7 +22,7 @@ needed 17 ms (docs/benchmarks.md).  IVF-PQ with re-ranking is preferred to HNSW 
 because it builds in minutes on two cores where HNSW on a million 512-d vectors takes far
 longer; ``kind="hnsw"`` (``HNSW32,Flat``) can still be asked for.  `tune` then picks the
 fastest search setting whose recall@10 against exact search on a sample of queries reaches
-the target.
+the target, less two standard errors.
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FLAT_MAX", "Built", "IndexSpec", "Tuned", "add_vectors", "build_and_tune", "build_faiss", "choose_index",
-           "exact_topk", "import_faiss", "query_times_ms", "sample_queries", "search",
-           "recall_at_k", "set_search_params", "tune"]
+__all__ = [
+    "FLAT_MAX", "Built", "IndexSpec", "Tuned", "add_vectors", "build_and_tune", "build_faiss", "choose_index",
+    "exact_topk", "import_faiss", "per_query_recall", "query_times_ms", "recall_at_k", "recall_lower_bound",
+    "sample_queries", "search", "set_search_params", "tune",
+]
 
 # Up to this many vectors exact search stays within a few milliseconds per query on two CPU
 # cores (20,000 × 512 float32 is 40 MB scanned per query); beyond it an IVF index is built.
@@ -161,11 +163,26 @@ def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, *, block: int =
     return best_i
 
 
+def per_query_recall(found: np.ndarray, truth: np.ndarray, k: int = 10) -> np.ndarray:
+    """|found[:k] ∩ truth[:k]| / |truth[:k]| for each query [q]."""
+    k = min(k, truth.shape[1])
+    return np.array([len(set(f[:k].tolist()) & set(t[:k].tolist())) / k for f, t in zip(found, truth)])
+
+
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
     """Mean over queries of |found[:k] ∩ truth[:k]| / |truth[:k]|."""
-    k = min(k, truth.shape[1])
-    hits = [len(set(f[:k].tolist()) & set(t[:k].tolist())) for f, t in zip(found, truth)]
-    return float(np.mean(hits) / k) if hits else 1.0
+    recalls = per_query_recall(found, truth, k)
+    return float(recalls.mean()) if len(recalls) else 1.0
+
+
+def recall_lower_bound(recalls: np.ndarray) -> float:
+    """The mean recall less two standard errors: a setting is accepted when this reaches the
+    target, so that the recall on other queries reaches it too (≈ 97.5 % one-sided, by the
+    normal approximation).  On a million vectors, a setting tuned to 0.955 on 200 sample
+    queries without this margin gave 0.947 on 1,000 others (docs/benchmarks.md)."""
+    if len(recalls) < 2:
+        return float(recalls.mean()) if len(recalls) else 1.0
+    return float(recalls.mean() - 2 * recalls.std(ddof=1) / np.sqrt(len(recalls)))
 
 
 @dataclass
@@ -222,8 +239,9 @@ def query_times_ms(index: Any, queries: np.ndarray, k: int = 10) -> tuple[np.nda
 def tune(index: Any, spec: IndexSpec, queries: np.ndarray, truth: np.ndarray, *, target_recall: float = 0.95,
          k: int = 10) -> Tuned:
     """Measures each candidate setting (one query at a time) and keeps the fastest whose
-    recall@k against ``truth`` (exact ids [q, ≥k]) reaches ``target_recall``; if none does, the
-    one with the highest recall.  Leaves ``index`` set to the chosen setting."""
+    recall@k against ``truth`` (exact ids [q, ≥k]) reaches ``target_recall`` with a margin
+    (`recall_lower_bound`); if none does, the one with the highest recall.  Leaves ``index``
+    set to the chosen setting."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     tried: list[dict[str, Any]] = []
     met: set[float] = set()  # k_factors whose target is met: more lists only cost time
@@ -233,11 +251,12 @@ def tune(index: Any, spec: IndexSpec, queries: np.ndarray, truth: np.ndarray, *,
             continue
         set_search_params(index, params)
         times, found = query_times_ms(index, queries, k)
-        ms = float(np.median(times))
-        tried.append({"params": params, "recall_at_10": recall_at_k(found, truth, k), "median_ms": round(ms, 4)})
-        if tried[-1]["recall_at_10"] >= target_recall:
+        recalls = per_query_recall(found, truth, k)
+        tried.append({"params": params, "recall_at_10": float(recalls.mean()),
+                      "recall_lower_bound": recall_lower_bound(recalls), "median_ms": round(float(np.median(times)), 4)})
+        if tried[-1]["recall_lower_bound"] >= target_recall:
             met.add(family)
-    good = [t for t in tried if t["recall_at_10"] >= target_recall]
+    good = [t for t in tried if t["recall_lower_bound"] >= target_recall]
     best = min(good, key=lambda t: t["median_ms"]) if good else max(tried, key=lambda t: t["recall_at_10"])
     set_search_params(index, best["params"])
     return Tuned(best["params"], best["recall_at_10"], best["median_ms"], len(queries), tried)

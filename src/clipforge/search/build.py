@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from clipforge.data import open_data
 from clipforge.search import ann
 from clipforge.search._items import Decoded, Item, decoded_batches, items_of
 from clipforge.search.store import IndexDirError, Store, model_identity
@@ -122,13 +123,12 @@ def _rows(batch: list[Decoded], uri: str) -> list[dict[str, Any]]:
              "file_bytes": d.file_bytes, "source": uri} for d in batch]
 
 
-def _embed_source(store: Store, model: Model, uri: str, *, batch_size: int, workers: int, chunk_size: int,
-                  progress: bool) -> tuple[int, int, list[dict[str, str]]]:
-    """Embeds the images of ``uri`` not yet in ``store``, appending chunks; (embedded, already, skipped)."""
-    from clipforge.data import open_data
-
+def _embed_source(store: Store, model: Model, uri: str, source: Any, *, batch_size: int, workers: int,
+                  chunk_size: int, progress: bool) -> tuple[int, int, list[dict[str, str]]]:
+    """Embeds the images of ``source`` (opened from ``uri``) not yet in ``store``, appending
+    chunks; (embedded, already, skipped)."""
     done = store.keys()
-    items: Iterable[Item] = items_of(open_data(uri), uri)
+    items: Iterable[Item] = items_of(source, uri)
     already = 0
     if isinstance(items, list):
         todo = [item for item in items if item.key not in done]
@@ -242,6 +242,7 @@ def build_index(
     if not 0 < target_recall <= 1:
         raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
     budget = parse_size(memory_budget)
+    source = open_data(data)  # a bad URI fails here, before anything is written
     if kind not in ann.KINDS:
         raise ValueError(f"index kind must be one of {ann.KINDS}, got {kind!r}")
     start = time.perf_counter()
@@ -258,7 +259,7 @@ def build_index(
                                 f"that precision")
     else:
         store = Store.create(out, model=loaded.identity, precision=precision)
-    embedded, already, skipped = _embed_source(store, loaded, data, batch_size=batch_size, workers=workers,
+    embedded, already, skipped = _embed_source(store, loaded, data, source, batch_size=batch_size, workers=workers,
                                                chunk_size=chunk_size, progress=progress)
     embed_s = time.perf_counter() - start
     info = _index_all(store, memory_budget=budget, kind=kind, target_recall=target_recall)
@@ -294,8 +295,8 @@ def add_to_index(
         tokenizer = tokenizer if tokenizer is not None else identity.get("tokenizer")
         loaded = load_search_model(source, tokenizer=tokenizer, device=device, precision=precision)
     store.check_model(loaded.identity)
-    embedded, already, skipped = _embed_source(store, loaded, data, batch_size=batch_size, workers=workers,
-                                               chunk_size=chunk_size, progress=progress)
+    embedded, already, skipped = _embed_source(store, loaded, data, open_data(data), batch_size=batch_size,
+                                               workers=workers, chunk_size=chunk_size, progress=progress)
     embed_s = time.perf_counter() - start
     info = store.manifest.get("index")
     if info is None or reindex:  # an interrupted build, or asked for
