@@ -24,7 +24,7 @@ import torch
 
 from clipforge.cli import CommandError
 
-__all__ = ["add_parser", "run_retrieval", "run_zeroshot"]
+__all__ = ["add_parser", "model_options", "run_retrieval", "run_zeroshot"]
 
 SKIPPED_LISTED = 20  # skipped files named in the JSON; all are counted
 
@@ -58,16 +58,21 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _common_options(parser: argparse.ArgumentParser, *, data_help: str) -> None:
-    parser.add_argument("--model", required=True, help="a preset name (random weights) or a checkpoint file/folder")
     parser.add_argument("--data", required=True, help=data_help)
+    model_options(parser, workers=4)
+    parser.add_argument("--dataset-name", help="the JSON's dataset field (default: the --data value)")
+    parser.add_argument("--out", metavar="FILE", help="write the results as JSON (CLIP_benchmark's schema)")
+
+
+def model_options(parser: argparse.ArgumentParser, *, workers: int) -> None:
+    """The options `_load` reads, and how the images are run: shared by the commands that embed images."""
+    parser.add_argument("--model", required=True, help="a preset name (random weights) or a checkpoint file/folder")
     parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder, for checkpoints saved without one")
     parser.add_argument("--batch-size", type=int, default=256, help="images or texts per forward pass (default: 256)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="fp32, or bf16 autocast over fp32 weights (default: fp32)")
-    parser.add_argument("--workers", type=int, default=4, help="image decoding processes (default: 4)")
-    parser.add_argument("--dataset-name", help="the JSON's dataset field (default: the --data value)")
-    parser.add_argument("--out", metavar="FILE", help="write the results as JSON (CLIP_benchmark's schema)")
+    parser.add_argument("--workers", type=int, default=workers, help=f"image decoding processes (default: {workers})")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -222,7 +227,12 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     from clipforge.data._images import describe_skipped
     from clipforge.embed import embed_images
     from clipforge.templates import load_templates
-    from clipforge.zeroshot import build_zeroshot_classifier, classification_metrics, expand_prompts, zeroshot_logits
+    from clipforge.zeroshot import (
+        build_zeroshot_classifier,
+        classification_metrics,
+        expand_prompts,
+        zeroshot_logits,
+    )
 
     clock = _Clock()
     model, preprocess, tokenizer, setup = _load(args)

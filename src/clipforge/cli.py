@@ -27,6 +27,7 @@ COMMANDS: list[str] = [
     "clipforge.demo",
     "clipforge._cli_tools",
     "clipforge._cli_search",
+    "clipforge._cli_score",
 ]
 
 

@@ -1,0 +1,216 @@
+"""``clipforge score`` (CLIPScore, RefCLIPScore) and ``clipforge rerank`` (best-of-N for a prompt).
+
+Caption and reference files are UTF-8 text, one ``IMAGE<TAB>TEXT`` pair per line, IMAGE a
+file name relative to ``--images``; blank lines and lines starting with ``#`` are ignored, and
+a first line ``image<TAB>caption`` (or ``image<TAB>ref``) is a header.  The captions file gives
+each image one caption (the candidate scored); the references file may give an image several
+lines, one per reference caption, and must give every captioned image at least one.  A line
+without a tab, an empty name or text, a second caption for an image, or an image not in
+``--images`` is an error naming the file and line.  Images that cannot be decoded are
+skipped, counted and listed, as ``clipforge eval`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+from typing import Any
+
+from clipforge._cli_eval import model_options
+from clipforge.cli import CommandError
+
+__all__ = ["add_parser", "read_pairs", "run_rerank", "run_score"]
+
+SHOWN = 20  # per-image rows printed; --out holds all
+
+
+def add_parser(subparsers: Any) -> None:
+    """Registers ``score`` and ``rerank``."""
+    score = subparsers.add_parser("score", help="CLIPScore (and RefCLIPScore) of captioned images")
+    model_options(score, workers=0)
+    score.add_argument("--images", required=True, metavar="DIR", help="folder the captions file names images in")
+    score.add_argument("--captions", required=True, metavar="FILE", help="IMAGE<TAB>CAPTION lines, one per image")
+    score.add_argument("--refs", metavar="FILE", help="IMAGE<TAB>REFERENCE lines, one or more per image: "
+                       "adds RefCLIPScore")
+    score.add_argument("--w", type=float, default=2.5,
+                       help="CLIP-S weight: 2.5 as in Hessel et al. (default), 100 for torchmetrics' scale")
+    score.add_argument("--out", metavar="FILE", help="write per-image scores: .csv or .json")
+    score.set_defaults(func=run_score)
+
+    rerank = subparsers.add_parser("rerank", help="order candidate images by how well they fit a prompt")
+    model_options(rerank, workers=0)
+    rerank.add_argument("--prompt", required=True, help="the text the images should show")
+    rerank.add_argument("--images", required=True, metavar="DIR", help="folder of candidate images")
+    rerank.add_argument("-k", type=int, default=None, help="show the best K (default: all)")
+    rerank.add_argument("--out", metavar="FILE", help="write the ranking as JSON")
+    rerank.set_defaults(func=run_rerank)
+
+
+# ----------------------------------------------------------------------------- input files
+
+
+def read_pairs(path: str, folder: Path, *, several: bool) -> dict[str, list[tuple[int, str]]]:
+    """``{image name: [(line, text), ...]}`` from an IMAGE<TAB>TEXT file, in file order;
+    ``several`` allows more than one line per image.  Errors name the file and line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise CommandError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    pairs: dict[str, list[tuple[int, str]]] = {}
+    first = True
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        if first and line.strip().lower() in ("image\tcaption", "image\tref", "image\treference"):
+            first = False
+            continue
+        first = False
+        name, tab, text = line.partition("\t")
+        name, text = name.strip(), text.strip()
+        if not tab:
+            raise CommandError(f"{path}:{number}: expected IMAGE<TAB>TEXT, found no tab in {line[:60]!r}")
+        if not name or not text:
+            raise CommandError(f"{path}:{number}: the {'image name' if not name else 'text'} is empty")
+        if name in pairs and not several:
+            raise CommandError(f"{path}:{number}: a second caption for {name} (first on line {pairs[name][0][0]}); "
+                               "one caption per image, references go in --refs")
+        if not (folder / name).is_file():
+            raise CommandError(f"{path}:{number}: no image {name} in {folder}")
+        pairs.setdefault(name, []).append((number, text))
+    if not pairs:
+        raise CommandError(f"{path}: no IMAGE<TAB>TEXT line")
+    return pairs
+
+
+def _image_files(folder: Path) -> list[Path]:
+    from clipforge.data.imagefolder import IMAGE_EXTENSIONS
+
+    if not folder.is_dir():
+        raise CommandError(f"{folder}: no such folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    if not files:
+        raise CommandError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def _run_options(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
+    return {"batch_size": args.batch_size, "device": setup["device"], "autocast_dtype": setup["autocast_dtype"],
+            "progress": not args.quiet}
+
+
+# ----------------------------------------------------------------------------- score
+
+
+def _write_scores(path: str, result: dict[str, Any]) -> None:
+    from clipforge._cli_eval import _write
+
+    if path.lower().endswith(".csv"):
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        rows = result["per_image"]
+        with open(out, "w", newline="", encoding="utf-8") as file:
+            writer = csv.DictWriter(file, fieldnames=list(rows[0]) if rows else ["image"])
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {out}")
+    elif path.lower().endswith(".json"):
+        _write(path, result)
+    else:
+        raise CommandError(f"--out {path}: write a .csv or a .json file")
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """``clipforge score --model M --images DIR --captions FILE [--refs FILE] [--out FILE]``:
+    prints the mean CLIPScore (and RefCLIPScore), then each image's scores."""
+    from clipforge._cli_eval import _fmt, _load, _skipped_report, _table
+    from clipforge.data._images import ImageLoader, describe_skipped
+    from clipforge.score import clip_score, ref_clip_score
+
+    if args.out and not args.out.lower().endswith((".csv", ".json")):
+        raise CommandError(f"--out {args.out}: write a .csv or a .json file")
+    folder = Path(args.images)
+    if not folder.is_dir():
+        raise CommandError(f"--images {folder}: no such folder")
+    captions = read_pairs(args.captions, folder, several=False)
+    names = list(captions)
+    texts = [captions[name][0][1] for name in names]
+    refs = None
+    if args.refs:
+        references = read_pairs(args.refs, folder, several=True)
+        stray = [(name, lines[0][0]) for name, lines in references.items() if name not in captions]
+        if stray:
+            raise CommandError(f"{args.refs}:{stray[0][1]}: {stray[0][0]} has no caption in {args.captions}")
+        missing = [name for name in names if name not in references]
+        if missing:
+            raise CommandError(f"{args.refs}: no reference for {missing[0]} (captioned on "
+                               f"{args.captions}:{captions[missing[0]][0][0]}); every image needs one")
+        refs = [[text for _, text in references[name]] for name in names]
+
+    model, preprocess, tokenizer, setup = _load(args)
+    loader = ImageLoader([folder / name for name in names], preprocess, batch_size=args.batch_size,
+                         num_workers=args.workers, source=f"--images {folder}")
+    run = {"tokenizer": tokenizer, "w": args.w, **_run_options(args, setup)}
+    scores = ref_clip_score(model, loader, texts, refs, **run) if refs else clip_score(model, loader, texts, **run)
+
+    per_image = []
+    for j, i in enumerate(scores.kept):
+        row = {"image": names[i], "caption": texts[i], "cosine": float(scores.cosine[j]),
+               "clip_score": float(scores.clip_score[j])}
+        if scores.ref_clip_score is not None and scores.ref_cosine is not None:
+            row |= {"ref_cosine": float(scores.ref_cosine[j]), "ref_clip_score": float(scores.ref_clip_score[j])}
+        per_image.append(row)
+    means = {"clip_score": scores.mean, "ref_clip_score": scores.ref_mean,
+             "torchmetrics_clip_score": scores.torchmetrics_mean}
+    print(f"score  {folder}  model {setup['model']} ({setup['pretrained']})  w = {args.w:g}")
+    print(f"{len(scores.kept)} of {len(names)} captioned images scored; {describe_skipped(loader.skipped)}")
+    rows = [["CLIPScore", _fmt(scores.mean)]]
+    if refs:
+        rows.append(["RefCLIPScore", _fmt(scores.ref_mean)])
+    rows.append(["torchmetrics CLIPScore (100·cos, mean clamped)", f"{scores.torchmetrics_mean:.2f}"])
+    print(_table(["mean", "value"], rows))
+    header = ["image", "cos", "CLIP-S", *(["RefCLIP-S"] if refs else [])]
+    lines = [[r["image"], f"{r['cosine']:.4f}", f"{r['clip_score']:.4f}",
+              *([f"{r['ref_clip_score']:.4f}"] if refs else [])] for r in per_image[:SHOWN]]
+    print(_table(header, lines))
+    if len(per_image) > SHOWN:
+        print(f"... {len(per_image) - SHOWN} more" + (" in " + args.out if args.out else "; --out FILE writes all"))
+    if args.out:
+        result = {"model": setup["model"], "pretrained": setup["pretrained"], "images": str(folder),
+                  "captions": args.captions, "refs": args.refs, "w": args.w, "mean": means,
+                  "images_captioned": len(names), "images_scored": len(scores.kept), **_skipped_report(loader),
+                  "per_image": per_image}
+        _write_scores(args.out, result)
+    return 0
+
+
+# ----------------------------------------------------------------------------- rerank
+
+
+def run_rerank(args: argparse.Namespace) -> int:
+    """``clipforge rerank --model M --prompt TEXT --images DIR [-k N] [--out FILE]``: prints the
+    images best first with their cosine and CLIP-S for the prompt."""
+    from clipforge._cli_eval import _load, _skipped_report, _table, _write
+    from clipforge.data._images import ImageLoader, describe_skipped
+    from clipforge.score import CLIP_SCORE_W, rerank
+
+    if args.k is not None and args.k < 1:
+        raise CommandError(f"-k must be positive, got {args.k}")
+    if not args.prompt.strip():
+        raise CommandError("--prompt is empty")
+    files = _image_files(Path(args.images))
+    model, preprocess, tokenizer, setup = _load(args)
+    loader = ImageLoader(files, preprocess, batch_size=args.batch_size, num_workers=args.workers,
+                         source=f"--images {args.images}")
+    ranking = rerank(model, loader, args.prompt, tokenizer=tokenizer, k=args.k, **_run_options(args, setup))
+    rows = [{"rank": r, "image": files[i].name, "cosine": cos, "clip_score": CLIP_SCORE_W * max(cos, 0.0)}
+            for r, (i, cos) in enumerate(ranking, 1)]
+    print(f"rerank {args.prompt!r}  {args.images}  model {setup['model']} ({setup['pretrained']})")
+    print(f"{len(loader.kept)} of {len(files)} images ranked; {describe_skipped(loader.skipped)}")
+    print(_table(["rank", "image", "cos", "CLIP-S"],
+                 [[str(r["rank"]), r["image"], f"{r['cosine']:.4f}", f"{r['clip_score']:.4f}"] for r in rows]))
+    if args.out:
+        _write(args.out, {"prompt": args.prompt, "model": setup["model"], "pretrained": setup["pretrained"],
+                          "images": args.images, "images_ranked": len(loader.kept), **_skipped_report(loader),
+                          "ranking": rows})
+    return 0
