@@ -28,6 +28,7 @@ COMMANDS: list[str] = [
     "clipforge._cli_tools",
     "clipforge._cli_search",
     "clipforge._cli_score",
+    "clipforge._cli_generate",
 ]
 
 

@@ -1,0 +1,125 @@
+"""``clipforge generate``: CLIP-guided synthesis of an image for a prompt, scored by a second model.
+
+    clipforge generate --model runs/a/checkpoints/step-0000600 "a red circle" --out red.png \\
+        --judge runs/b/checkpoints/step-0000600 --seed 0 --frames frames/
+
+An image optimised against one model can fool that model (an adversarial image) without
+showing the prompt; ``--judge`` scores the result under a second, independently trained
+model, and both scores are printed and written by ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from clipforge.cli import CommandError
+
+__all__ = ["add_parser", "run_generate"]
+
+
+def add_parser(subparsers: Any) -> None:
+    """Registers ``generate``."""
+    from clipforge.generate import GenerateConfig
+
+    default = GenerateConfig()
+    parser = subparsers.add_parser("generate", help="make an image for a prompt by optimising it against CLIP")
+    parser.add_argument("prompt", help="the text the image should show")
+    parser.add_argument("--model", required=True, help="the model to optimise against: a preset or a checkpoint")
+    parser.add_argument("--out", required=True, metavar="FILE", help="the image to write (PNG)")
+    parser.add_argument("--judge", metavar="MODEL", help="a second, independently trained model that scores the result")
+    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder, for checkpoints saved without one")
+    parser.add_argument("--judge-tokenizer", metavar="DIR", help="the judge's tokenizer folder, if it has none")
+    parser.add_argument("--steps", type=int, default=default.steps, help=f"Adam steps (default: {default.steps})")
+    parser.add_argument("--lr", type=float, default=default.lr, help=f"learning rate (default: {default.lr})")
+    parser.add_argument("--size", type=int, default=default.size, help="image side in pixels (default: the model's input size)")
+    parser.add_argument("--cutouts", type=int, default=default.cutouts,
+                        help=f"random crops per step (default: {default.cutouts})")
+    parser.add_argument("--cut-scale", type=float, nargs=2, metavar=("LOW", "HIGH"), default=default.cut_scale,
+                        help="crop side range, fractions of the image side (default: %(default)s)")
+    parser.add_argument("--flip", action="store_true", help="random horizontal flips of the crops "
+                        "(off by default: they swap left and right, which prompts may name)")
+    parser.add_argument("--noise", type=float, default=default.noise,
+                        help=f"std of the pixel noise added to each crop (default: {default.noise})")
+    parser.add_argument("--jitter", type=float, default=default.jitter,
+                        help="brightness/contrast jitter of the crops (default: 0; it moves colours)")
+    parser.add_argument("--tv", type=float, default=default.tv, help="total-variation weight (default: 0)")
+    parser.add_argument("--seed", type=int, default=default.seed, help="random seed (default: 0)")
+    parser.add_argument("--init", metavar="IMAGE", help="start from this image")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="with --init: fraction of the steps run, 0 keeps the image (default: 0.5)")
+    parser.add_argument("--frames", metavar="DIR", help="write frame-NNNNN.png files here as the image forms")
+    parser.add_argument("--frame-every", type=int, default=default.frame_every,
+                        help=f"steps between frames (default: {default.frame_every})")
+    parser.add_argument("--json", metavar="FILE", help="write the settings and both scores as JSON")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_generate, precision="fp32")
+
+
+def _judge_args(args: argparse.Namespace) -> argparse.Namespace:
+    return argparse.Namespace(model=args.judge, tokenizer=args.judge_tokenizer, device=args.device, precision="fp32")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """``clipforge generate --model M PROMPT --out FILE [--judge M2]``: writes the image and prints
+    its CLIP-S under the model and under the judge."""
+    from clipforge._cli_eval import _load, _table, _write
+    from clipforge.data._images import read_rgb
+    from clipforge.generate import GenerateConfig, generate
+    from clipforge.score import clip_score
+
+    if not args.prompt.strip():
+        raise CommandError("the prompt is empty")
+    if args.strength is not None and args.init is None:
+        raise CommandError("--strength needs --init IMAGE")
+    if not args.out.lower().endswith(".png"):
+        raise CommandError(f"--out {args.out}: write a .png file (lossless, so the scores are the file's)")
+    try:
+        config = GenerateConfig(
+            steps=args.steps, lr=args.lr, size=args.size, cutouts=args.cutouts, cut_scale=tuple(args.cut_scale),
+            flip=args.flip, noise=args.noise, jitter=args.jitter, tv=args.tv, seed=args.seed,
+            strength=0.5 if args.strength is None else args.strength, frame_every=args.frame_every,
+        )
+    except ValueError as err:
+        raise CommandError(str(err)) from err
+    init = None
+    if args.init:
+        try:
+            init = read_rgb(args.init)
+        except OSError as err:
+            raise CommandError(f"--init {args.init}: cannot read the image ({err})") from err
+
+    model, preprocess, tokenizer, setup = _load(args)
+    judge = _load(_judge_args(args)) if args.judge else None
+    result = generate(model, tokenizer, args.prompt, config=config, init=init, frames=args.frames,
+                      progress=not args.quiet)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.image.save(out)
+
+    # Both models score the written 8-bit image through their own preprocessing.
+    scored = read_rgb(out)
+    scorers = {"model": (model, preprocess, tokenizer, setup), **({"judge": judge} if judge else {})}
+    scores: dict[str, Any] = {}
+    for role, (scorer, scorer_preprocess, scorer_tokenizer, scorer_setup) in scorers.items():
+        value = clip_score(scorer, [scorer_preprocess(scored)], [args.prompt], tokenizer=scorer_tokenizer,
+                           progress=False)
+        scores[role] = {"name": scorer_setup["model"], "pretrained": scorer_setup["pretrained"],
+                        "clip_score": value.mean, "cosine": float(value.cosine[0])}
+
+    print(f"generate {args.prompt!r}  model {setup['model']}  {result.steps} steps, {config.cutouts} cutouts, "
+          f"seed {config.seed}")
+    print(f"wrote {out} ({result.image.width}×{result.image.height})"
+          + (f"; {len(result.frames)} frames in {args.frames}" if args.frames else ""))
+    if result.losses:
+        print(f"loss {result.losses[0]:.4f} → {result.losses[-1]:.4f}")
+    print(_table(["scored by", "model", "cos", "CLIP-S"],
+                 [[role, s["name"], f"{s['cosine']:.4f}", f"{s['clip_score']:.4f}"] for role, s in scores.items()]))
+    if args.json:
+        _write(args.json, {"prompt": args.prompt, "out": str(out), "init": args.init, "config": config.to_dict(),
+                           "steps_run": result.steps, "losses": [round(x, 6) for x in result.losses],
+                           "frames": [str(p) for p in result.frames], "score": scores["model"],
+                           "judge_score": scores.get("judge")})
+    return 0
