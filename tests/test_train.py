@@ -119,6 +119,35 @@ def test_accumulation_gives_the_gradient_of_one_batch(loss, eps, sizes, chunk):
             torch.testing.assert_close(got[name], g, rtol=1e-10, atol=1e-13, msg=f"{name}, {len(micro)} micro-batches")
 
 
+def test_accumulation_with_batchnorm_normalises_per_micro_batch_and_updates_statistics_once():
+    """A BatchNorm tower (the ResNet) normalises each micro-batch by its own statistics, as
+    each rank does under DDP; the engine gives exactly the gradient of that model — the
+    micro-batches' features encoded with a graph, the loss over all of them — and updates
+    the running statistics once per micro-batch, not twice (the feature pass is undone)."""
+    config = CLIPConfig(
+        embed_dim=16,
+        vision=VisionConfig(image_size=32, patch_size=None, width=8, layers=(1, 1, 1, 1), heads=2),
+        text=TextConfig(context_length=CONTEXT, vocab_size=VOCAB, width=32, heads=2, layers=2),
+    )
+    torch.manual_seed(0)
+    reference, model = CLIP(config).double(), CLIP(config).double()
+    model.load_state_dict(reference.state_dict())
+    sizes = [4, 4, 4]
+    g = torch.Generator().manual_seed(3)
+    _, tokens = random_rows(sum(sizes))
+    images = torch.randn(sum(sizes), 3, 32, 32, generator=g, dtype=torch.float64)
+    micro = split(images, tokens, sizes)
+
+    parts = [reference(mb.images, mb.tokens) for mb in micro]
+    clip_loss(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), parts[0][2]).backward()
+    compute_gradients(_Forward(model), micro)
+    for name, g_ref in grads(reference).items():
+        torch.testing.assert_close(grads(model)[name], g_ref, rtol=1e-10, atol=1e-13, msg=name)
+    for name, b_ref in reference.named_buffers():
+        torch.testing.assert_close(dict(model.named_buffers())[name], b_ref, rtol=1e-12, atol=0, msg=name)
+    assert int(model.visual.bn1.num_batches_tracked) == 3
+
+
 def test_replaying_the_loss_per_micro_batch_counts_the_temperature_k_times():
     """The pitfall the engine avoids: with cached features, back-propagating the whole
     batch's loss once per micro-batch gives each tower the right gradient (each pass reaches

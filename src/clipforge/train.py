@@ -72,6 +72,20 @@ def _loss(kind: str, img: Tensor, txt: Tensor, scale: Tensor, bias: Tensor | Non
     return clip_loss(img, txt, scale, label_smoothing=eps, chunk_size=chunk, distributed="auto")
 
 
+@contextlib.contextmanager
+def _batchnorm_stats_kept(module: nn.Module):
+    """Restores the running statistics of ``module``'s BatchNorm layers on exit."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [[b.clone() for b in m.buffers()] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in zip(norms, saved):
+                for b, old in zip(m.buffers(), buffers):
+                    b.copy_(old)
+
+
 def compute_gradients(
     forward: nn.Module,
     micro_batches: Sequence[MicroBatch],
@@ -100,8 +114,9 @@ def compute_gradients(
         return _stats(value, scale, bias)
 
     core = forward.module if hasattr(forward, "no_sync") else forward
-    # 1. features of every micro-batch, without a graph
-    with torch.no_grad(), _autocast(precision, device):
+    # 1. features of every micro-batch, without a graph (BatchNorm running statistics are left
+    #    as they were: step 3 runs each micro-batch again and updates them once)
+    with torch.no_grad(), _autocast(precision, device), _batchnorm_stats_kept(core):
         parts = [core(mb.images, mb.tokens) for mb in micro_batches]
     img_all = torch.cat([_f32(p[0]) for p in parts]).requires_grad_()
     txt_all = torch.cat([_f32(p[1]) for p in parts]).requires_grad_()
