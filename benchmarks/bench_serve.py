@@ -13,7 +13,8 @@ server is the real thing: ``clipforge serve`` in its own process (uvicorn, one w
 Load: 8 clients each send requests back to back until 2,000 are done, in a fixed shuffled mix:
 60 % text searches (k = 24, 400 distinct texts), 20 % searches by an indexed image, 15 %
 thumbnails, 5 % uploads of a PNG; latency is from sending the request to reading the whole
-response.  Any status other than 200 or a transport error counts as an error.
+response.  Any status other than 200 or a transport error counts as an error.  Then 200 text
+searches from one client alone, for the latency without queueing.
 
 Hostile: path traversal written raw on the socket (no client-side normalisation), a query string
 of 100 kB and one over the page's limit, a query text over 500 characters, k out of range or not a
@@ -218,6 +219,8 @@ def main() -> None:
             start = time.perf_counter()
             results = asyncio.run(load(f"http://127.0.0.1:{port}", mix, args.concurrency))
             wall = time.perf_counter() - start
+            # One client, one request at a time: latency without queueing behind the others.
+            serial = asyncio.run(load(f"http://127.0.0.1:{port}", [m for m in mix if m[0] == "text"][:200], 1))
             attacks = hostile(port, png)
         finally:
             server.terminate()
@@ -232,6 +235,11 @@ def main() -> None:
                      "p50_ms": round(float(np.percentile(times, 50)), 2),
                      "p99_ms": round(float(np.percentile(times, 99)), 2),
                      "max_ms": round(float(times.max()), 2)})
+    serial_times = np.array([t for _, t, _ in serial])
+    rows.append({"requests": "text, one client alone", "count": len(serial),
+                 "errors": sum(1 for _, _, status in serial if status != 200),
+                 "p50_ms": round(float(np.percentile(serial_times, 50)), 2),
+                 "p99_ms": round(float(np.percentile(serial_times, 99)), 2), "max_ms": round(float(serial_times.max()), 2)})
     print(f"\n{args.requests} requests at concurrency {args.concurrency} in {wall:.1f}s "
           f"({args.requests / wall:.0f} requests/s)")
     print("| requests | count | errors | p50 ms | p99 ms | max ms |")

@@ -131,7 +131,8 @@ def _embed_source(store: Store, model: Model, uri: str, source: Any, *, batch_si
     items: Iterable[Item] = items_of(source, uri)
     already = 0
     if isinstance(items, list):
-        todo = [item for item in items if item.key not in done]
+        new = {item.key: item for item in reversed(items) if item.key not in done}  # the first of equal keys
+        todo = [new.pop(item.key) for item in items if item.key in new]
         already, total = len(items) - len(todo), len(todo)
     else:  # a stream: skip what is done as it goes by
         todo, total = _SkipDone(items, done), None
