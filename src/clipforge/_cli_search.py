@@ -114,6 +114,8 @@ def _report(report: Any, what: str) -> None:
     params = " ".join(f"{k}={v:g}" for k, v in info.get("params", {}).items()) or "exact"
     print(f"faiss index {info['spec']['factory']} ({params}): recall@10 {info['recall_at_10']:.3f} against exact "
           f"search on {info['recall_queries']} stored images, median query {info['median_query_ms']:.2f} ms")
+    if info["recall_at_10"] < info.get("target_recall", 0):
+        print(f"note: no search setting reached the target recall@10 {info['target_recall']}; the best is used")
     if info.get("suggested_kind") and info["suggested_kind"] != info["spec"]["kind"]:
         print(f"note: at {report.total} images the rule picks a {info['suggested_kind']} index; "
               f"clipforge index add --reindex rebuilds it")
