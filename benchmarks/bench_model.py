@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/bench_model.py                      # clipforge alone
     PYTHONPATH=src /work/parity/venv/bin/python benchmarks/bench_model.py  # with OpenCLIP
 
-Prints a table of images/s and texts/s for each model (ViT-B-32, tiny), batch size (1, 32) and
+Prints a table of images/s and texts/s for each model (ViT-B-32, tiny-vit), batch size (1, 32) and
 precision (fp32, bf16 autocast), with OpenCLIP's numbers and the speed-up where open_clip is
 importable, and writes it to benchmarks/results/bench_model.json.  Captions are typical ones:
 10-20 tokens (mean 15) padded to the model's context.  Both libraries run interleaved in one
@@ -111,7 +111,7 @@ def format_row(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["ViT-B-32", "tiny"])
+    parser.add_argument("--models", nargs="+", default=["ViT-B-32", "tiny-vit"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--reps", type=int, default=3, help="timed calls per library and cell, at least")

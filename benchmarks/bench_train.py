@@ -106,7 +106,7 @@ def _rate(step, batch: int, steps: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="tiny,ViT-B-32")
+    parser.add_argument("--models", default="tiny-vit,ViT-B-32")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_train.json")

@@ -91,7 +91,8 @@ def run_two_processes(config: TrainConfig, timeout: float = 120.0) -> None:
 
 
 def base_config(out: Path, **changes) -> TrainConfig:
-    return TrainConfig(model="tiny", data="shapes://?n=40&size=32", out=str(out), steps=3, batch_size=16, warmup=1,
+    # tiny-vit: BatchNorm (tiny's ResNet) would normalise 8 rows per rank, not 16 (by design)
+    return TrainConfig(model="tiny-vit", data="shapes://?n=40&size=32", out=str(out), steps=3, batch_size=16, warmup=1,
                        lr=1e-3, vocab_size=600, save_every=100, log_every=1, device="cpu", progress=False, **changes)
 
 
@@ -159,7 +160,7 @@ def command(out: Path, *extra: str) -> list[str]:
             "--out", str(out), *extra]
 
 
-def run(args: list[str], timeout: float = 120.0) -> str:
+def run(args: list[str], timeout: float = 300.0) -> str:
     done = subprocess.run(args, check=False, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
@@ -183,11 +184,11 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
 
     # ---- start; SIGKILL once a checkpoint exists and the log has run ahead of it ----------
     process = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # generous: other jobs may share the machine
     try:
         while True:
             assert process.poll() is None, f"the run ended before it was killed: {process.stderr.read()[-2000:]}"
-            assert time.monotonic() < deadline, "no step-4 checkpoint after 120 s"
+            assert time.monotonic() < deadline, "no step-4 checkpoint after 300 s"
             if (out / "checkpoints" / "step-0000004").is_dir() and logged_steps(out)[-1:] >= [5]:
                 process.send_signal(signal.SIGSTOP)  # look again while it cannot move on
                 checkpoints, logged = complete_checkpoints(out), logged_steps(out)

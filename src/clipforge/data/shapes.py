@@ -2,7 +2,8 @@
 
 Each image (default 64×64 RGB) shows one to three objects on a textured background; each
 caption describes them in varied English ("a small red star in the top left", "there is a
-blue circle to the right of a yellow square").  Objects are one of 8 shapes × 8 colours ×
+blue circle to the right of a yellow square"); a `COLOURLESS` fraction of objects is named
+by its shape alone ("a star in the top left").  Objects are one of 8 shapes × 8 colours ×
 2 sizes.  Everything is a pure function of ``(seed, split, index)``: no files, the same
 sample every time, on every machine.
 
@@ -30,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 __all__ = [
+    "COLOURLESS",
     "SHAPES",
     "COLOURS",
     "HELDOUT_PAIRS",
@@ -166,9 +168,16 @@ _SIZE_WORDS = {True: ("big", "large"), False: ("small", "little", "tiny")}
 _SHAPE_SYNONYMS = {"square": ("square", "box"), "circle": ("circle", "disc", "round dot"), "diamond": ("diamond", "rhombus")}
 
 
+# The fraction of objects a training caption names by shape alone ("a star in the top left"):
+# such captions are matched only by an image's shapes, whatever their colours, which teaches
+# the image tower shape features that do not lean on colour — what recognising a colour–shape
+# pair never seen together needs.
+COLOURLESS = 0.3
+
+
 def _noun(o: Obj, rng: random.Random, *, with_size: bool) -> str:
     shape = rng.choice(_SHAPE_SYNONYMS.get(o.shape, (o.shape,)))
-    words = [o.colour, shape]
+    words = [o.colour, shape] if rng.random() >= COLOURLESS else [shape]
     if with_size:
         words.insert(0, rng.choice(_SIZE_WORDS[o.big]))
     return " ".join(words)

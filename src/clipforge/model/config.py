@@ -245,10 +245,18 @@ def _resnet(embed_dim: int, image: int, layers: tuple[int, int, int, int], width
 
 
 PRESETS: dict[str, CLIPConfig] = {
-    # A few million parameters for CPU training on 64x64 images and short captions.  16-pixel
-    # patches (16 tokens) cost about half as much per sample as 8-pixel ones; on shapes://
-    # both reached the same zero-shot accuracy per sample seen (docs/benchmarks.md#training).
+    # A few million parameters for CPU training on 64x64 images and short captions.  The image
+    # tower is OpenAI's modified ResNet at width 8: on shapes:// it learns to tell shapes apart
+    # within a few hundred steps, where a ViT of the same cost still tells only colours
+    # (docs/benchmarks.md#training).  Its BatchNorm normalises each micro-batch (each rank) by
+    # its own statistics; `tiny-vit` is the same model with a ViT, free of BatchNorm, for runs
+    # that must equal one large batch exactly.
     "tiny": CLIPConfig(
+        embed_dim=128,
+        vision=VisionConfig(image_size=64, patch_size=None, width=8, layers=(1, 1, 1, 1), heads=4),
+        text=TextConfig(context_length=32, vocab_size=4096, width=128, heads=2, layers=4),
+    ),
+    "tiny-vit": CLIPConfig(
         embed_dim=128,
         vision=VisionConfig(image_size=64, patch_size=16, width=128, layers=4, heads=2),
         text=TextConfig(context_length=32, vocab_size=4096, width=128, heads=2, layers=4),
