@@ -4,7 +4,8 @@
     python benchmarks/bench_train.py            # clipforge alone when open_clip is absent
 
 One step = forward of both towers, the CLIP loss, backward, AdamW update, on random images
-and 15-token captions padded to the context length.  Both libraries build the model from
+and 15-token captions padded to the context length; each library's optimizer is the one its
+trainer builds (clipforge: fused AdamW; OpenCLIP's training script: PyTorch's default AdamW).  Both libraries build the model from
 the same config (OpenCLIP's model is created from clipforge's config and gets clipforge's
 weights), run interleaved in one process, and report samples/s (best of the timed steps).
 Prints a table and writes benchmarks/results/bench_train.json.
@@ -38,7 +39,7 @@ def _batch(model_cfg, batch: int, seed: int = 0):
 
 
 def _step_fn(model, loss_fn, images, tokens, precision):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    opt = loss_fn.optimizer(model)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -64,6 +65,14 @@ class _Ours:
     def __call__(self, img, txt, scale):
         return self.loss(img, txt, scale)
 
+    @staticmethod
+    def optimizer(model):
+        """The trainer's own: `clipforge.train.build_optimizer` (decay groups, fused AdamW)."""
+        from clipforge.train import build_optimizer
+        from clipforge.train_config import TrainConfig
+
+        return build_optimizer(model, TrainConfig(lr=1e-5))
+
 
 class _Theirs:
     def __init__(self) -> None:
@@ -80,6 +89,16 @@ class _Theirs:
 
     def __call__(self, img, txt, scale):
         return self.loss(img, txt, scale)
+
+    @staticmethod
+    def optimizer(model):
+        """What OpenCLIP's training script builds: AdamW over two groups (no decay on gains
+        and biases), PyTorch's default implementation."""
+        exempt = [p for n, p in model.named_parameters() if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n
+                  or "logit_scale" in n]
+        rest = [p for n, p in model.named_parameters() if not any(p is q for q in exempt)]
+        return torch.optim.AdamW([{"params": exempt, "weight_decay": 0.0}, {"params": rest, "weight_decay": 0.2}],
+                                 lr=1e-5, betas=(0.9, 0.98), eps=1e-6)
 
 
 def _openclip_model(ours):
