@@ -109,14 +109,14 @@ def run_generate(args: argparse.Namespace) -> int:
         scores[role] = {"name": scorer_setup["model"], "pretrained": scorer_setup["pretrained"],
                         "clip_score": value.mean, "cosine": float(value.cosine[0])}
 
-    print(f"generate {args.prompt!r}  model {setup['model']}  {result.steps} steps, {config.cutouts} cutouts, "
+    print(f"generate {args.prompt!r}  {result.steps} steps, {config.cutouts} cutouts, "
           f"seed {config.seed}")
     print(f"wrote {out} ({result.image.width}×{result.image.height})"
           + (f"; {len(result.frames)} frames in {args.frames}" if args.frames else ""))
     if result.losses:
         print(f"loss {result.losses[0]:.4f} → {result.losses[-1]:.4f}")
     print(_table(["scored by", "model", "cos", "CLIP-S"],
-                 [[role, s["name"], f"{s['cosine']:.4f}", f"{s['clip_score']:.4f}"] for role, s in scores.items()]))
+                 [[role, s["pretrained"], f"{s['cosine']:.4f}", f"{s['clip_score']:.4f}"] for role, s in scores.items()]))
     if args.json:
         _write(args.json, {"prompt": args.prompt, "out": str(out), "init": args.init, "config": config.to_dict(),
                            "steps_run": result.steps, "losses": [round(x, 6) for x in result.losses],

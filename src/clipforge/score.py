@@ -14,8 +14,8 @@ image.
 Definitions (Hessel et al., 2021, "CLIPScore: A Reference-free Evaluation Metric for Image
 Captioning", section 3), with c the caption's embedding, v the image's and R the references':
 
-- CLIP-S(c, v) = w · max(cos(c, v), 0), per pair, with w = 2.5 (the paper's rescaling, which
-  stretches the cosines CLIP ViT-B/32 gives captions, at most about 0.4, towards [0, 1]);
+- CLIP-S(c, v) = w · max(cos(c, v), 0), per pair, with w = 2.5 (the paper's rescaling: the
+  authors saw CLIP ViT-B/32 give captions cosines from about 0 to 0.4);
   the reported CLIPScore is the mean of CLIP-S over the pairs.
 - RefCLIP-S(c, R, v) = H-Mean(CLIP-S(c, v), max(max_{r ∈ R} cos(c, r), 0)), the harmonic
   mean of the image term (w included) and the clamped best cosine to a reference caption.
