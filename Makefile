@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow bench-loss bench-eval bench-index bench-serve figures figure-search demo clean
+.PHONY: install test test-slow bench-loss bench-eval bench-index bench-serve bench-generate figures figure-search demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ bench-index: $(STAMP)
 # A load test of `clipforge serve` on 127.0.0.1: 2,000 requests at concurrency 8, then hostile inputs.
 bench-serve: $(STAMP)
 	$(BIN)/python benchmarks/bench_serve.py
+
+# CLIP-guided generation and best-of-16 reranking on shapes://, judged by a second model: trains
+# two demo models (seeds 0 and 1) into runs/generate-proof/ unless they are there, then writes
+# benchmarks/results/bench_generate.json and docs/figures/generate_grid.png.
+bench-generate: $(STAMP)
+	$(BIN)/python benchmarks/bench_generate.py
 
 # The main job on built-in data: train the tiny preset on shapes://, evaluate, write runs/demo/.
 demo: $(STAMP)

@@ -1,0 +1,314 @@
+"""CLIP-guided generation and best-of-16 reranking on shapes://, judged by a second model.
+
+    python benchmarks/bench_generate.py                          # `make bench-generate`: the full proof
+    python benchmarks/bench_generate.py --model runs/a --judge runs/b
+    python benchmarks/bench_generate.py --prompts 4 --steps 30 --train-steps 40 \\
+        --json /tmp/quick.json --figure /tmp/quick.png           # a quick check of the script
+
+Two ``tiny`` models trained independently on ``shapes://`` (the demo recipe,
+`clipforge.demo.DEMO`, with seeds 0 and 1) play two parts: the *generator* model, against
+which each image is optimised, and the *judge*, which never saw the optimisation.  Without
+``--model``/``--judge`` (run directories, whose last checkpoint is taken, or checkpoints) the
+script trains both into ``runs/generate-proof/`` and reuses them on the next run of the same
+recipe (``--fresh`` trains again, e.g. after a change to the code rather than the config).
+
+1. Generation: for each of the 64 prompts "a {colour} {shape}", `clipforge.generate.generate`
+   makes an image with the generator model; the judge classifies it zero-shot among the 64
+   classes (`ShapesDataset.templates`).  Rates: colour and shape both right (the target is
+   >= 80 %), colour right, shape right; and the same for the generator classifying its own
+   images (a generator far above its judge is making adversarial images).
+2. Reranking: for each prompt, 16 candidate images from the ``seen``/``heldout`` splits (one
+   of the prompted pair, 15 of classes drawn at random), ordered by the generator model with
+   `clipforge.score.rerank`; the rate of prompts whose first image is of the prompted pair
+   (the target is >= 90 %).  Reranking always covers the 64 prompts; ``--prompts N``
+   generates for N of them (spread at random, seeded), for a quick check.
+
+Prints a table, writes benchmarks/results/bench_generate.json and the figure
+docs/figures/generate_grid.png (each image with its prompt, CLIP-S under both models and the
+judge's class), and the images under runs/generate-proof/images/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import random
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CANDIDATES = 16
+
+
+# ----------------------------------------------------------------------------- the two models
+
+
+def train_or_reuse(seed: int, steps: int | None, root: Path, *, fresh: bool) -> Path:
+    """The last checkpoint of the demo recipe trained with ``seed``, training it if needed.
+
+    The run directory is named by a hash of the whole training config, so a changed recipe
+    trains anew; a change in code alone (a preset, the data) does not show there: pass --fresh.
+    """
+    from clipforge._run_state import list_checkpoints
+    from clipforge.demo import DEMO
+    from clipforge.train import train
+
+    steps = steps or DEMO.steps
+    config = DEMO.replace(seed=seed, steps=steps, save_every=min(DEMO.save_every, steps),
+                          eval_every=min(DEMO.eval_every, steps), progress=False)
+    recipe = {k: v for k, v in config.to_dict().items() if k != "out"}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+    out = root / f"seed-{seed}-{digest}"
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    found = list_checkpoints(out)
+    if not (found and found[-1].name == f"step-{steps:07d}"):
+        print(f"training the demo recipe, seed {seed}, {steps} steps, into {out}", flush=True)
+        train(config.replace(out=str(out), resume="latest" if found else ""))
+    return list_checkpoints(out)[-1]
+
+
+def resolve(path: str) -> Path:
+    """A run directory's last checkpoint, or the checkpoint itself."""
+    from clipforge._run_state import list_checkpoints
+
+    found = list_checkpoints(Path(path))
+    return found[-1] if found else Path(path)
+
+
+# ----------------------------------------------------------------------------- the two tests
+
+
+def pick_prompts(count: int) -> list[int]:
+    """Class indices of the prompts: all 64, or ``count`` of them spread at random (seeded)."""
+    return list(range(64)) if count >= 64 else sorted(random.Random(0).sample(range(64), count))
+
+
+def candidates(target: int) -> tuple[list[Any], list[int]]:
+    """16 single-object shapes:// images: one of class ``target``, 15 of random classes, shuffled."""
+    from clipforge.data.shapes import (
+        COLOURS,
+        HELDOUT_PAIRS,
+        SEEN_PAIRS,
+        SHAPES,
+        ShapesDataset,
+    )
+
+    splits = {"seen": (ShapesDataset(split="seen"), list(SEEN_PAIRS)),
+              "heldout": (ShapesDataset(split="heldout"), sorted(HELDOUT_PAIRS))}
+    rng = random.Random(f"rerank/{target}")
+
+    def sample(label: int) -> tuple[Any, int]:
+        pair = (COLOURS[label // 8], SHAPES[label % 8])
+        dataset, pairs = splits["heldout" if pair in HELDOUT_PAIRS else "seen"]
+        index = pairs.index(pair) + len(pairs) * rng.randrange(len(dataset) // len(pairs))  # the split cycles pairs
+        assert dataset.label(index) == label
+        return dataset[index][0], label
+
+    drawn = [sample(target)] + [sample(rng.randrange(64)) for _ in range(CANDIDATES - 1)]
+    rng.shuffle(drawn)
+    return [image for image, _ in drawn], [label for _, label in drawn]
+
+
+def classify(model: Any, preprocess: Any, tokenizer: Any, images: list[Any]) -> list[int]:
+    """Zero-shot class (0..63) of each image among the shapes:// classes."""
+    import torch
+
+    from clipforge.data.shapes import ShapesDataset, class_names
+    from clipforge.embed import embed_images
+    from clipforge.zeroshot import build_zeroshot_classifier, zeroshot_logits
+
+    classifier = build_zeroshot_classifier(model, tokenizer, class_names(), list(ShapesDataset.templates))
+    features = embed_images(model, torch.stack([preprocess(image) for image in images]), progress=False)
+    return zeroshot_logits(features, classifier).argmax(1).tolist()
+
+
+def rates(predicted: list[int], targets: list[int]) -> dict[str, float]:
+    n = max(len(targets), 1)
+    return {
+        "colour_and_shape": sum(p == t for p, t in zip(predicted, targets)) / n,
+        "colour": sum(p // 8 == t // 8 for p, t in zip(predicted, targets)) / n,
+        "shape": sum(p % 8 == t % 8 for p, t in zip(predicted, targets)) / n,
+    }
+
+
+# ----------------------------------------------------------------------------- the figure
+
+
+def draw_grid(rows: list[dict[str, Any]], images: list[Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(8, len(rows))
+    lines = (len(rows) + columns - 1) // columns
+    figure, axes = plt.subplots(lines, columns, figsize=(1.9 * columns, 2.4 * lines + 0.4), squeeze=False,
+                                layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row, image in zip(axes.flat, rows, images):
+        ax.imshow(image)
+        right = row["judge_class"] == row["class"]
+        ax.set_title(f"{row['prompt']}\nM {row['model_clip_score']:.2f} · J {row['judge_clip_score']:.2f}\n"
+                     f"judge: {row['judge_says']}", fontsize=7, color="darkgreen" if right else "firebrick")
+    figure.suptitle(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def grid_title(count: int, generation: dict[str, float]) -> str:
+    return (f"CLIP-guided generation on shapes://, {count} prompts: the judge names colour and shape of "
+            f"{generation['colour_and_shape']:.0%}\nM: CLIP-S under the generator, J: under the judge; "
+            "green: the judge's class is the prompt's")
+
+
+def image_name(label: int) -> str:
+    from clipforge.data.shapes import class_names
+
+    return f"{label:02d}-{class_names()[label].replace(' ', '-')}.png"
+
+
+def redraw(args: argparse.Namespace) -> None:
+    """The figure again from a results JSON and the images saved beside it, without generating."""
+    from PIL import Image
+
+    result = json.loads(args.json.read_text())
+    folder = args.images or args.runs / "images"
+    images = [Image.open(folder / image_name(row["class"])).convert("RGB") for row in result["per_prompt"]]
+    draw_grid(result["per_prompt"], images, args.figure,
+              grid_title(result["prompts"], result["results"]["generation_judge"]))
+    print(f"wrote {args.figure} from {args.json} and {folder}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="generator: a run directory or checkpoint (default: train seed 0)")
+    parser.add_argument("--judge", help="judge: a run directory or checkpoint (default: train seed 1)")
+    parser.add_argument("--train-steps", type=int, default=None, help="steps when training (default: the demo's)")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "generate-proof", help="where to train")
+    parser.add_argument("--fresh", action="store_true", help="train the two models again even if they are there")
+    parser.add_argument("--prompts", type=int, default=64,
+                        help="generate for this many of the 64 prompts (default: all; reranking always covers all)")
+    parser.add_argument("--steps", type=int, default=200, help="generation steps (default: 200)")
+    parser.add_argument("--cutouts", type=int, default=16, help="cutouts per step (default: 16)")
+    parser.add_argument("--lr", type=float, default=0.05, help="generation learning rate (default: 0.05)")
+    parser.add_argument("--tv", type=float, default=0.0, help="total-variation weight (default: 0)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--json", type=Path, default=RESULTS / "bench_generate.json")
+    parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "generate_grid.png")
+    parser.add_argument("--images", type=Path, default=None, help="where to save the images (default: RUNS/images)")
+    parser.add_argument("--redraw", action="store_true",
+                        help="only draw the figure again, from --json and the images in --images")
+    args = parser.parse_args(argv)
+    if args.redraw:
+        redraw(args)
+        return
+
+    import torch
+
+    from clipforge.checkpoints import load
+    from clipforge.data.shapes import class_names
+    from clipforge.generate import GenerateConfig, generate
+    from clipforge.score import clip_score, rerank
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    model_path = resolve(args.model) if args.model else train_or_reuse(0, args.train_steps, args.runs, fresh=args.fresh)
+    judge_path = resolve(args.judge) if args.judge else train_or_reuse(1, args.train_steps, args.runs, fresh=args.fresh)
+    train_seconds = time.perf_counter() - start
+    model, preprocess, tokenizer = load(model_path)
+    judge, judge_preprocess, judge_tokenizer = load(judge_path)
+    names = class_names()
+    chosen = pick_prompts(args.prompts)
+    config = GenerateConfig(steps=args.steps, cutouts=args.cutouts, lr=args.lr, tv=args.tv, seed=0)
+    image_dir = args.images or args.runs / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+
+    # 1. Generation, judged by the other model.
+    start = time.perf_counter()
+    images, rows = [], []
+    for number, label in enumerate(chosen, 1):
+        prompt = f"a {names[label]}"
+        result = generate(model, tokenizer, prompt, config=config, progress=False)
+        result.image.save(image_dir / image_name(label))
+        own = clip_score(model, [preprocess(result.image)], [prompt], tokenizer=tokenizer, progress=False)
+        other = clip_score(judge, [judge_preprocess(result.image)], [prompt], tokenizer=judge_tokenizer, progress=False)
+        images.append(result.image)
+        rows.append({"prompt": prompt, "class": label, "model_clip_score": own.mean, "judge_clip_score": other.mean,
+                     "loss_first": result.losses[0], "loss_last": result.losses[-1]})
+        print(f"[{number}/{len(chosen)}] {prompt}: CLIP-S {own.mean:.3f} (model), {other.mean:.3f} (judge)", flush=True)
+    generate_seconds = time.perf_counter() - start
+    judged = classify(judge, judge_preprocess, judge_tokenizer, images)
+    own_view = classify(model, preprocess, tokenizer, images)
+    for row, j, m in zip(rows, judged, own_view):
+        row |= {"judge_class": j, "judge_says": names[j], "model_class": m}
+    generation = rates(judged, chosen)
+    self_rates = rates(own_view, chosen)
+
+    # 2. Reranking 16 candidates for every prompt (all 64: it is cheap) with the generator model
+    # and, for comparison, the judge.
+    top_model, top_judge = [], []
+    for label in range(64):
+        pool, labels = candidates(label)
+        for scorer, scorer_pre, scorer_tok, tops in ((model, preprocess, tokenizer, top_model),
+                                                     (judge, judge_preprocess, judge_tokenizer, top_judge)):
+            ranking = rerank(scorer, [scorer_pre(image) for image in pool], f"a {names[label]}",
+                             tokenizer=scorer_tok, progress=False)
+            tops.append(labels[ranking[0][0]] == label)
+    rerank_rate = sum(top_model) / 64
+    rerank_judge = sum(top_judge) / 64
+
+    count = len(chosen)
+    table = [
+        ("generation: judge sees colour and shape (target >= 0.80)", generation["colour_and_shape"]),
+        ("generation: judge sees the colour", generation["colour"]),
+        ("generation: judge sees the shape", generation["shape"]),
+        ("generation: generator sees colour and shape (own images)", self_rates["colour_and_shape"]),
+        ("rerank 16: generator's first image matches (target >= 0.90)", rerank_rate),
+        ("rerank 16: judge's first image matches", rerank_judge),
+    ]
+    print(f"\n{count} prompts; generator {model_path}; judge {judge_path}; {args.steps} steps × {args.cutouts} cutouts")
+    width = max(len(name) for name, _ in table)
+    print(f"{'measure'.ljust(width)}  rate   count")
+    for name, value in table:
+        total = 64 if name.startswith("rerank") else count
+        print(f"{name.ljust(width)}  {value:.3f}  {round(value * total):>2}/{total}")
+    mean_model = sum(r["model_clip_score"] for r in rows) / count
+    mean_judge = sum(r["judge_clip_score"] for r in rows) / count
+    print(f"mean CLIP-S of the generated images: {mean_model:.3f} (generator), {mean_judge:.3f} (judge); "
+          f"generation {generate_seconds / count:.1f} s per prompt")
+
+    meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+            "torch_threads": torch.get_num_threads(), "train_seconds": round(train_seconds, 1),
+            "generate_seconds": round(generate_seconds, 1)}
+    result = {"meta": meta, "model": str(model_path), "judge": str(judge_path), "prompts": count,
+              "generate_config": config.to_dict(),
+              "results": {"generation_judge": generation, "generation_self": self_rates,
+                          "rerank_top1_model": rerank_rate, "rerank_top1_judge": rerank_judge,
+                          "mean_clip_score_model": mean_model, "mean_clip_score_judge": mean_judge},
+              "per_prompt": rows}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.json}")
+    draw_grid(rows, images, args.figure, grid_title(count, generation))
+    print(f"wrote {args.figure}")
+
+
+if __name__ == "__main__":
+    main()
