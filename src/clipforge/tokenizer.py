@@ -285,13 +285,19 @@ def train_bpe(
         raise ValueError(f"min_frequency must be non-negative, got {min_frequency}")
     learner = _RustTokenizer(models.BPE(end_of_word_suffix=END_OF_WORD))
     learner.pre_tokenizer = _clip_pre_tokenizer()
+    alphabet = list(bytes_to_unicode().values())
     trainer = trainers.BpeTrainer(
-        # The trainer's count holds only the end-of-word symbols seen, never fewer ids than
-        # ours, so it learns at least the merges needed; the surplus is dropped below.
+        # Its count then holds our 512 symbols, so it learns at least the merges needed; the
+        # surplus is dropped below.
         vocab_size=vocab_size,
         min_frequency=min_frequency,
         show_progress=False,
-        initial_alphabet=list(bytes_to_unicode().values()),
+        initial_alphabet=alphabet,
+        # Every end-of-word symbol named up front, in a fixed order: left to the trainer, they
+        # get ids in the order of a hash map's iteration, which differs from call to call, and
+        # pairs of equal count are ranked by those ids — the same captions gave different
+        # merges (huggingface/tokenizers#1794).
+        special_tokens=[c + END_OF_WORD for c in alphabet],
         end_of_word_suffix=END_OF_WORD,
     )
     learner.train_from_iterator((clean_text(t) for t in texts), trainer)
