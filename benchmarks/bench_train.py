@@ -5,7 +5,7 @@
 
 One step = forward of both towers, the CLIP loss, backward, AdamW update, on random images
 and 15-token captions padded to the context length; each library's optimizer is the one its
-trainer builds (both: PyTorch's default AdamW over two weight-decay groups).  Both libraries build the model from
+trainer builds (clipforge: fused AdamW; OpenCLIP's training script: PyTorch's default AdamW).  Both libraries build the model from
 the same config (OpenCLIP's model is created from clipforge's config and gets clipforge's
 weights), run interleaved in one process, and report samples/s (best of the timed steps).
 Prints a table and writes benchmarks/results/bench_train.json.
@@ -67,7 +67,7 @@ class _Ours:
 
     @staticmethod
     def optimizer(model):
-        """The trainer's own: `clipforge.train.build_optimizer` (AdamW over decay groups)."""
+        """The trainer's own: `clipforge.train.build_optimizer` (fused AdamW over decay groups)."""
         from clipforge.train import build_optimizer
         from clipforge.train_config import TrainConfig
 

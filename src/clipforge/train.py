@@ -205,7 +205,15 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         exempt = p.ndim < 2 or "embedding" in name or name.startswith("logit_scale")
         (no_decay if exempt else decay).append(p)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps)
+    kw = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps)
+    params = decay + no_decay
+    # The fused kernel updates every tensor in one pass; on the CPU, PyTorch's default is a
+    # loop over tensors, several times slower for a large model.  It needs floating-point
+    # parameters on one device of a kind it supports.
+    devices = {p.device.type for p in params}
+    if params and len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params):
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    return torch.optim.AdamW(groups, **kw)
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
