@@ -207,8 +207,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kw = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps)
     params = decay + no_decay
-    # The fused kernel updates every tensor in one pass; on the CPU, PyTorch's default is a
-    # loop over tensors, several times slower for a large model.  It needs floating-point
+    # The fused kernel updates every tensor in one pass (on the CPU, PyTorch's default loops
+    # over the tensors; benchmarks/bench_train.py measures the step).  It needs floating-point
     # parameters on one device of a kind it supports.
     devices = {p.device.type for p in params}
     if params and len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params):
@@ -381,13 +381,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
         forward = torch.compile(forward)
     forward = dist.wrap_data_parallel(forward, device)
 
-    if getattr(source, "streaming", False):  # shards: each rank and worker reads its own share
+    streaming = bool(getattr(source, "streaming", False))
+    if streaming:  # shards: each rank and worker reads its own share
         stream: BatchStream = StreamBatchStream(
             source, batch_size=config.batch_size, seed=config.seed, rank=rank, world=world, accum=config.accum_steps,
             preprocess=preprocess, tokenizer=tokenizer, augment=config.augment, workers=config.workers,
             max_bad_fraction=config.max_bad_fraction, source_name=config.data,
         )
-        epoch_of: Callable[[int], float | None] = stream.epoch
     else:
         plan = BatchPlan(len(source), batch_size=config.batch_size, seed=config.seed, rank=rank, world=world,
                          accum=config.accum_steps)
@@ -395,12 +395,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
             source, plan, preprocess=preprocess, tokenizer=tokenizer, augment=config.augment,
             workers=config.workers, max_bad_fraction=config.max_bad_fraction, source_name=config.data,
         )
-        epoch_of = plan.epoch
 
     # where the data stands is a function of the step and of these (a stream's also of world and workers)
     data_position = {"data": config.data, "seed": config.seed, "batch_size": config.batch_size,
                      "accum_steps": config.accum_steps, "world": world, "workers": config.workers,
-                     "streaming": bool(getattr(source, "streaming", False))}
+                     "streaming": streaming}
 
     # ---- optimiser, schedule, resume ----------------------------------------------------
     optimizer = build_optimizer(model, config)
@@ -443,7 +442,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if done % config.log_every == 0 or done == config.steps:
             now = time.perf_counter()
             row = {"step": done, **stats, "lr": schedule.get_last_lr()[0], "samples_per_s": samples / max(now - t_last, 1e-9),
-                   "epoch": epoch_of(done), "bad_samples": stream.bad_count, "skipped_steps": skipped_steps}
+                   "epoch": stream.epoch(done), "bad_samples": stream.bad_count, "skipped_steps": skipped_steps}
             log.write(row)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{row['lr']:.2e}", T=f"{1 / stats['logit_scale']:.4f}",
                             sps=f"{row['samples_per_s']:.0f}")

@@ -173,10 +173,17 @@ class BatchStream:
         self.plan, self.workers = plan, workers
         self.samples = _Samples(source, preprocess, seed=plan.seed, augment=augment)
         self.collate = _Collate(tokenizer)
+        self._start_counting(max_bad_fraction, source_name)
+
+    def _start_counting(self, max_bad_fraction: float, source_name: str) -> None:
         self.max_bad_fraction, self.source_name = max_bad_fraction, source_name
-        self.seen = 0
-        self.bad: list[Bad] = []
+        self.seen = 0  # samples read, bad ones included
+        self.bad: list[Bad] = []  # the first 20 bad samples, for messages
         self.bad_count = 0
+
+    def epoch(self, step: int) -> float | None:
+        """Epochs read by the end of ``step`` steps."""
+        return self.plan.epoch(step)
 
     def steps(self, start: int, stop: int) -> Iterator[list[MicroBatch]]:
         keys = [[(i, step) for i in micro] for step in range(start, stop) for micro in self.plan.micro_batches(step)]
@@ -278,8 +285,7 @@ class StreamBatchStream(BatchStream):
         self.batch_size, self.workers, self.augment = batch_size, workers, augment
         self.prepare = _Prepare(preprocess, seed=seed, augment=augment)
         self.collate = _Collate(tokenizer)
-        self.max_bad_fraction, self.source_name = max_bad_fraction, source_name
-        self.seen, self.bad, self.bad_count = 0, [], 0
+        self._start_counting(max_bad_fraction, source_name)
 
     def epoch(self, step: int) -> float | None:
         return None  # a stream's length is not known
