@@ -5,7 +5,9 @@
 
 Prints a table of images/s and texts/s for each model (ViT-B-32, tiny-vit), batch size (1, 32) and
 precision (fp32, bf16 autocast), with OpenCLIP's numbers and the speed-up where open_clip is
-importable, and writes it to benchmarks/results/bench_model.json.  Captions are typical ones:
+importable, and writes it to benchmarks/results/bench_model.json.  fp32 rows also time
+`CLIP.optimize_for_inference()` (the packed oneDNN path; its outputs are checked against the
+plain path first); under autocast that path steps aside, so bf16 rows time the plain model only.  Captions are typical ones:
 10-20 tokens (mean 15) padded to the model's context.  Both libraries run interleaved in one
 process (clipforge, OpenCLIP, clipforge, ...) so a noisy shared CPU affects both alike; each
 cell reports the fastest of its timed calls, the least disturbed by other processes.  Weights
@@ -15,6 +17,7 @@ are random: speed does not depend on them.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
@@ -72,6 +75,7 @@ def bench(name: str, batch: int, precision: str, *, reps: int, min_seconds: floa
     torch.manual_seed(0)
     model = CLIP(get_config(name)).eval()
     twin = openclip_twin(model)
+    optimized = copy.deepcopy(model).optimize_for_inference() if precision == "fp32" else None
     config = model.config
     images = torch.randn(batch, 3, config.vision.image_size, config.vision.image_size)
     tokens = caption_tokens(batch, config.text.context_length, config.text.vocab_size)
@@ -79,10 +83,16 @@ def bench(name: str, batch: int, precision: str, *, reps: int, min_seconds: floa
     rows = []
     for modality, data in (("image", images), ("text", tokens)):
         fns = {}
-        for impl, m in (("clipforge", model), ("open_clip", twin)):
+        for impl, m in (("clipforge", model), ("optimized", optimized), ("open_clip", twin)):
             if m is None:
                 continue
             encode = m.encode_image if modality == "image" else m.encode_text
+            if impl == "optimized":
+                with torch.inference_mode():
+                    reference = model.encode_image(data) if modality == "image" else model.encode_text(data)
+                    error = (encode(data) - reference).abs().max().item()
+                if error > 1e-5:
+                    raise AssertionError(f"optimized path differs from the plain one by {error:.2e}")
 
             def call(encode=encode, data=data) -> object:
                 with torch.inference_mode(), autocast:
@@ -92,21 +102,30 @@ def bench(name: str, batch: int, precision: str, *, reps: int, min_seconds: floa
         seconds = time_interleaved(fns, reps=reps, min_seconds=min_seconds)
         row = {"model": name, "batch": batch, "precision": precision, "modality": modality,
                "clipforge_per_s": batch / seconds["clipforge"]}
+        if "optimized" in seconds:
+            row["optimized_per_s"] = batch / seconds["optimized"]
+            row["optimized_max_abs_error"] = error
         if "open_clip" in seconds:
             row["open_clip_per_s"] = batch / seconds["open_clip"]
             row["speedup"] = seconds["open_clip"] / seconds["clipforge"]
+            if "optimized" in seconds:
+                row["optimized_speedup"] = seconds["open_clip"] / seconds["optimized"]
         rows.append(row)
     return rows
 
 
-HEADER = f"{'model':10} {'batch':>5} {'prec':>5} {'what':>6} {'clipforge/s':>12} {'open_clip/s':>12} {'speed-up':>9}"
+HEADER = (f"{'model':10} {'batch':>5} {'prec':>5} {'what':>6} {'clipforge/s':>12} {'optimized/s':>12} "
+          f"{'open_clip/s':>12} {'speed-up':>9} {'optimized':>9}")
 
 
 def format_row(r: dict) -> str:
-    theirs = f"{r['open_clip_per_s']:12.1f}" if "open_clip_per_s" in r else f"{'-':>12}"
-    speedup = f"{r['speedup']:8.2f}x" if "speedup" in r else f"{'-':>9}"
+    def cell(key: str, width: int, fmt: str, suffix: str = "") -> str:
+        return f"{r[key]:{width - len(suffix)}{fmt}}{suffix}" if key in r else f"{'-':>{width}}"
+
     return (f"{r['model']:10} {r['batch']:5d} {r['precision']:>5} {r['modality']:>6} "
-            f"{r['clipforge_per_s']:12.1f} {theirs} {speedup}")
+            f"{cell('clipforge_per_s', 12, '.1f')} {cell('optimized_per_s', 12, '.1f')} "
+            f"{cell('open_clip_per_s', 12, '.1f')} {cell('speedup', 9, '.2f', 'x')} "
+            f"{cell('optimized_speedup', 9, '.2f', 'x')}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,10 +9,13 @@ The loss lives in `clipforge.loss`; the model only returns features.
 
 from __future__ import annotations
 
+import warnings
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipforge.loss import LogitScale
+from clipforge.model import _inference
 from clipforge.model.config import CLIPConfig
 from clipforge.model.resnet import ModifiedResNet
 from clipforge.model.text import TextTransformer
@@ -61,6 +64,23 @@ class CLIP(nn.Module):
             self.encode_text(tokens, normalize=True),
             self.logit_scale(),
         )
+
+    def optimize_for_inference(self, enable: bool = True) -> CLIP:
+        """Faster fp32 CPU inference with the same outputs (within fp32 rounding); returns self.
+
+        The Transformer towers' linear layers run through oneDNN with weights packed once and
+        bias, GELU and residual fused (`_inference.py`, measured in docs/benchmarks.md).  Used
+        only for fp32 inputs on the CPU with gradients off and no autocast; training, bf16 and
+        GPUs run the plain modules.  Costs one more copy of the Transformer weights; the
+        ResNet image tower is left as it is.  ``enable=False`` drops the packed copies.
+        """
+        if enable and not _inference.available():
+            warnings.warn("this PyTorch build lacks oneDNN; optimize_for_inference does nothing", stacklevel=2)
+            return self
+        if isinstance(self.visual, VisionTransformer):
+            self.visual.optimize_for_inference(enable)
+        self.text.optimize_for_inference(enable)
+        return self
 
     def set_grad_checkpointing(self, *, image: bool = True, text: bool = True) -> None:
         """Recompute each tower's blocks in the backward pass instead of storing activations."""

@@ -8,6 +8,7 @@ without renaming.  Attention runs through ``F.scaled_dot_product_attention``.
 Both towers read one token out of the last block (the class token, or the end-of-text token),
 so `Transformer.forward_pooled` runs the last block for that token only: keys and values for
 every position, queries and the MLP for one.  The result equals the full forward at that token.
+`Transformer.optimize_for_inference` adds a faster fp32 CPU path for it (`_inference.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from clipforge.model import _inference
 
 __all__ = ["QuickGELU", "make_activation", "Attention", "ResidualAttentionBlock", "Transformer"]
 
@@ -128,6 +131,7 @@ class Transformer(nn.Module):
             for _ in range(layers)
         )
         self.grad_checkpointing = False
+        self._packed: _inference.PackedTransformer | None = None  # see optimize_for_inference
         self.init_weights()
 
     @classmethod
@@ -162,6 +166,11 @@ class Transformer(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
+    def optimize_for_inference(self, enable: bool = True) -> None:
+        """Run `forward_pooled` through oneDNN-packed linear layers where that is exact (fp32 on
+        the CPU, gradients off, no autocast; `_inference.py`); ``enable=False`` drops them."""
+        self._packed = _inference.PackedTransformer(self) if enable else None
+
     def forward(self, x: Tensor, *, causal: bool = False) -> Tensor:
         """Every position through every block: [B, L, D] -> [B, L, D]."""
         for block in self.resblocks:
@@ -173,6 +182,8 @@ class Transformer(nn.Module):
 
         Equals ``forward(x)[arange(B), index]``; the last block computes that row only.
         """
+        if self._packed is not None and _inference.applies(x):
+            return self._packed.forward_pooled(x, index, causal=causal)
         *blocks, last = self.resblocks
         for block in blocks:
             x = self._run(block, x, causal)

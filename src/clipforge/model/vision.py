@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from clipforge.model import _inference
 from clipforge.model.config import VisionConfig
 from clipforge.model.transformer import Transformer
 
@@ -43,15 +44,24 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer.from_config(config)
         self.ln_post = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self._packed_patches: _inference.PackedPatchEmbedding | None = None  # optimize_for_inference
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
+    def optimize_for_inference(self, enable: bool = True) -> None:
+        """The packed fp32 CPU path (`_inference.py`) for the blocks and the patch convolution."""
+        self.transformer.optimize_for_inference(enable)
+        self._packed_patches = _inference.PackedPatchEmbedding(self) if enable else None
+
     def forward(self, images: Tensor) -> Tensor:
         check_image_shape(images, self.image_size)
-        x = self.conv1(images)  # [B, width, grid, grid]
-        B, D = x.shape[:2]
-        x = x.flatten(2).transpose(1, 2)  # [B, grid*grid, width]
+        if self._packed_patches is not None and _inference.applies(images):
+            x = self._packed_patches(images)  # [B, grid*grid, width], one matrix multiply
+        else:
+            x = self.conv1(images)  # [B, width, grid, grid]
+            x = x.flatten(2).transpose(1, 2)  # [B, grid*grid, width]
+        B, D = x.shape[0], x.shape[2]
         cls = self.class_embedding.to(x.dtype).expand(B, 1, D)  # [B, 1, width]
         x = torch.cat([cls, x], dim=1)  # [B, grid*grid + 1, width]
         x = x + self.positional_embedding.to(x.dtype)
