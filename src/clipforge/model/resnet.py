@@ -113,10 +113,13 @@ class ModifiedResNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.attnpool = AttentionPool2d(config.image_size // 32, width * 32, config.heads, output_dim)
-        # On the CPU, run the convolutions on channels-last (NHWC) tensors: oneDNN's kernels
-        # and their gradients are about twice as fast there (values equal up to rounding); each layer
-        # keeps the layout of its input.  Not a parameter: checkpoints do not change.
+        # On the CPU, run the convolutions on channels-last (NHWC) tensors, where oneDNN's
+        # kernels and their gradients are faster (values equal up to rounding); each layer keeps
+        # the layout of its input.  BatchNorm over few channels is slower in that layout, so a
+        # narrow stem (under 32 channels out) stays NCHW and the switch comes after it.
+        # Not a parameter: checkpoints do not change.
         self.channels_last = True
+        self.width = width
         self.init_weights()
 
     @torch.no_grad()
@@ -140,12 +143,15 @@ class ModifiedResNet(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         check_image_shape(images, self.image_size)
-        if self.channels_last and images.device.type == "cpu":
+        nhwc = self.channels_last and images.device.type == "cpu"
+        if nhwc and self.width >= 32:
             images = images.contiguous(memory_format=torch.channels_last)
         x = F.relu(self.bn1(self.conv1(images)))  # [B, w/2, S/2, S/2]
         x = F.relu(self.bn2(self.conv2(x)))
         x = F.relu(self.bn3(self.conv3(x)))  # [B, w, S/2, S/2]
         x = self.avgpool(x)  # [B, w, S/4, S/4]
+        if nhwc:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.layer1(x)  # [B, 4w, S/4, S/4]
         x = self.layer2(x)  # [B, 8w, S/8, S/8]
         x = self.layer3(x)  # [B, 16w, S/16, S/16]
