@@ -1,7 +1,7 @@
 """Building an index directory: embed every image of a data source in chunks, then index the
 embeddings with faiss.
 
-    report = build_index("imagefolder:photos/", "photos.index", model="runs/demo/checkpoints/step-0000600")
+    report = build_index("imagefolder:photos/", "photos.index", model="runs/demo/checkpoints/step-0000750")
     report = add_to_index("photos.index", "imagefolder:more-photos/")
 
 Both resume: keys already embedded are skipped, so running either again after an interruption
