@@ -70,9 +70,9 @@ def train_budget(steps: int, eval_every: int, seed: int, root: Path, *, fresh: b
                           out=str(root / f"seed-{seed}-steps-{steps}"), progress=False)
     run = Path(config.out)
     saved = run / "bench_config.json"
-    if not fresh and saved.exists() and json.loads(saved.read_text()) == config.to_dict() and (run / "metrics.jsonl").exists():
-        if any(r["step"] == steps for r in curve(run)):
-            return run, None
+    reusable = not fresh and saved.exists() and (run / "metrics.jsonl").exists()
+    if reusable and json.loads(saved.read_text()) == config.to_dict() and any(r["step"] == steps for r in curve(run)):
+        return run, None
     if run.exists():
         import shutil
 

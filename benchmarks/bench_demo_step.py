@@ -27,18 +27,9 @@ import time
 from pathlib import Path
 
 import torch
+from _timing import fastest  # benchmarks/_timing.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_demo_step.json"
-
-
-def fastest(fn, reps: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main(argv: list[str] | None = None) -> None:

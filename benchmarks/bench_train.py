@@ -18,10 +18,10 @@ import datetime as dt
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import torch
+from _timing import fastest  # benchmarks/_timing.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -114,13 +114,7 @@ def _openclip_model(ours):
 
 
 def _rate(step, batch: int, steps: int) -> float:
-    step()  # warm-up
-    best = float("inf")
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        best = min(best, time.perf_counter() - t0)
-    return batch / best
+    return batch / fastest(step, steps)
 
 
 def main(argv: list[str] | None = None) -> None:
