@@ -27,6 +27,7 @@ copy of the packed layers' weights in memory.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 import torch
@@ -69,12 +70,13 @@ def _none() -> None:
     return None
 
 
-class _Packed:
+class _Packed(ABC):
     """Frozen copies of some parameters; refreshed when they change, dropped by copies."""
 
     def __init__(self, params: list[Tensor]) -> None:
         self._params = params
         self._stamp = self._current()
+        self._pack()
 
     def _current(self) -> tuple[tuple[int, int], ...]:
         # _version counts in-place writes (optimizer steps, load_state_dict's copy_); data_ptr
@@ -88,8 +90,9 @@ class _Packed:
             self._pack()
             self._stamp = stamp
 
+    @abstractmethod
     def _pack(self) -> None:
-        raise NotImplementedError
+        """(Re)builds the packed copies from the live parameters."""
 
     def __deepcopy__(self, memo: dict) -> None:
         return None  # the copy's owner sees None: it runs the plain path (oneDNN tensors do not copy)
@@ -187,7 +190,6 @@ class PackedTransformer(_Packed):
     def __init__(self, transformer: Transformer) -> None:
         self.transformer = transformer
         super().__init__(list(transformer.parameters()))
-        self._pack()
 
     def _pack(self) -> None:
         *blocks, last = self.transformer.resblocks
@@ -210,7 +212,6 @@ class PackedPatchEmbedding(_Packed):
     def __init__(self, visual: VisionTransformer) -> None:
         self.conv = visual.conv1
         super().__init__([self.conv.weight])
-        self._pack()
 
     def _pack(self) -> None:
         w = self.conv.weight  # [D, 3, P, P]
