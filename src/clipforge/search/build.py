@@ -27,7 +27,7 @@ from clipforge.search import ann
 from clipforge.search._items import Decoded, Item, decoded_batches, items_of
 from clipforge.search.store import IndexDirError, Store, model_identity
 
-__all__ = ["BuildReport", "Model", "add_to_index", "build_index", "load_search_model", "parse_size"]
+__all__ = ["BuildReport", "Model", "add_to_index", "build_index", "index_model", "load_search_model", "parse_size"]
 
 DEFAULT_BUDGET = 4 << 30
 SAMPLE_QUERIES = 200  # stored vectors searched to measure recall@10 after each build or add
@@ -72,6 +72,8 @@ def load_search_model(source: str | os.PathLike[str], *, tokenizer: str | os.Pat
         raise IndexDirError(f"{source!r} is a preset with random weights, different each time it loads: an index "
                             f"must be queried with the model that built it, so give a checkpoint "
                             f"(clipforge.save writes one)")
+    if not path.exists():
+        raise IndexDirError(f"{source!r}: no checkpoint file or folder there")
     run_on = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, preprocess, tok = load(path, device=run_on)
     if tokenizer is not None:
@@ -86,6 +88,25 @@ def load_search_model(source: str | os.PathLike[str], *, tokenizer: str | os.Pat
         identity["tokenizer"] = str(Path(tokenizer).resolve())
     autocast = torch.bfloat16 if precision == "bf16" else None
     return Model(model, preprocess, tok, identity, run_on, autocast)
+
+
+def index_model(store: Store, model: str | os.PathLike[str] | Model | None = None, *,
+                tokenizer: str | os.PathLike[str] | None = None, device: str | None = None) -> Model:
+    """The model that embeds for ``store``: ``model`` (a checkpoint or a `Model`), by default the
+    one its manifest records, at the index's precision; an IndexDirError unless it is the
+    index's model (`Store.check_model`)."""
+    if isinstance(model, Model):
+        loaded = model
+    else:
+        identity = store.manifest["model"]
+        if model is None and not Path(identity["source"]).exists():
+            raise IndexDirError(f"{store.directory}: its model {identity['source']!r} is not there any more; "
+                                f"pass the model")
+        loaded = load_search_model(model if model is not None else identity["source"],
+                                   tokenizer=tokenizer if tokenizer is not None else identity.get("tokenizer"),
+                                   device=device, precision=store.manifest["precision"])
+    store.check_model(loaded.identity)
+    return loaded
 
 
 def parse_size(text: str | int) -> int:
@@ -287,15 +308,7 @@ def add_to_index(
     checked against it either way; other arguments as `build_index`."""
     start = time.perf_counter()
     store = Store.open(directory)
-    identity = store.manifest["model"]
-    precision = store.manifest["precision"]
-    if isinstance(model, Model):
-        loaded = model
-    else:
-        source = model if model is not None else identity["source"]
-        tokenizer = tokenizer if tokenizer is not None else identity.get("tokenizer")
-        loaded = load_search_model(source, tokenizer=tokenizer, device=device, precision=precision)
-    store.check_model(loaded.identity)
+    loaded = index_model(store, model, tokenizer=tokenizer, device=device)
     embedded, already, skipped = _embed_source(store, loaded, data, open_data(data), batch_size=batch_size,
                                                workers=workers, chunk_size=chunk_size, progress=progress)
     embed_s = time.perf_counter() - start

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from clipforge.search import ann
-from clipforge.search.build import Model, load_search_model
+from clipforge.search.build import Model, index_model
 from clipforge.search.store import IndexDirError, Store
 
 __all__ = ["Hit", "Index"]
@@ -69,16 +69,7 @@ class Index:
         faiss_index = store.read_faiss()
         loaded = None
         if load_model or model is not None:
-            identity = store.manifest["model"]
-            if isinstance(model, Model):
-                loaded = model
-            else:
-                source = model if model is not None else identity["source"]
-                if not Path(source).exists():
-                    raise IndexDirError(f"{directory}: its model {source!r} is not there any more; pass the model")
-                loaded = load_search_model(source, tokenizer=tokenizer or identity.get("tokenizer"), device=device,
-                                           precision=store.manifest["precision"])
-            store.check_model(loaded.identity)
+            loaded = index_model(store, model, tokenizer=tokenizer, device=device)
         return cls(store, faiss_index, loaded)
 
     # ---------------------------------------------------------------- lookups
