@@ -148,15 +148,11 @@ def _embed_source(store: Store, model: Model, uri: str, source: Any, *, batch_si
                   chunk_size: int, progress: bool) -> tuple[int, int, list[dict[str, str]]]:
     """Embeds the images of ``source`` (opened from ``uri``) not yet in ``store``, appending
     chunks; (embedded, already, skipped)."""
-    done = store.keys()
     items: Iterable[Item] = items_of(source, uri)
-    already = 0
-    if isinstance(items, list):
-        new = {item.key: item for item in reversed(items) if item.key not in done}  # the first of equal keys
-        todo = [new.pop(item.key) for item in items if item.key in new]
-        already, total = len(items) - len(todo), len(todo)
-    else:  # a stream: skip what is done as it goes by
-        todo, total = _SkipDone(items, done), None
+    new = _SkipDone(items, store.keys())
+    # A list is filtered at once (workers decode it by index); a stream as it goes by.
+    todo: Iterable[Item] = list(new) if isinstance(items, list) else new
+    total = len(todo) if isinstance(todo, list) else None
     skipped_all = store.skipped()
     skipped_now: list[dict[str, str]] = []
     pending_vectors: list[np.ndarray] = []
@@ -191,16 +187,15 @@ def _embed_source(store: Store, model: Model, uri: str, source: Any, *, batch_si
         flush(len(pending_rows))
     else:
         store.save_skipped(skipped_all)
-    if isinstance(todo, _SkipDone):
-        already = todo.already
     if uri not in store.manifest["sources"]:
         store.manifest["sources"].append(uri)
         store.save_manifest()
-    return embedded, already, skipped_now
+    return embedded, new.already, skipped_now
 
 
 class _SkipDone:
-    """The items of a stream whose keys are not in ``done``, counting the others."""
+    """The items whose keys are not in ``done`` nor seen before (the first of equal keys is
+    kept), counting the others."""
 
     def __init__(self, items: Iterable[Item], done: set[str]) -> None:
         self.items, self.done, self.already = items, done, 0
@@ -210,6 +205,7 @@ class _SkipDone:
             if item.key in self.done:
                 self.already += 1
             else:
+                self.done.add(item.key)
                 yield item
 
 
