@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+from dataclasses import replace
 import math
 
 import pytest
@@ -274,6 +276,31 @@ def test_grad_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b)
     model.set_grad_checkpointing(image=False, text=True)
     assert not model.visual.transformer.grad_checkpointing
+
+
+@pytest.mark.parametrize("width", [8, 32])  # narrow stem kept NCHW; wide stem channels-last too
+def test_resnet_channels_last_is_as_exact_as_nchw(width):
+    """Features and gradients of both layouts against a float64 reference: channels-last stays
+    within the bound the plain NCHW fp32 path meets (fp32 rounding of different summations)."""
+    torch.manual_seed(9)
+    vision = VisionConfig(image_size=64, patch_size=None, width=width, layers=(1, 1, 1, 1), heads=4)
+    model = CLIP(replace(small_config(resnet=True), vision=vision))
+    for stage in (model.visual.layer1, model.visual.layer2, model.visual.layer3, model.visual.layer4):
+        for block in stage:  # non-zero residual branches, so that every convolution matters
+            torch.nn.init.ones_(block.bn3.weight)
+    images = torch.randn(3, 3, 64, 64)
+
+    def run(m: CLIP, x: torch.Tensor, channels_last: bool) -> list[torch.Tensor]:
+        m.zero_grad()
+        m.visual.channels_last = channels_last
+        features = m.encode_image(x)
+        features.square().sum().backward()
+        return [features.detach().double()] + [p.grad.double() for p in m.visual.parameters()]
+
+    reference = run(copy.deepcopy(model).double(), images.double(), False)
+    for channels_last in (False, True):
+        for got, want in zip(run(model, images, channels_last), reference, strict=True):
+            assert (got - want).abs().max() <= 5e-4 * want.abs().max() + 1e-5
 
 
 def test_resnet_refuses_grad_checkpointing():

@@ -119,7 +119,6 @@ class ModifiedResNet(nn.Module):
         # narrow stem (under 32 channels out) stays NCHW and the switch comes after it.
         # Not a parameter: checkpoints do not change.
         self.channels_last = True
-        self.width = width
         self.init_weights()
 
     @torch.no_grad()
@@ -144,7 +143,7 @@ class ModifiedResNet(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         check_image_shape(images, self.image_size)
         nhwc = self.channels_last and images.device.type == "cpu"
-        if nhwc and self.width >= 32:
+        if nhwc and self.conv3.out_channels >= 32:  # the stem's width
             images = images.contiguous(memory_format=torch.channels_last)
         x = F.relu(self.bn1(self.conv1(images)))  # [B, w/2, S/2, S/2]
         x = F.relu(self.bn2(self.conv2(x)))
