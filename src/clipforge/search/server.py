@@ -36,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clipforge import __version__
+from clipforge.data._images import _READ_ERRORS
 from clipforge.search.index import Hit, Index
 
 __all__ = ["MAX_K", "MAX_PIXELS", "MAX_QUERY_CHARS", "MAX_QUERY_STRING", "create_app"]
@@ -94,6 +95,19 @@ class _Limits:
             await send(message)
 
         await self.app(scope, limited_receive, send_with_headers)
+
+
+class _TooManyPixels(Exception):
+    """An image whose header says it is over `MAX_PIXELS` pixels."""
+
+
+def _read_rgb_capped(source: Any) -> Image.Image:
+    """The image at ``source`` (a path or a file object) decoded in RGB, unless its header says
+    it is over `MAX_PIXELS` pixels (_TooManyPixels, raised before decoding)."""
+    with Image.open(source) as image:
+        if image.width * image.height > MAX_PIXELS:
+            raise _TooManyPixels(f"the image has {image.width}×{image.height} pixels, over {MAX_PIXELS}")
+        return image.convert("RGB")
 
 
 def _static(name: str) -> bytes:
@@ -158,13 +172,12 @@ def create_app(index: Index, *, max_upload_bytes: int = 10 << 20) -> FastAPI:
         if not data:
             raise HTTPException(400, "the uploaded file is empty")
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                if image.width * image.height > MAX_PIXELS:
-                    raise HTTPException(413, f"the image has {image.width}×{image.height} pixels, over {MAX_PIXELS}")
-                picture = image.convert("RGB")
+            picture = _read_rgb_capped(io.BytesIO(data))
+        except _TooManyPixels as err:
+            raise HTTPException(413, str(err)) from None
         except UnidentifiedImageError:
             raise HTTPException(400, "the uploaded file is not an image Pillow can read") from None
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+        except _READ_ERRORS as err:
             raise HTTPException(400, f"the uploaded image is damaged: {err}") from None
         return results({"image": file.filename or "upload"}, k, lambda: index.search_image(picture, k))
 
@@ -174,11 +187,8 @@ def create_app(index: Index, *, max_upload_bytes: int = 10 << 20) -> FastAPI:
         if path is None:
             return None
         try:
-            with Image.open(path) as image:
-                if image.width * image.height > MAX_PIXELS:
-                    return None
-                picture = image.convert("RGB")
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+            picture = _read_rgb_capped(path)
+        except (_TooManyPixels, *_READ_ERRORS):
             return None
         picture.thumbnail((THUMB_SIDE, THUMB_SIDE))
         out = io.BytesIO()
