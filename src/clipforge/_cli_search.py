@@ -92,9 +92,7 @@ def _guard(call: Any) -> Any:
 
     try:
         return call()
-    except IndexDirError as err:
-        raise CommandError(str(err)) from err
-    except ImportError as err:
+    except (IndexDirError, ImportError) as err:
         raise CommandError(str(err)) from err
 
 
