@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,16 +38,20 @@ class Bad:
     reason: str
 
 
+def _micro_size(batch_size: int, world: int, accum: int) -> int:
+    """Rows per micro-batch: ``batch_size`` split over ``world`` ranks and ``accum`` micro-batches each."""
+    if batch_size % (world * accum):
+        raise ValueError(f"batch_size={batch_size} must be divisible by world size {world} × accum_steps {accum}")
+    return batch_size // (world * accum)
+
+
 class BatchPlan:
     """Which data set indices each optimiser step reads."""
 
     def __init__(self, size: int, *, batch_size: int, seed: int, rank: int = 0, world: int = 1, accum: int = 1) -> None:
         if size < 1:
             raise DataError("the training data set is empty")
-        if batch_size % (world * accum):
-            raise ValueError(
-                f"batch_size={batch_size} must be divisible by world size {world} × accum_steps {accum}"
-            )
+        _micro_size(batch_size, world, accum)
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world, self.accum = rank, world, accum
         self._perms: dict[int, Tensor] = {}
@@ -113,8 +117,8 @@ class _Prepare:
 class _Samples(Dataset):
     """(index, step) -> (index, image tensor, caption) or a `Bad` record, from a map-style source."""
 
-    def __init__(self, source: Any, preprocess: Callable, *, seed: int, augment: bool) -> None:
-        self.source, self.prepare = source, _Prepare(preprocess, seed=seed, augment=augment)
+    def __init__(self, source: Any, prepare: _Prepare) -> None:
+        self.source, self.prepare = source, prepare
 
     def __len__(self) -> int:
         return len(self.source)
@@ -170,12 +174,17 @@ class BatchStream:
         max_bad_fraction: float = 0.1,
         source_name: str = "data",
     ) -> None:
-        self.plan, self.workers = plan, workers
-        self.samples = _Samples(source, preprocess, seed=plan.seed, augment=augment)
-        self.collate = _Collate(tokenizer)
-        self._start_counting(max_bad_fraction, source_name)
+        self.plan = plan
+        self._setup(preprocess, tokenizer, seed=plan.seed, accum=plan.accum, augment=augment, workers=workers,
+                    max_bad_fraction=max_bad_fraction, source_name=source_name)
+        self.samples = _Samples(source, self.prepare)
 
-    def _start_counting(self, max_bad_fraction: float, source_name: str) -> None:
+    def _setup(self, preprocess: Callable, tokenizer: Callable[[list[str]], Tensor], *, seed: int, accum: int,
+               augment: bool, workers: int, max_bad_fraction: float, source_name: str) -> None:
+        """What both streams share: sample preparation, collation, loading and bad-sample counting."""
+        self.seed, self.accum, self.workers = seed, accum, workers
+        self.prepare = _Prepare(preprocess, seed=seed, augment=augment)
+        self.collate = _Collate(tokenizer)
         self.max_bad_fraction, self.source_name = max_bad_fraction, source_name
         self.seen = 0  # samples read, bad ones included
         self.bad: list[Bad] = []  # the first 20 bad samples, for messages
@@ -186,20 +195,27 @@ class BatchStream:
         return self.plan.epoch(step)
 
     def steps(self, start: int, stop: int) -> Iterator[list[MicroBatch]]:
-        keys = [[(i, step) for i in micro] for step in range(start, stop) for micro in self.plan.micro_batches(step)]
-        loader = DataLoader(
-            self.samples, batch_sampler=keys, num_workers=self.workers, collate_fn=self.collate,
-            persistent_workers=False, prefetch_factor=4 if self.workers else None,
-            # its own generator: the loader's seed draw must not advance the global RNG
-            generator=torch.Generator().manual_seed(self.plan.seed),
-        )
+        if stop <= start:
+            return
         group: list[MicroBatch] = []
-        for micro in loader:
+        for micro in self._micro_batches(start, stop):
             self._count(micro)
             group.append(micro)
-            if len(group) == self.plan.accum:
+            if len(group) == self.accum:
                 yield group
                 group = []
+
+    def _micro_batches(self, start: int, stop: int) -> Iterable[MicroBatch]:
+        """This rank's micro-batches of steps ``start .. stop-1``, in order."""
+        keys = [[(i, step) for i in micro] for step in range(start, stop) for micro in self.plan.micro_batches(step)]
+        return self._loader(self.samples, batch_sampler=keys, collate_fn=self.collate)
+
+    def _loader(self, dataset: Dataset, **options: Any) -> DataLoader:
+        return DataLoader(
+            dataset, num_workers=self.workers, persistent_workers=False, prefetch_factor=4 if self.workers else None,
+            # its own generator: the loader's seed draw must not advance the global RNG
+            generator=torch.Generator().manual_seed(self.seed), **options,
+        )
 
     def _count(self, micro: MicroBatch) -> None:
         self.seen += len(micro) + len(micro.bad)
@@ -278,39 +294,21 @@ class StreamBatchStream(BatchStream):
         max_bad_fraction: float = 0.1,
         source_name: str = "data",
     ) -> None:
-        if batch_size % (world * accum):
-            raise ValueError(f"batch_size={batch_size} must be divisible by world size {world} × accum_steps {accum}")
-        self.source, self.seed, self.rank, self.world, self.accum = source, seed, rank, world, accum
-        self.micro_size = batch_size // (world * accum)
-        self.batch_size, self.workers, self.augment = batch_size, workers, augment
-        self.prepare = _Prepare(preprocess, seed=seed, augment=augment)
-        self.collate = _Collate(tokenizer)
-        self._start_counting(max_bad_fraction, source_name)
+        self.source, self.rank, self.world = source, rank, world
+        self.micro_size = _micro_size(batch_size, world, accum)
+        self._setup(preprocess, tokenizer, seed=seed, accum=accum, augment=augment, workers=workers,
+                    max_bad_fraction=max_bad_fraction, source_name=source_name)
 
     def epoch(self, step: int) -> float | None:
         return None  # a stream's length is not known
 
-    def steps(self, start: int, stop: int) -> Iterator[list[MicroBatch]]:
-        if stop <= start:
-            return
+    def _micro_batches(self, start: int, stop: int) -> Iterable[MicroBatch]:
         dataset = _StreamMicroBatches(
             self.source, rank=self.rank, world=self.world, slots=max(1, self.workers), size=self.micro_size,
             accum=self.accum, start=start * self.accum, seed=self.seed, prepare=self.prepare, collate=self.collate,
         )
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.workers,
-                            prefetch_factor=4 if self.workers else None, persistent_workers=False,
-                            generator=torch.Generator().manual_seed(self.seed))  # not the global RNG
-        group: list[MicroBatch] = []
-        iterator = iter(loader)
-        try:
-            for micro in itertools.islice(iterator, (stop - start) * self.accum):
-                self._count(micro)
-                group.append(micro)
-                if len(group) == self.accum:
-                    yield group
-                    group = []
-        finally:
-            del iterator  # shuts the workers down: the stream itself never ends
+        # the stream never ends: take this run's micro-batches (the workers shut down with the loader)
+        return itertools.islice(self._loader(dataset, batch_size=None), (stop - start) * self.accum)
 
 
 def captions_of(source: Any, limit: int) -> Sequence[str]:
