@@ -264,7 +264,9 @@ class _StreamMicroBatches(IterableDataset):
         while True:
             items = []
             for record in itertools.islice(records, self.size):
-                items.append(self.prepare(record.decode, position, j // self.accum, name=record.error or record.name))
+                # an error record's decode raises its message, which names the shard
+                name = "" if record.error else record.name
+                items.append(self.prepare(record.decode, position, j // self.accum, name=name))
                 position += 1
             yield self.collate(items)
             j += workers
