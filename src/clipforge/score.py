@@ -181,16 +181,15 @@ def clip_score(
         raise ValueError(f"{len(texts)} captions for {len(image_features)} images")
     text_features = embed_texts(model, tokenizer, [texts[i] for i in kept], **run)
     cosine = _cosine(image_features, text_features)
-    scores = Scores(kept=kept, cosine=cosine, clip_score=clip_s(image_features, text_features, w=w), w=w)
+    clip = w * cosine.clamp(min=0)  # `clip_s` of the pairs, from the cosine already at hand
     if refs is None:
-        return scores
+        return Scores(kept=kept, cosine=cosine, clip_score=clip, w=w)
     flat = [(j, ref) for j, i in enumerate(kept) for ref in refs[i]]
     ref_features = embed_texts(model, tokenizer, [ref for _, ref in flat], **run)
     owner = torch.tensor([j for j, _ in flat], dtype=torch.long, device=text_features.device)
     best = _best_reference_cosine(text_features, ref_features, owner)
-    ref_scores = harmonic_mean(scores.clip_score, best.clamp(min=0))
-    return Scores(kept=kept, cosine=cosine, clip_score=scores.clip_score, w=w, ref_cosine=best,
-                  ref_clip_score=ref_scores)
+    return Scores(kept=kept, cosine=cosine, clip_score=clip, w=w, ref_cosine=best,
+                  ref_clip_score=harmonic_mean(clip, best.clamp(min=0)))
 
 
 def ref_clip_score(
