@@ -27,14 +27,16 @@ SHOWN = 20  # per-image rows printed; --out holds all
 
 def add_parser(subparsers: Any) -> None:
     """Registers ``score`` and ``rerank``."""
+    from clipforge.score import CLIP_SCORE_W
+
     score = subparsers.add_parser("score", help="CLIPScore (and RefCLIPScore) of captioned images")
     model_options(score, workers=0)
     score.add_argument("--images", required=True, metavar="DIR", help="folder the captions file names images in")
     score.add_argument("--captions", required=True, metavar="FILE", help="IMAGE<TAB>CAPTION lines, one per image")
     score.add_argument("--refs", metavar="FILE", help="IMAGE<TAB>REFERENCE lines, one or more per image: "
                        "adds RefCLIPScore")
-    score.add_argument("--w", type=float, default=2.5,
-                       help="CLIP-S weight: 2.5 as in Hessel et al. (default), 100 for torchmetrics' scale")
+    score.add_argument("--w", type=float, default=CLIP_SCORE_W,
+                       help=f"CLIP-S weight: {CLIP_SCORE_W:g} as in Hessel et al. (default), 100 for torchmetrics' scale")
     score.add_argument("--out", metavar="FILE", help="write per-image scores: .csv or .json")
     score.set_defaults(func=run_score)
 
@@ -103,21 +105,20 @@ def _run_options(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, A
 
 
 def _write_scores(path: str, result: dict[str, Any]) -> None:
+    """The per-image rows as CSV, or everything as JSON (`run_score` has checked the suffix)."""
     from clipforge._cli_eval import _write
 
-    if path.lower().endswith(".csv"):
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        rows = result["per_image"]
-        with open(out, "w", newline="", encoding="utf-8") as file:
-            writer = csv.DictWriter(file, fieldnames=list(rows[0]) if rows else ["image"])
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {out}")
-    elif path.lower().endswith(".json"):
+    if not path.lower().endswith(".csv"):
         _write(path, result)
-    else:
-        raise CommandError(f"--out {path}: write a .csv or a .json file")
+        return
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = result["per_image"]
+    with open(out, "w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]) if rows else ["image"])
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out}")
 
 
 def run_score(args: argparse.Namespace) -> int:
