@@ -123,23 +123,6 @@ def read_shard(url: str) -> Iterator[ShardSample]:
         yield ShardSample("", url, {}, error=f"shard {url}: {_describe(errors[0])}")
 
 
-def _shuffled(records: Iterator[ShardSample], size: int, rng: random.Random) -> Iterator[ShardSample]:
-    """A shuffle buffer of ``size`` records (1 or less: the order as read)."""
-    if size <= 1:
-        yield from records
-        return
-    buffer: list[ShardSample] = []
-    for record in records:
-        if len(buffer) < size:
-            buffer.append(record)
-            continue
-        k = rng.randrange(size)
-        yield buffer[k]
-        buffer[k] = record
-    rng.shuffle(buffer)
-    yield from buffer
-
-
 class ShardSource:
     """A list of tar shards; iterating gives ``(image, caption)`` for every readable sample."""
 
@@ -204,11 +187,15 @@ class ShardSource:
         return itertools.islice(itertools.chain.from_iterable(read_shard(url) for url in order), consumer, None, consumers)
 
     def _share(self, consumer: int, consumers: int, seed: int) -> Iterator[ShardSample]:
+        from webdataset.filters import shuffle
+
         rng = random.Random(f"shards/{seed}/{consumer}")
         for epoch in itertools.count():
             good = 0
-            # the buffer empties at the end of each epoch: no sample comes twice before all came once
-            records = _shuffled(self.epoch_share(consumer, consumers, seed=seed, epoch=epoch), self.shuffle, rng)
+            # webdataset's shuffle buffer, filled before it yields; it empties at the end of each
+            # epoch: no sample comes twice before all came once
+            share = self.epoch_share(consumer, consumers, seed=seed, epoch=epoch)
+            records = shuffle(self.shuffle, self.shuffle, rng=rng)(share)
             for record in records:
                 good += record.error is None
                 yield record
