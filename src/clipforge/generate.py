@@ -107,8 +107,12 @@ class Generated:
     image: Image.Image  # the result, 8-bit RGB
     pixels: Tensor  # [3, H, W] in [0, 1], before rounding to 8 bits
     losses: list[float] = field(default_factory=list)  # the loss of each step, before its update
-    steps: int = 0  # steps run (strength · steps with an init image)
     frames: list[Path] = field(default_factory=list)  # frame files written, in order
+
+    @property
+    def steps(self) -> int:
+        """Steps run (strength · steps with an init image): one loss each."""
+        return len(self.losses)
 
 
 # ----------------------------------------------------------------------------- the image
@@ -309,4 +313,4 @@ def generate(
     save_frame(steps, final)
     if not math.isfinite(losses[-1] if losses else 0.0):
         raise FloatingPointError(f"generate: the loss became {losses[-1]}; lower the learning rate")
-    return Generated(image=to_image(final[0]), pixels=final[0].cpu(), losses=losses, steps=steps, frames=written)
+    return Generated(image=to_image(final[0]), pixels=final[0].cpu(), losses=losses, frames=written)
