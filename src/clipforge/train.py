@@ -73,17 +73,20 @@ def _loss(kind: str, img: Tensor, txt: Tensor, scale: Tensor, bias: Tensor | Non
 
 
 @contextlib.contextmanager
-def _batchnorm_stats_kept(module: nn.Module):
-    """Restores the running statistics of ``module``'s BatchNorm layers on exit."""
+def _batchnorm_stats_frozen(module: nn.Module):
+    """``module``'s BatchNorm layers normalise by batch statistics without updating their running ones.
+
+    With ``track_running_stats`` off, a training-mode BatchNorm uses the batch's statistics and
+    leaves its running ones (and ``num_batches_tracked``) alone: nothing to copy and restore.
+    """
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [[b.clone() for b in m.buffers()] for m in norms]
+    for m in norms:
+        m.track_running_stats = False
     try:
         yield
     finally:
-        with torch.no_grad():
-            for m, buffers in zip(norms, saved):
-                for b, old in zip(m.buffers(), buffers):
-                    b.copy_(old)
+        for m in norms:
+            m.track_running_stats = True
 
 
 def compute_gradients(
@@ -116,7 +119,7 @@ def compute_gradients(
     core = forward.module if hasattr(forward, "no_sync") else forward
     # 1. features of every micro-batch, without a graph (BatchNorm running statistics are left
     #    as they were: step 3 runs each micro-batch again and updates them once)
-    with torch.no_grad(), _autocast(precision, device), _batchnorm_stats_kept(core):
+    with torch.no_grad(), _autocast(precision, device), _batchnorm_stats_frozen(core):
         parts = [core(mb.images, mb.tokens) for mb in micro_batches]
     img_all = torch.cat([_f32(p[0]) for p in parts]).requires_grad_()
     txt_all = torch.cat([_f32(p[1]) for p in parts]).requires_grad_()
