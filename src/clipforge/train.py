@@ -385,19 +385,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     forward = dist.wrap_data_parallel(forward, device)
 
     streaming = bool(getattr(source, "streaming", False))
+    split = dict(batch_size=config.batch_size, seed=config.seed, rank=rank, world=world, accum=config.accum_steps)
+    loading = dict(preprocess=preprocess, tokenizer=tokenizer, augment=config.augment, workers=config.workers,
+                   max_bad_fraction=config.max_bad_fraction, source_name=config.data)
     if streaming:  # shards: each rank and worker reads its own share
-        stream: BatchStream = StreamBatchStream(
-            source, batch_size=config.batch_size, seed=config.seed, rank=rank, world=world, accum=config.accum_steps,
-            preprocess=preprocess, tokenizer=tokenizer, augment=config.augment, workers=config.workers,
-            max_bad_fraction=config.max_bad_fraction, source_name=config.data,
-        )
+        stream: BatchStream = StreamBatchStream(source, **split, **loading)
     else:
-        plan = BatchPlan(len(source), batch_size=config.batch_size, seed=config.seed, rank=rank, world=world,
-                         accum=config.accum_steps)
-        stream = BatchStream(
-            source, plan, preprocess=preprocess, tokenizer=tokenizer, augment=config.augment,
-            workers=config.workers, max_bad_fraction=config.max_bad_fraction, source_name=config.data,
-        )
+        stream = BatchStream(source, BatchPlan(len(source), **split), **loading)
 
     # where the data stands is a function of the step and of these (a stream's also of world and workers)
     data_position = {"data": config.data, "seed": config.seed, "batch_size": config.batch_size,
