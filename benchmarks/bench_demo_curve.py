@@ -26,6 +26,8 @@ import platform
 import time
 from pathlib import Path
 
+from _demo_runs import demo_run  # benchmarks/_demo_runs.py
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SPLITS = {"seen": "shapes://?split=seen", "heldout": "shapes://?split=heldout"}
@@ -63,24 +65,9 @@ def curve(run: Path) -> list[dict]:
 
 def train_budget(steps: int, eval_every: int, seed: int, root: Path, *, fresh: bool) -> tuple[Path, float | None]:
     """The demo recipe trained for ``steps``; returns the run and its minutes (None when reused)."""
-    from clipforge.demo import DEMO
-    from clipforge.train import train
-
-    config = DEMO.replace(steps=steps, eval_every=eval_every, save_every=steps, seed=seed,
-                          out=str(root / f"seed-{seed}-steps-{steps}"), progress=False)
-    run = Path(config.out)
-    saved = run / "bench_config.json"
-    reusable = not fresh and saved.exists() and (run / "metrics.jsonl").exists()
-    if reusable and json.loads(saved.read_text()) == config.to_dict() and any(r["step"] == steps for r in curve(run)):
-        return run, None
-    if run.exists():
-        import shutil
-
-        shutil.rmtree(run)
     start = time.perf_counter()
-    train(config)
-    saved.write_text(json.dumps(config.to_dict(), indent=1))
-    return run, (time.perf_counter() - start) / 60
+    run, trained = demo_run(root, fresh=fresh, seed=seed, steps=steps, eval_every=eval_every, save_every=steps)
+    return run, (time.perf_counter() - start) / 60 if trained else None
 
 
 def plot(results: list[dict], path: Path, demo_steps: int) -> None:

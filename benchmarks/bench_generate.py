@@ -32,17 +32,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import platform
 import random
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from _demo_runs import demo_run  # benchmarks/_demo_runs.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -53,28 +53,14 @@ CANDIDATES = 16
 
 
 def train_or_reuse(seed: int, steps: int | None, root: Path, *, fresh: bool) -> Path:
-    """The last checkpoint of the demo recipe trained with ``seed``, training it if needed.
-
-    The run directory is named by a hash of the whole training config, so a changed recipe
-    trains anew; a change in code alone (a preset, the data) does not show there: pass --fresh.
-    """
+    """The last checkpoint of the demo recipe trained with ``seed`` (`_demo_runs.demo_run`)."""
     from clipforge._run_state import list_checkpoints
     from clipforge.demo import DEMO
-    from clipforge.train import train
 
     steps = steps or DEMO.steps
-    config = DEMO.replace(seed=seed, steps=steps, save_every=min(DEMO.save_every, steps),
-                          eval_every=min(DEMO.eval_every, steps), progress=False)
-    recipe = {k: v for k, v in config.to_dict().items() if k != "out"}
-    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
-    out = root / f"seed-{seed}-{digest}"
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    found = list_checkpoints(out)
-    if not (found and found[-1].name == f"step-{steps:07d}"):
-        print(f"training the demo recipe, seed {seed}, {steps} steps, into {out}", flush=True)
-        train(config.replace(out=str(out), resume="latest" if found else ""))
-    return list_checkpoints(out)[-1]
+    run, _ = demo_run(root, fresh=fresh, seed=seed, steps=steps, save_every=min(DEMO.save_every, steps),
+                      eval_every=min(DEMO.eval_every, steps))
+    return list_checkpoints(run)[-1]
 
 
 def resolve(path: str) -> Path:
