@@ -7,7 +7,8 @@ For one batch of the demo recipe (`clipforge.demo.DEMO`: the ``tiny`` preset, 12
 ``shapes://``): drawing and preprocessing the images, tokenizing the captions, and the
 training step (`clipforge.train.train_step`: both towers forward and backward, the loss,
 clipping and the fused AdamW update) with the ResNet image tower in channels-last layout
-(the default on the CPU, `ModifiedResNet.channels_last`) and in the plain NCHW layout.  The
+(the default on the CPU, `ModifiedResNet.channels_last`) and in the plain NCHW layout; and
+BatchNorm forward and backward at each of the tower's input shapes in both layouts.  The
 two layouts run interleaved in one process, each from the same weights, and each cell
 reports the fastest of its calls (the least disturbed by other processes); both layouts'
 image features are compared before anything is timed.
@@ -30,6 +31,31 @@ import torch
 from _timing import fastest  # benchmarks/_timing.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_demo_step.json"
+
+
+def batchnorm_layouts(tower: torch.nn.Module, images: torch.Tensor, reps: int) -> list[dict]:
+    """Forward + backward time of each distinct BatchNorm2d input shape of ``tower`` on ``images``,
+    in NCHW and in channels-last (NHWC) layout."""
+    shapes: dict[tuple[int, ...], torch.nn.Module] = {}
+
+    def record(norm: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        shapes.setdefault(tuple(inputs[0].shape), norm)
+
+    hooks = [m.register_forward_hook(record) for m in tower.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        tower(images)
+    for hook in hooks:
+        hook.remove()
+    rows = []
+    for shape, norm in shapes.items():
+        norm = copy.deepcopy(norm).train()
+        row = {"input": "x".join(map(str, shape))}
+        for name, layout in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)):
+            x = torch.randn(shape).contiguous(memory_format=layout).requires_grad_()
+            grad = torch.randn(shape).contiguous(memory_format=layout)
+            row[f"{name}_ms"] = fastest(lambda norm=norm, x=x, grad=grad: norm(x).backward(grad), reps) * 1000
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,6 +118,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:<28} {seconds * 1000:8.1f} {batch / seconds:10.0f}")
     speedup = best["NCHW"] / best["channels-last"]
     print(f"channels-last step speed-up: {speedup:.2f}x; image features max |difference| {difference:.2e}")
+    batchnorm = batchnorm_layouts(model.visual, images, args.reps)
+    print("BatchNorm forward + backward at the tower's shapes, ms (why the narrow stem stays NCHW):")
+    print(f"{'input':<18} {'NCHW':>7} {'NHWC':>7}")
+    for row in batchnorm:
+        print(f"{row['input']:<18} {row['NCHW_ms']:7.2f} {row['NHWC_ms']:7.2f}")
     result = {
         "meta": {"date": dt.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
                  "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -99,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         "ms": {name: seconds * 1000 for name, seconds in times.items()},
         "channels_last_speedup": speedup,
         "max_feature_difference": difference,
+        "batchnorm": batchnorm,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
