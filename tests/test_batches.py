@@ -132,6 +132,34 @@ def test_augmentation_depends_on_seed_step_and_index_only():
     assert not torch.equal(pixels[(0, index)], pixels[(step, index)])
 
 
+def test_image_noise_is_gaussian_per_channel_and_a_function_of_seed_step_and_index():
+    """Noise is added after preprocessing, with the per-channel std asked for, drawn from a
+    generator seeded by (seed, step, index): a resumed stream or worker processes add the same."""
+    plan = BatchPlan(10, batch_size=4, seed=0)
+    std = (0.5, 0.25, 0.125)
+
+    def run(start, workers=0, noise=std):
+        s = stream(Source(10), plan, noise=noise, workers=workers)
+        return [m.images for micro in s.steps(start, 5) for m in micro]
+
+    clean, noisy = run(0, noise=()), run(0)
+    for a, b in zip(run(3), noisy[3:]):
+        assert torch.equal(a, b)
+    for a, b in zip(run(0, workers=2), noisy):
+        assert torch.equal(a, b)
+    draws = torch.cat([n - c for n, c in zip(noisy, clean)]).transpose(0, 1).flatten(1)  # [3, 5·4·16·16]
+    for channel, expected in enumerate(std):  # 5,120 draws a channel: the sample std is within 4 % of sigma
+        assert abs(draws[channel].std().item() / expected - 1) < 0.04
+        assert abs(draws[channel].mean().item()) < 4 * expected / draws.shape[1] ** 0.5
+    # two samples, or one sample at two steps, get different noise
+    assert not torch.allclose(noisy[0][0] - clean[0][0], noisy[0][1] - clean[0][1])
+    pixels = {(step, i): x - c for step, (images, cl) in enumerate(zip(noisy, clean))
+              for i, x, c in zip(plan.global_indices(step), images, cl)}
+    index = plan.global_indices(0)[0]
+    (step,) = [s for s in range(2, 5) if index in plan.global_indices(s)]
+    assert not torch.allclose(pixels[(0, index)], pixels[(step, index)])
+
+
 def test_bad_samples_are_skipped_counted_and_named():
     source = Source(8, bad={1: "missing", 4: "empty", 6: "bytes"})
     s = stream(source, BatchPlan(8, batch_size=8, seed=0), max_bad_fraction=1.0)

@@ -269,6 +269,7 @@ def test_unknown_toml_key_is_an_error_naming_it(tmp_path, capsys):
         ({"batch_size": 10, "accum_steps": 3}, "accum_steps"),
         ({"steps": 0}, "steps"),
         ({"label_smoothing": 1.0}, "label_smoothing"),
+        ({"image_noise": -0.1}, "image_noise"),
         ({"loss": "triplet"}, "loss"),
         ({"eval_zeroshot": "shapes://"}, "eval_zeroshot"),
         ({"lock_image": True, "lock_text": True}, "lock_text"),

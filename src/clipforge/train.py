@@ -386,7 +386,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     streaming = bool(getattr(source, "streaming", False))
     split = dict(batch_size=config.batch_size, seed=config.seed, rank=rank, world=world, accum=config.accum_steps)
-    loading = dict(preprocess=preprocess, tokenizer=tokenizer, augment=config.augment, workers=config.workers,
+    # noise of std image_noise in pixels is image_noise / std in the normalised tensor's units
+    noise = tuple(config.image_noise / s for s in model.config.vision.std) if config.image_noise else ()
+    loading = dict(preprocess=preprocess, tokenizer=tokenizer, augment=config.augment, noise=noise, workers=config.workers,
                    max_bad_fraction=config.max_bad_fraction, source_name=config.data)
     if streaming:  # shards: each rank and worker reads its own share
         stream: BatchStream = StreamBatchStream(source, **split, **loading)

@@ -41,6 +41,7 @@ class TrainConfig:
     chunk_size: int = 0  # loss tile edge; 0 picks it from N, d and free memory
     seed: int = 0  # model init, data order and augmentation
     augment: bool = False  # random resized crops (off for shapes://, whose captions name positions)
+    image_noise: float = 0.0  # std of Gaussian noise added to training pixels (values in [0, 1]); 0: none
     workers: int = 0  # data loading processes
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     tokenizer: str = ""  # tokenizer directory; empty: the checkpoint's, or a BPE trained on the data
@@ -69,7 +70,7 @@ class TrainConfig:
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be a positive integer")
         for name in ("warmup", "eval_every", "chunk_size", "workers", "seed"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "must be a non-negative integer")
-        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip", "label_smoothing", "max_bad_fraction"):
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip", "label_smoothing", "max_bad_fraction", "image_noise"):
             value = getattr(self, name)  # a quoted number in TOML would otherwise fail below with a TypeError
             need(isinstance(value, (int, float)) and not isinstance(value, bool), name, "must be a number")
         need(self.lr > 0, "lr", "must be positive")
@@ -80,6 +81,7 @@ class TrainConfig:
         need(self.grad_clip >= 0, "grad_clip", "must be non-negative")
         need(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
         need(self.loss in LOSSES, "loss", f"must be one of {LOSSES}")
+        need(self.image_noise >= 0, "image_noise", "must be non-negative")
         need(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
         need(0 <= self.max_bad_fraction <= 1, "max_bad_fraction", "must be in [0, 1]")
         need(not (self.lock_image and self.lock_text), "lock_text", "cannot be set together with lock_image")

@@ -87,10 +87,20 @@ _BAD_DATA = (OSError, ValueError, TypeError, UnicodeDecodeError, SyntaxError, In
 
 
 class _Prepare:
-    """(image, caption) -> (index, image tensor, caption), or a `Bad` record: never raises for bad data."""
+    """(image, caption) -> (index, image tensor, caption), or a `Bad` record: never raises for bad data.
 
-    def __init__(self, preprocess: Callable, *, seed: int, augment: bool) -> None:
+    ``noise``: per-channel standard deviations (in the units of the preprocessed tensor) of
+    Gaussian noise added to each image; empty for none.
+    """
+
+    def __init__(self, preprocess: Callable, *, seed: int, augment: bool, noise: tuple[float, ...] = ()) -> None:
         self.preprocess, self.seed, self.augment = preprocess, seed, augment
+        self.noise = torch.tensor(noise, dtype=torch.float32)[:, None, None] if noise else None
+
+    def _generator(self, key: str) -> torch.Generator:
+        """A generator seeded by ``key``: the same draws for the same (seed, step, index) on resume."""
+        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
     def __call__(self, fetch: Callable[[], tuple[Any, Any]], index: int, step: int,
                  name: str = "") -> tuple[int, Tensor, str] | Bad:
@@ -103,12 +113,12 @@ class _Prepare:
             if not caption:
                 return Bad(index, f"{where}empty caption")
             if self.augment:
-                # per-sample generator: the same crop for the same (seed, step, index) on resume
-                digest = hashlib.blake2b(f"{self.seed}/{step}/{index}".encode(), digest_size=8).digest()
-                g = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-                pixels = self.preprocess(image, generator=g)
+                pixels = self.preprocess(image, generator=self._generator(f"{self.seed}/{step}/{index}"))
             else:
                 pixels = self.preprocess(image)
+            if self.noise is not None:
+                draw = torch.randn(pixels.shape, generator=self._generator(f"{self.seed}/{step}/{index}/noise"))
+                pixels = pixels + draw.to(pixels.dtype) * self.noise.to(pixels.dtype)
         except _BAD_DATA as err:
             return Bad(index, f"{where}{type(err).__name__}: {err}"[:300])
         return index, pixels, caption
@@ -170,20 +180,22 @@ class BatchStream:
         preprocess: Callable,
         tokenizer: Callable[[list[str]], Tensor],
         augment: bool = False,
+        noise: tuple[float, ...] = (),
         workers: int = 0,
         max_bad_fraction: float = 0.1,
         source_name: str = "data",
     ) -> None:
         self.plan = plan
-        self._setup(preprocess, tokenizer, seed=plan.seed, accum=plan.accum, augment=augment, workers=workers,
+        self._setup(preprocess, tokenizer, seed=plan.seed, accum=plan.accum, augment=augment, noise=noise, workers=workers,
                     max_bad_fraction=max_bad_fraction, source_name=source_name)
         self.samples = _Samples(source, self.prepare)
 
     def _setup(self, preprocess: Callable, tokenizer: Callable[[list[str]], Tensor], *, seed: int, accum: int,
-               augment: bool, workers: int, max_bad_fraction: float, source_name: str) -> None:
+               augment: bool, noise: tuple[float, ...], workers: int, max_bad_fraction: float,
+               source_name: str) -> None:
         """What both streams share: sample preparation, collation, loading and bad-sample counting."""
         self.seed, self.accum, self.workers = seed, accum, workers
-        self.prepare = _Prepare(preprocess, seed=seed, augment=augment)
+        self.prepare = _Prepare(preprocess, seed=seed, augment=augment, noise=noise)
         self.collate = _Collate(tokenizer)
         self.max_bad_fraction, self.source_name = max_bad_fraction, source_name
         self.seen = 0  # samples read, bad ones included
@@ -292,13 +304,14 @@ class StreamBatchStream(BatchStream):
         world: int = 1,
         accum: int = 1,
         augment: bool = False,
+        noise: tuple[float, ...] = (),
         workers: int = 0,
         max_bad_fraction: float = 0.1,
         source_name: str = "data",
     ) -> None:
         self.source, self.rank, self.world = source, rank, world
         self.micro_size = _micro_size(batch_size, world, accum)
-        self._setup(preprocess, tokenizer, seed=seed, accum=accum, augment=augment, workers=workers,
+        self._setup(preprocess, tokenizer, seed=seed, accum=accum, augment=augment, noise=noise, workers=workers,
                     max_bad_fraction=max_bad_fraction, source_name=source_name)
 
     def epoch(self, step: int) -> float | None:
