@@ -161,12 +161,13 @@ def test_generate_command_writes_the_image_frames_and_both_scores(tmp_path_facto
     out, report = tmp_path / "red.png", tmp_path / "red.json"
     code = main(["generate", "a red circle", "--model", str(c.model), "--judge", str(c.other_model),
                  "--out", str(out), "--steps", "6", "--cutouts", "4", "--seed", "1", "--frames", str(tmp_path / "f"),
-                 "--frame-every", "3", "--json", str(report), "--quiet"])
+                 "--frame-every", "3", "--decay", "2", "--noise", "0.25", "--json", str(report), "--quiet"])
     printed = capsys.readouterr().out
     assert code == 0 and "judge" in printed and "CLIP-S" in printed
     result = json.loads(report.read_text())
     assert result["steps_run"] == 6 and len(result["losses"]) == 6 and len(result["frames"]) == 3
     assert result["config"]["seed"] == 1 and result["config"]["cutouts"] == 4
+    assert result["config"]["decay"] == 2 and result["config"]["noise"] == 0.25
     with Image.open(out) as written:
         image = written.convert("RGB")
     for key, path in (("score", c.model), ("judge_score", c.other_model)):
@@ -191,6 +192,7 @@ def test_generate_command_writes_the_image_frames_and_both_scores(tmp_path_facto
         (["--strength", "0.5"], "--strength needs --init"),
         (["--init", "nowhere.png"], "--init nowhere.png: cannot read"),
         (["--cutouts", "0"], "cutouts must be a positive integer"),
+        (["--decay", "-1"], "decay must be non-negative"),
     ],
 )
 def test_generate_command_rejects_bad_options(tmp_path, capsys, extra, message):

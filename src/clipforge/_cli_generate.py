@@ -45,6 +45,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--jitter", type=float, default=default.jitter,
                         help="brightness/contrast jitter of the crops (default: 0; it moves colours)")
     parser.add_argument("--tv", type=float, default=default.tv, help="total-variation weight (default: 0)")
+    parser.add_argument("--decay", type=float, default=default.decay,
+                        help=f"the spectrum is scaled by 1/frequency^DECAY; higher is smoother (default: {default.decay})")
     parser.add_argument("--seed", type=int, default=default.seed, help="random seed (default: 0)")
     parser.add_argument("--init", metavar="IMAGE", help="start from this image")
     parser.add_argument("--strength", type=float, default=None,
@@ -79,7 +81,7 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         config = GenerateConfig(
             steps=args.steps, lr=args.lr, size=args.size, cutouts=args.cutouts, cut_scale=tuple(args.cut_scale),
-            flip=args.flip, noise=args.noise, jitter=args.jitter, tv=args.tv, seed=args.seed,
+            flip=args.flip, noise=args.noise, jitter=args.jitter, tv=args.tv, decay=args.decay, seed=args.seed,
             strength=0.5 if args.strength is None else args.strength, frame_every=args.frame_every,
         )
     except ValueError as err:
