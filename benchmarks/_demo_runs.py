@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 
+_NEWER = frozenset({"image_noise"})
+
+
 def demo_run(root: Path, *, fresh: bool = False, **changes: Any) -> tuple[Path, bool]:
     """The run directory of `clipforge.demo.DEMO` with ``changes`` (seed, steps, ...), trained to
     its last step under ``root`` unless already there; returns (run, whether it trained now).
@@ -22,7 +25,9 @@ def demo_run(root: Path, *, fresh: bool = False, **changes: Any) -> tuple[Path, 
     from clipforge.train import train
 
     config = DEMO.replace(progress=False, **changes)
-    recipe = {k: v for k, v in config.to_dict().items() if k != "out"}
+    # settings newer than some recorded runs are left out at their defaults: those runs keep their names
+    defaults = type(config)().to_dict()
+    recipe = {k: v for k, v in config.to_dict().items() if k != "out" and not (k in _NEWER and v == defaults[k])}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     run = root / f"seed-{config.seed}-steps-{config.steps}-{digest}"
     if fresh and run.exists():
