@@ -68,10 +68,8 @@ def train_or_reuse(seed: int, steps: int, root: Path, *, fresh: bool, image_nois
     ``image_noise`` (`_demo_runs.demo_run`), evaluated every 300 steps."""
     from clipforge._run_state import list_checkpoints
 
-    changes: dict[str, Any] = {"seed": seed, "steps": steps, "eval_every": min(300, steps), "save_every": steps}
-    if image_noise:
-        changes["image_noise"] = image_noise
-    run, _ = demo_run(root, fresh=fresh, **changes)
+    run, _ = demo_run(root, fresh=fresh, seed=seed, steps=steps, image_noise=image_noise, eval_every=min(300, steps),
+                      save_every=steps)
     return list_checkpoints(run)[-1]
 
 
@@ -277,19 +275,20 @@ def main(argv: list[str] | None = None) -> None:
                      "loss_first": result.losses[0], "loss_last": result.losses[-1]})
         print(f"[{number}/{len(chosen)}] {prompt}: CLIP-S {own.mean:.3f} (model), {other.mean:.3f} (judge)", flush=True)
     generate_seconds = time.perf_counter() - start
-    judged = classify(judge, judge_preprocess, judge_tokenizer, images)
-    own_view = classify(model, preprocess, tokenizer, images)
+    # Each model classifies the generated images and, in the same pass, 8 real images of each
+    # prompted class: the judge's rate on those is what a generator that drew each prompt as
+    # shapes:// does would be judged right on, the ceiling of the generation rate.
+    real_labels = [label for label in chosen for _ in range(REAL_PER_PROMPT)]
+    real = [real_image(label, draw) for label in chosen for draw in range(REAL_PER_PROMPT)]
+    judge_all = classify(judge, judge_preprocess, judge_tokenizer, images + real)
+    model_all = classify(model, preprocess, tokenizer, images + real)
+    judged, own_view = judge_all[:len(images)], model_all[:len(images)]
     for row, j, m in zip(rows, judged, own_view):
         row |= {"judge_class": j, "judge_says": names[j], "model_class": m}
     generation = rates(judged, chosen)
     self_rates = rates(own_view, chosen)
-
-    # The judge on real images of the prompted classes: what a generator that drew each prompt as
-    # shapes:// does would be judged right on, the ceiling of the generation rate.
-    real_labels = [label for label in chosen for _ in range(REAL_PER_PROMPT)]
-    real = [real_image(label, draw) for label in chosen for draw in range(REAL_PER_PROMPT)]
-    judge_real = rates(classify(judge, judge_preprocess, judge_tokenizer, real), real_labels)
-    model_real = rates(classify(model, preprocess, tokenizer, real), real_labels)
+    judge_real = rates(judge_all[len(images):], real_labels)
+    model_real = rates(model_all[len(images):], real_labels)
 
     # 2. Reranking 16 candidates for every prompt (all 64: it is cheap) with the generator model
     # and, for comparison, the judge.
