@@ -134,6 +134,32 @@ def test_frames_are_written_at_the_start_every_k_steps_and_at_the_end(tmp_path):
         assert np.array_equal(np.asarray(last), np.asarray(result.image))
 
 
+def test_best_of_keeps_the_start_the_model_scores_highest_and_each_start_is_its_seeds_run(tmp_path):
+    model = micro_clip()
+    config = GenerateConfig(steps=3, cutouts=2, seed=5, best_of=3, frame_every=3)
+    best = generate(model, toy_tokenizer, "a red circle", config=config, frames=tmp_path, progress=False)
+    singles = [generate(model, toy_tokenizer, "a red circle", config=GenerateConfig(steps=3, cutouts=2, seed=seed),
+                        progress=False) for seed in (5, 6, 7)]
+    # Each start's score, recomputed naively: the 8-bit image through CLIP's preprocessing.
+    mean = torch.tensor(model.config.vision.mean)[:, None, None]
+    std = torch.tensor(model.config.vision.std)[:, None, None]
+    text = torch.nn.functional.normalize(model.encode_text(toy_tokenizer(["a red circle"])), dim=-1)[0]
+    with torch.no_grad():
+        expected = [float(torch.nn.functional.normalize(model.encode_image(
+            ((torch.from_numpy(np.array(r.image)).permute(2, 0, 1).float() / 255 - mean) / std)[None]), dim=-1)[0]
+            @ text) for r in singles]
+    assert best.cosines == pytest.approx(expected, abs=1e-5)
+    kept = int(np.argmax(expected))
+    assert best.seed == 5 + kept and png_bytes(best.image) == png_bytes(singles[kept].image)
+    assert best.losses == singles[kept].losses
+    assert len({png_bytes(r.image) for r in singles}) == 3  # three different starts to choose from
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed-5", "seed-6", "seed-7"]  # frames per start
+    assert all(p.parent.name == f"seed-{best.seed}" for p in best.frames) and len(best.frames) == 2
+    one = generate(model, toy_tokenizer, "a red circle", config=GenerateConfig(steps=3, cutouts=2, seed=5),
+                   progress=False)
+    assert one.seed == 5 and len(one.cosines) == 1 and png_bytes(one.image) == png_bytes(singles[0].image)
+
+
 def test_the_loss_falls_and_each_image_fits_its_own_prompt_best(tmp_path_factory):
     # Not the training loss on augmented cutouts alone: the finished 8-bit images, seen whole
     # through the model's preprocessing, must each match their own prompt better than the others'.
@@ -161,11 +187,16 @@ def test_generate_command_writes_the_image_frames_and_both_scores(tmp_path_facto
     out, report = tmp_path / "red.png", tmp_path / "red.json"
     code = main(["generate", "a red circle", "--model", str(c.model), "--judge", str(c.other_model),
                  "--out", str(out), "--steps", "6", "--cutouts", "4", "--seed", "1", "--frames", str(tmp_path / "f"),
-                 "--frame-every", "3", "--decay", "2", "--noise", "0.25", "--json", str(report), "--quiet"])
+                 "--frame-every", "3", "--decay", "2", "--noise", "0.25", "--best-of", "2", "--json", str(report),
+                 "--quiet"])
     printed = capsys.readouterr().out
-    assert code == 0 and "judge" in printed and "CLIP-S" in printed
+    assert code == 0 and "judge" in printed and "CLIP-S" in printed and "best of 2" in printed
     result = json.loads(report.read_text())
     assert result["steps_run"] == 6 and len(result["losses"]) == 6 and len(result["frames"]) == 3
+    kept = result["seed_kept"] - 1
+    assert len(result["start_cosines"]) == 2 and result["start_cosines"][kept] == max(result["start_cosines"])
+    assert result["score"]["cosine"] == pytest.approx(result["start_cosines"][kept], abs=1e-5)
+    assert all(f"seed-{result['seed_kept']}" in frame for frame in result["frames"])
     assert result["config"]["seed"] == 1 and result["config"]["cutouts"] == 4
     assert result["config"]["decay"] == 2 and result["config"]["noise"] == 0.25
     with Image.open(out) as written:
@@ -193,6 +224,7 @@ def test_generate_command_writes_the_image_frames_and_both_scores(tmp_path_facto
         (["--init", "nowhere.png"], "--init nowhere.png: cannot read"),
         (["--cutouts", "0"], "cutouts must be a positive integer"),
         (["--decay", "-1"], "decay must be non-negative"),
+        (["--best-of", "0"], "best_of must be a positive integer"),
     ],
 )
 def test_generate_command_rejects_bad_options(tmp_path, capsys, extra, message):

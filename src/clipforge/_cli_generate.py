@@ -48,6 +48,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--decay", type=float, default=default.decay,
                         help=f"the spectrum is scaled by 1/frequency^DECAY; higher is smoother (default: {default.decay})")
     parser.add_argument("--seed", type=int, default=default.seed, help="random seed (default: 0)")
+    parser.add_argument("--best-of", type=int, default=default.best_of, metavar="N",
+                        help="optimise from N starts (seeds SEED, SEED+1, ...) and keep the image the model "
+                             "scores highest (default: 1)")
     parser.add_argument("--init", metavar="IMAGE", help="start from this image")
     parser.add_argument("--strength", type=float, default=None,
                         help="with --init: fraction of the steps run, 0 keeps the image (default: 0.5)")
@@ -83,6 +86,7 @@ def run_generate(args: argparse.Namespace) -> int:
             steps=args.steps, lr=args.lr, size=args.size, cutouts=args.cutouts, cut_scale=tuple(args.cut_scale),
             flip=args.flip, noise=args.noise, jitter=args.jitter, tv=args.tv, decay=args.decay, seed=args.seed,
             strength=0.5 if args.strength is None else args.strength, frame_every=args.frame_every,
+            best_of=args.best_of,
         )
     except ValueError as err:
         raise CommandError(str(err)) from err
@@ -112,7 +116,8 @@ def run_generate(args: argparse.Namespace) -> int:
                         "clip_score": value.mean, "cosine": float(value.cosine[0])}
 
     print(f"generate {args.prompt!r}  {result.steps} steps, {config.cutouts} cutouts, "
-          f"seed {config.seed}")
+          f"seed {config.seed}" + (f"; best of {config.best_of}: seed {result.seed} kept, model cosines "
+                                   + ", ".join(f"{c:.4f}" for c in result.cosines) if config.best_of > 1 else ""))
     print(f"wrote {out} ({result.image.width}×{result.image.height})"
           + (f"; {len(result.frames)} frames in {args.frames}" if args.frames else ""))
     if result.losses:
@@ -121,7 +126,8 @@ def run_generate(args: argparse.Namespace) -> int:
                  [[role, s["pretrained"], f"{s['cosine']:.4f}", f"{s['clip_score']:.4f}"] for role, s in scores.items()]))
     if args.json:
         _write(args.json, {"prompt": args.prompt, "out": str(out), "init": args.init, "config": config.to_dict(),
-                           "steps_run": result.steps, "losses": [round(x, 6) for x in result.losses],
+                           "steps_run": result.steps, "seed_kept": result.seed,
+                           "start_cosines": [round(c, 6) for c in result.cosines], "losses": [round(x, 6) for x in result.losses],
                            "frames": [str(p) for p in result.frames], "score": scores["model"],
                            "judge_score": scores.get("judge")})
     return 0

@@ -31,8 +31,13 @@ The method, piece by piece:
   the steps then run, as an image-to-image strength skips the first part of a diffusion
   schedule: 0 returns the init image, 1 runs every step from it.
 
-Everything random (the starting spectrum, the cutouts, the noise) draws from one generator
-seeded with ``seed``: on the CPU two runs give the same bytes.
+- **Best of N** (``best_of``; DALL·E reranked its samples with CLIP the same way, Ramesh et
+  al., 2021).  The whole optimisation is run from ``best_of`` starts, seeded ``seed``,
+  ``seed + 1``, …, and the image kept is the one whose 8-bit result the model scores highest
+  (the cosine between its embedding, through CLIP's preprocessing, and the prompt's).
+
+Everything random in a start (the starting spectrum, the cutouts, the noise) draws from one
+generator seeded with its seed: on the CPU two runs give the same bytes.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ class GenerateConfig:
     seed: int = 0  # the starting spectrum, the crops and the noise
     strength: float = 1.0  # with an init image: the fraction of the steps run (0 keeps the image)
     frame_every: int = 10  # with frames: save one every this many steps
+    best_of: int = 1  # starts (seeds seed, seed + 1, ...); the image the model scores highest is kept
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
@@ -86,7 +92,7 @@ class GenerateConfig:
 
         for name in ("steps", "size", "seed"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "must be a non-negative integer")
-        for name in ("cutouts", "frame_every"):
+        for name in ("cutouts", "frame_every", "best_of"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be a positive integer")
         need(self.size == 0 or self.size >= 8, "size", "must be 0 or at least 8 pixels")
         need(self.lr > 0, "lr", "must be positive")
@@ -108,6 +114,8 @@ class Generated:
     pixels: Tensor  # [3, H, W] in [0, 1], before rounding to 8 bits
     losses: list[float] = field(default_factory=list)  # the loss of each step, before its update
     frames: list[Path] = field(default_factory=list)  # frame files written, in order
+    seed: int = 0  # the seed of the start kept
+    cosines: list[float] = field(default_factory=list)  # per start: the model's cosine of its image and the prompt
 
     @property
     def steps(self) -> int:
@@ -258,17 +266,43 @@ def generate(
             size, mean and std); it runs on its own device and its weights are not changed.
         tokenizer: strings → token ids [B, L].
         prompt: the text to match.
-        config: steps, learning rate, cutouts, augmentations, regularisation and seed.
+        config: steps, learning rate, cutouts, augmentations, regularisation, seed and starts.
         init: a starting image; ``config.strength`` is then the fraction of the steps run.
         frames: a folder to write ``frame-NNNNN.png`` into (NNNNN: steps done), at the start,
-            every ``config.frame_every`` steps and at the end.
+            every ``config.frame_every`` steps and at the end; with ``best_of`` > 1, one
+            subfolder ``seed-S`` per start.
         progress: show a progress bar.
     """
+    from clipforge.transforms import image_transform
+
+    vision = model.config.vision  # type: ignore[union-attr]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        target = F.normalize(model.encode_text(tokenizer([prompt]).to(device)).float(), dim=-1)  # [1, D]
+    preprocess = image_transform(vision.image_size, mean=vision.mean, std=vision.std)
+    best: Generated | None = None
+    cosines: list[float] = []
+    for seed in range(config.seed, config.seed + config.best_of):
+        folder = None if frames is None else Path(frames) / f"seed-{seed}" if config.best_of > 1 else Path(frames)
+        result = _optimise(model, target, seed, config, init, folder, progress)
+        with torch.no_grad():
+            pixels = preprocess(result.image)[None].to(device, next(model.parameters()).dtype)
+            cosines.append(float(F.normalize(model.encode_image(pixels).float(), dim=-1) @ target[0]))
+        if best is None or cosines[-1] > max(cosines[:-1]):
+            best = result
+    assert best is not None
+    best.cosines = cosines
+    return best
+
+
+def _optimise(model: nn.Module, target: Tensor, seed: int, config: GenerateConfig, init: Image.Image | None,
+              folder: Path | None, progress: bool) -> Generated:
+    """One start of `generate`: the image optimised from ``seed`` towards the prompt embedding ``target``."""
     vision = model.config.vision  # type: ignore[union-attr]
     parameter = next(model.parameters())
     device, dtype = parameter.device, parameter.dtype
     size = config.size or vision.image_size
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(seed)
     image = FourierImage(size, decay=config.decay, generator=generator).to(device)
     steps = config.steps
     if init is not None:
@@ -276,10 +310,6 @@ def generate(
         steps = round(config.strength * config.steps)
     mean = torch.tensor(vision.mean, device=device)[:, None, None]
     std = torch.tensor(vision.std, device=device)[:, None, None]
-    with torch.no_grad():
-        target = F.normalize(model.encode_text(tokenizer([prompt]).to(device)).float(), dim=-1)  # [1, D]
-
-    folder = Path(frames) if frames is not None else None
     written: list[Path] = []
 
     def save_frame(done: int, pixels: Tensor) -> None:
@@ -313,4 +343,4 @@ def generate(
     save_frame(steps, final)
     if not math.isfinite(losses[-1] if losses else 0.0):
         raise FloatingPointError(f"generate: the loss became {losses[-1]}; lower the learning rate")
-    return Generated(image=to_image(final[0]), pixels=final[0].cpu(), losses=losses, frames=written)
+    return Generated(image=to_image(final[0]), pixels=final[0].cpu(), losses=losses, frames=written, seed=seed)
