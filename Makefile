@@ -38,8 +38,8 @@ bench-serve: $(STAMP)
 	$(BIN)/python benchmarks/bench_serve.py
 
 # CLIP-guided generation and best-of-16 reranking on shapes://, judged by a second model: trains
-# two demo-recipe models (seed 0 for 4,800 steps with --image-noise 0.25, seed 1 for 2,400 steps
-# clean; about 45 minutes together) into runs/generate-proof/ unless they are there, then writes
+# three demo-recipe models (seeds 0 and 1 for 4,800 steps with --image-noise 0.25, seed 1 for
+# 2,400 steps clean; about 80 minutes together) into runs/generate-proof/ unless they are there, then writes
 # benchmarks/results/bench_generate.json and docs/figures/generate_grid.png.
 bench-generate: $(STAMP)
 	$(BIN)/python benchmarks/bench_generate.py

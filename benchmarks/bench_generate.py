@@ -2,27 +2,30 @@
 
     python benchmarks/bench_generate.py                          # `make bench-generate`: the full proof
     python benchmarks/bench_generate.py --model runs/a --judge runs/b
-    python benchmarks/bench_generate.py --prompts 4 --steps 30 --train-steps 40 --generator-steps 40 \\
-        --json /tmp/quick.json --figure /tmp/quick.png           # a quick check of the script
+    python benchmarks/bench_generate.py --prompts 4 --steps 30 --generator-steps 40 --judge-steps 40 \\
+        --clean-judge-steps 40 --runs /tmp/runs --json /tmp/quick.json --figure /tmp/quick.png   # a quick check
 
-Two ``tiny`` models trained independently on ``shapes://`` (the demo recipe,
-`clipforge.demo.DEMO`, with seeds 0 and 1) play two parts: the *generator* model, against
-which each image is optimised, and the *judge*, which never saw the optimisation.  The
-generator is trained for 4,800 steps with ``--image-noise 0.25`` (Gaussian noise on its
-training images), so that its input gradients point towards visible changes; the judge is
-trained for 2,400 steps on clean images, as every other run is.  Without ``--model``/``--judge``
-(run directories, whose last checkpoint is taken, or checkpoints) the script trains both
-into ``runs/generate-proof/`` and reuses them on the next run of the same recipe (``--fresh``
-trains again, e.g. after a change to the code rather than the config).
+Two ``tiny`` models trained independently on ``shapes://`` with one recipe and different
+seeds play two parts: the *generator* model (seed 0), against which each image is optimised,
+and the *judge* (seed 1), which never saw the optimisation.  The recipe is the demo recipe
+(`clipforge.demo.DEMO`) run for 4,800 steps with ``--image-noise 0.25`` (Gaussian noise on
+the training images), so that the generator's input gradients point towards visible changes
+and the judge reads shapes rather than pixel-level detail.  A third model, the *clean
+judge* (seed 1, 2,400 steps without noise, as every other run trains), classifies the same
+images: how a model of another recipe sees them.  Without ``--model``/``--judge``/
+``--clean-judge`` (run directories, whose last checkpoint is taken, or checkpoints) the
+script trains them into ``runs/generate-proof/`` and reuses them on the next run of the same
+recipe (``--fresh`` trains again, e.g. after a change to the code rather than the config).
 
 1. Generation: for each of the 64 prompts "a {colour} {shape}", `clipforge.generate.generate`
    makes an image with the generator model; the judge classifies it zero-shot among the 64
    classes (`ShapesDataset.templates`).  Rates: colour and shape both right (the target is
-   >= 80 %), colour right, shape right; and the same for the generator classifying its own
-   images (a generator far above its judge is making adversarial images).  The generation
+   >= 80 %), colour right, shape right; the same for the clean judge, and for the generator
+   classifying its own images (a generator far above its judges is making adversarial images).  The generation
    settings default to the proof's: 200 steps, 16 cutouts with pixel noise of the generator's
-   training noise, total variation 5, spectrum decay 2, learning rate 0.02.
-   The judge's rate on 8 real images of each prompted class is the most the generation rate
+   training noise, total variation 5, spectrum decay 2, learning rate 0.02, one start
+   (``--best-of N``: N starts, the generator keeps the image it scores highest).
+   Each judge's rate on 8 real images of each prompted class is the most its generation rate
    can be: a generator that drew each prompt as shapes:// does would score that.
 2. Reranking: for each prompt, 16 candidate images from the ``seen``/``heldout`` splits (one
    of the prompted pair, 15 of classes drawn at random), ordered by the generator model with
@@ -54,9 +57,10 @@ from _demo_runs import demo_run  # benchmarks/_demo_runs.py
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CANDIDATES = 16
-JUDGE_STEPS = 2400  # the demo recipe run longer: the judge near its plateau (docs/benchmarks.md)
-GENERATOR_STEPS = 4800  # training with noise needs longer for the same clean accuracy
-GENERATOR_NOISE = 0.25  # the generator model is trained with this image noise (docs/generation.md)
+STEPS = 4800  # both models: training with noise needs longer for the same clean accuracy
+NOISE = 0.25  # both models are trained with this image noise (docs/generation.md)
+BEST_OF = 1  # starts per prompt (GenerateConfig.best_of): 4 measured no better (docs/benchmarks.md)
+CLEAN_JUDGE_STEPS = 2400  # the clean recipe near its plateau (docs/benchmarks.md)
 REAL_PER_PROMPT = 8  # real images per prompted class on which the judge's own accuracy is measured
 
 
@@ -208,22 +212,28 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="generator: a run directory or checkpoint (default: train seed 0)")
     parser.add_argument("--judge", help="judge: a run directory or checkpoint (default: train seed 1)")
-    parser.add_argument("--train-steps", type=int, default=JUDGE_STEPS,
-                        help=f"steps when training the judge (default: {JUDGE_STEPS})")
-    parser.add_argument("--generator-steps", type=int, default=GENERATOR_STEPS,
-                        help=f"steps when training the generator (default: {GENERATOR_STEPS})")
-    parser.add_argument("--generator-noise", type=float, default=GENERATOR_NOISE,
-                        help=f"--image-noise when training the generator model (default: {GENERATOR_NOISE})")
+    parser.add_argument("--clean-judge", help="clean judge: a run directory or checkpoint (default: train seed 1)")
+    parser.add_argument("--generator-steps", type=int, default=STEPS,
+                        help=f"steps when training the generator (default: {STEPS})")
+    parser.add_argument("--generator-noise", type=float, default=NOISE,
+                        help=f"--image-noise when training the generator model (default: {NOISE})")
+    parser.add_argument("--judge-steps", type=int, default=STEPS, help=f"steps when training the judge (default: {STEPS})")
+    parser.add_argument("--judge-noise", type=float, default=NOISE,
+                        help=f"--image-noise when training the judge (default: {NOISE})")
+    parser.add_argument("--clean-judge-steps", type=int, default=CLEAN_JUDGE_STEPS,
+                        help=f"steps when training the clean judge (default: {CLEAN_JUDGE_STEPS}; 0: no clean judge)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "generate-proof", help="where to train")
     parser.add_argument("--fresh", action="store_true", help="train the two models again even if they are there")
     parser.add_argument("--prompts", type=int, default=64,
                         help="generate for this many of the 64 prompts (default: all; reranking always covers all)")
     parser.add_argument("--steps", type=int, default=200, help="generation steps (default: 200)")
     parser.add_argument("--cutouts", type=int, default=16, help="cutouts per step (default: 16)")
+    parser.add_argument("--best-of", type=int, default=BEST_OF,
+                        help=f"starts per prompt; the generator keeps the one it scores highest (default: {BEST_OF})")
     parser.add_argument("--lr", type=float, default=0.02, help="generation learning rate (default: 0.02)")
     parser.add_argument("--tv", type=float, default=5.0, help="total-variation weight (default: 5)")
-    parser.add_argument("--noise", type=float, default=GENERATOR_NOISE,
-                        help=f"std of the cutouts' pixel noise (default: {GENERATOR_NOISE}, the generator's training noise)")
+    parser.add_argument("--noise", type=float, default=NOISE,
+                        help=f"std of the cutouts' pixel noise (default: {NOISE}, the generator's training noise)")
     parser.add_argument("--cut-scale", type=float, nargs=2, default=(0.6, 1.0), metavar=("LOW", "HIGH"),
                         help="range of the cutouts' side, a fraction of the image side (default: 0.6 1.0)")
     parser.add_argument("--decay", type=float, default=2.0, help="spectrum decay of the parameterisation (default: 2)")
@@ -250,14 +260,17 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     model_path = resolve(args.model) if args.model else train_or_reuse(0, args.generator_steps, args.runs, fresh=args.fresh,
                                                                        image_noise=args.generator_noise)
-    judge_path = resolve(args.judge) if args.judge else train_or_reuse(1, args.train_steps, args.runs, fresh=args.fresh)
+    judge_path = resolve(args.judge) if args.judge else train_or_reuse(1, args.judge_steps, args.runs, fresh=args.fresh,
+                                                                       image_noise=args.judge_noise)
+    clean_path = (resolve(args.clean_judge) if args.clean_judge else
+                  train_or_reuse(1, args.clean_judge_steps, args.runs, fresh=args.fresh) if args.clean_judge_steps else None)
     train_seconds = time.perf_counter() - start
     model, preprocess, tokenizer = load(model_path)
     judge, judge_preprocess, judge_tokenizer = load(judge_path)
     names = class_names()
     chosen = pick_prompts(args.prompts)
     config = GenerateConfig(steps=args.steps, cutouts=args.cutouts, lr=args.lr, tv=args.tv, noise=args.noise,
-                            cut_scale=tuple(args.cut_scale), decay=args.decay, seed=0)
+                            cut_scale=tuple(args.cut_scale), decay=args.decay, seed=0, best_of=args.best_of)
     image_dir = args.images or args.runs / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
 
@@ -272,12 +285,13 @@ def main(argv: list[str] | None = None) -> None:
         other = clip_score(judge, [judge_preprocess(result.image)], [prompt], tokenizer=judge_tokenizer, progress=False)
         images.append(result.image)
         rows.append({"prompt": prompt, "class": label, "model_clip_score": own.mean, "judge_clip_score": other.mean,
-                     "loss_first": result.losses[0], "loss_last": result.losses[-1]})
+                     "loss_first": result.losses[0], "loss_last": result.losses[-1], "seed_kept": result.seed,
+                     "start_cosines": [round(c, 6) for c in result.cosines]})
         print(f"[{number}/{len(chosen)}] {prompt}: CLIP-S {own.mean:.3f} (model), {other.mean:.3f} (judge)", flush=True)
     generate_seconds = time.perf_counter() - start
     # Each model classifies the generated images and, in the same pass, 8 real images of each
-    # prompted class: the judge's rate on those is what a generator that drew each prompt as
-    # shapes:// does would be judged right on, the ceiling of the generation rate.
+    # prompted class: a judge's rate on those is what a generator that drew each prompt as
+    # shapes:// does would be judged right on, the ceiling of its generation rate.
     real_labels = [label for label in chosen for _ in range(REAL_PER_PROMPT)]
     real = [real_image(label, draw) for label in chosen for draw in range(REAL_PER_PROMPT)]
     judge_all = classify(judge, judge_preprocess, judge_tokenizer, images + real)
@@ -289,6 +303,14 @@ def main(argv: list[str] | None = None) -> None:
     self_rates = rates(own_view, chosen)
     judge_real = rates(judge_all[len(images):], real_labels)
     model_real = rates(model_all[len(images):], real_labels)
+    clean: dict[str, Any] = {}
+    if clean_path is not None:
+        clean_model, clean_preprocess, clean_tokenizer = load(clean_path)
+        clean_all = classify(clean_model, clean_preprocess, clean_tokenizer, images + real)
+        for row, c in zip(rows, clean_all[:len(images)]):
+            row["clean_judge_class"] = c
+        clean = {"generation_clean_judge": rates(clean_all[:len(images)], chosen),
+                 "real_images_clean_judge": rates(clean_all[len(images):], real_labels)}
 
     # 2. Reranking 16 candidates for every prompt (all 64: it is cheap) with the generator model
     # and, for comparison, the judge.
@@ -311,10 +333,19 @@ def main(argv: list[str] | None = None) -> None:
         ("generation: generator sees colour and shape (own images)", self_rates["colour_and_shape"]),
         (f"real images ({REAL_PER_PROMPT} per prompt): judge right (the ceiling)", judge_real["colour_and_shape"]),
         (f"real images ({REAL_PER_PROMPT} per prompt): generator right", model_real["colour_and_shape"]),
+    ]
+    if clean:
+        table += [
+            ("generation: clean judge sees colour and shape", clean["generation_clean_judge"]["colour_and_shape"]),
+            ("generation: clean judge sees the shape", clean["generation_clean_judge"]["shape"]),
+            (f"real images ({REAL_PER_PROMPT} per prompt): clean judge right", clean["real_images_clean_judge"]["colour_and_shape"]),
+        ]
+    table += [
         ("rerank 16: generator's first image matches (target >= 0.90)", rerank_rate),
         ("rerank 16: judge's first image matches", rerank_judge),
     ]
-    print(f"\n{count} prompts; generator {model_path}; judge {judge_path}; {args.steps} steps × {args.cutouts} cutouts")
+    print(f"\n{count} prompts; generator {model_path}; judge {judge_path}; clean judge {clean_path}; "
+          f"best of {args.best_of} starts of {args.steps} steps × {args.cutouts} cutouts")
     width = max(len(name) for name, _ in table)
     print(f"{'measure'.ljust(width)}  rate   count")
     for name, value in table:
@@ -329,10 +360,11 @@ def main(argv: list[str] | None = None) -> None:
             "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
             "torch_threads": torch.get_num_threads(), "train_seconds": round(train_seconds, 1),
             "generate_seconds": round(generate_seconds, 1)}
-    result = {"meta": meta, "model": str(model_path), "judge": str(judge_path), "prompts": count,
+    result = {"meta": meta, "model": str(model_path), "judge": str(judge_path),
+              "clean_judge": None if clean_path is None else str(clean_path), "prompts": count,
               "generate_config": config.to_dict(),
               "results": {"generation_judge": generation, "generation_self": self_rates,
-                          "real_images_judge": judge_real, "real_images_model": model_real,
+                          "real_images_judge": judge_real, "real_images_model": model_real, **clean,
                           "rerank_top1_model": rerank_rate, "rerank_top1_judge": rerank_judge,
                           "mean_clip_score_model": mean_model, "mean_clip_score_judge": mean_judge},
               "per_prompt": rows}
