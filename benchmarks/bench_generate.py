@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clean-judge-steps", type=int, default=CLEAN_JUDGE_STEPS,
                         help=f"steps when training the clean judge (default: {CLEAN_JUDGE_STEPS}; 0: no clean judge)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "generate-proof", help="where to train")
-    parser.add_argument("--fresh", action="store_true", help="train the two models again even if they are there")
+    parser.add_argument("--fresh", action="store_true", help="train the models again even if they are there")
     parser.add_argument("--prompts", type=int, default=64,
                         help="generate for this many of the 64 prompts (default: all; reranking always covers all)")
     parser.add_argument("--steps", type=int, default=200, help="generation steps (default: 200)")
