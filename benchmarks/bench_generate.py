@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="generate for this many of the 64 prompts (default: all; reranking always covers all)")
     parser.add_argument("--steps", type=int, default=200, help="generation steps (default: 200)")
     parser.add_argument("--cutouts", type=int, default=16, help="cutouts per step (default: 16)")
+    parser.add_argument("--seed", type=int, default=0, help="generation seed (default: 0)")
     parser.add_argument("--best-of", type=int, default=BEST_OF,
                         help=f"starts per prompt; the generator keeps the one it scores highest (default: {BEST_OF})")
     parser.add_argument("--lr", type=float, default=0.02, help="generation learning rate (default: 0.02)")
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     names = class_names()
     chosen = pick_prompts(args.prompts)
     config = GenerateConfig(steps=args.steps, cutouts=args.cutouts, lr=args.lr, tv=args.tv, noise=args.noise,
-                            cut_scale=tuple(args.cut_scale), decay=args.decay, seed=0, best_of=args.best_of)
+                            cut_scale=tuple(args.cut_scale), decay=args.decay, seed=args.seed, best_of=args.best_of)
     image_dir = args.images or args.runs / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
 
