@@ -273,6 +273,7 @@ def generate(
             subfolder ``seed-S`` per start.
         progress: show a progress bar.
     """
+    from clipforge.embed import embed_images
     from clipforge.transforms import image_transform
 
     vision = model.config.vision  # type: ignore[union-attr]
@@ -283,11 +284,11 @@ def generate(
     best: Generated | None = None
     cosines: list[float] = []
     for seed in range(config.seed, config.seed + config.best_of):
-        folder = None if frames is None else Path(frames) / f"seed-{seed}" if config.best_of > 1 else Path(frames)
+        folder = Path(frames) if frames is not None else None
+        if folder is not None and config.best_of > 1:
+            folder = folder / f"seed-{seed}"
         result = _optimise(model, target, seed, config, init, folder, progress)
-        with torch.no_grad():
-            pixels = preprocess(result.image)[None].to(device, next(model.parameters()).dtype)
-            cosines.append(float(F.normalize(model.encode_image(pixels).float(), dim=-1) @ target[0]))
+        cosines.append(float(embed_images(model, [preprocess(result.image)], progress=False)[0] @ target[0]))
         if best is None or cosines[-1] > max(cosines[:-1]):
             best = result
     assert best is not None
