@@ -61,6 +61,7 @@ STEPS = 4800  # both models: training with noise needs longer for the same clean
 NOISE = 0.25  # both models are trained with this image noise (docs/generation.md)
 BEST_OF = 1  # starts per prompt (GenerateConfig.best_of): 4 measured no better (docs/benchmarks.md)
 CLEAN_JUDGE_STEPS = 2400  # the clean recipe near its plateau (docs/benchmarks.md)
+NEGATIVE_WEIGHT = 0.0  # GenerateConfig.negative_weight, with the other 63 class prompts as negatives (0: none)
 REAL_PER_PROMPT = 8  # real images per prompted class on which the judge's own accuracy is measured
 
 
@@ -231,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="generation seed (default: 0)")
     parser.add_argument("--best-of", type=int, default=BEST_OF,
                         help=f"starts per prompt; the generator keeps the one it scores highest (default: {BEST_OF})")
+    parser.add_argument("--negative-weight", type=float, default=NEGATIVE_WEIGHT,
+                        help="weight of the negative prompts, the other 63 classes (0: none; default: "
+                             f"{NEGATIVE_WEIGHT})")
     parser.add_argument("--lr", type=float, default=0.02, help="generation learning rate (default: 0.02)")
     parser.add_argument("--tv", type=float, default=5.0, help="total-variation weight (default: 5)")
     parser.add_argument("--noise", type=float, default=NOISE,
@@ -270,8 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     judge, judge_preprocess, judge_tokenizer = load(judge_path)
     names = class_names()
     chosen = pick_prompts(args.prompts)
+    classes = tuple(f"a {name}" for name in names)  # the negatives: generate leaves out the prompt
     config = GenerateConfig(steps=args.steps, cutouts=args.cutouts, lr=args.lr, tv=args.tv, noise=args.noise,
-                            cut_scale=tuple(args.cut_scale), decay=args.decay, seed=args.seed, best_of=args.best_of)
+                            cut_scale=tuple(args.cut_scale), decay=args.decay, seed=args.seed, best_of=args.best_of,
+                            negatives=classes if args.negative_weight > 0 else (), negative_weight=args.negative_weight)
     image_dir = args.images or args.runs / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
 
@@ -346,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
         ("rerank 16: judge's first image matches", rerank_judge),
     ]
     print(f"\n{count} prompts; generator {model_path}; judge {judge_path}; clean judge {clean_path}; "
-          f"best of {args.best_of} starts of {args.steps} steps × {args.cutouts} cutouts")
+          f"best of {args.best_of} starts of {args.steps} steps × {args.cutouts} cutouts; negative weight "
+          f"{args.negative_weight}")
     width = max(len(name) for name, _ in table)
     print(f"{'measure'.ljust(width)}  rate   count")
     for name, value in table:

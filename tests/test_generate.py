@@ -160,6 +160,42 @@ def test_best_of_keeps_the_start_the_model_scores_highest_and_each_start_is_its_
     assert one.seed == 5 and len(one.cosines) == 1 and png_bytes(one.image) == png_bytes(singles[0].image)
 
 
+def test_negatives_add_the_weighted_cross_entropy_of_the_prompt_among_the_texts():
+    model = micro_clip()
+    prompt, negatives = "a red circle", ["a blue square", "a green star", "a red square"]
+    plain = GenerateConfig(steps=1, cutouts=3, noise=0.1, seed=2)
+    with_negatives = GenerateConfig(steps=1, cutouts=3, noise=0.1, seed=2, negatives=tuple(negatives),
+                                    negative_weight=0.3)
+    # The first step's cutouts, drawn naively from the same seed as generate draws them.
+    generator = torch.Generator().manual_seed(2)
+    pixels = FourierImage(32, generator=generator)()
+    cuts = make_cutouts(pixels, 3, 32, noise=0.1, generator=generator)
+    mean = torch.tensor(model.config.vision.mean)[:, None, None]
+    std = torch.tensor(model.config.vision.std)[:, None, None]
+    with torch.no_grad():
+        image = torch.nn.functional.normalize(model.encode_image((cuts - mean) / std), dim=-1)  # [3, D]
+        text = torch.nn.functional.normalize(model.encode_text(toy_tokenizer([prompt, *negatives])), dim=-1)
+        scale = float(model.logit_scale())
+    cosine = (image @ text.T).double()  # [cutout, text]
+    angle = torch.arccos(cosine[:, 0].clamp(-1, 1))
+    cross_entropy = [-math.log(math.exp(scale * row[0]) / sum(math.exp(scale * c) for c in row))
+                     for row in cosine.tolist()]
+    first = generate(model, toy_tokenizer, prompt, config=plain, progress=False).losses[0]
+    second = generate(model, toy_tokenizer, prompt, config=with_negatives, progress=False).losses[0]
+    assert first == pytest.approx(float((angle ** 2 / 2).mean()), abs=1e-5)
+    assert second - first == pytest.approx(0.3 * np.mean(cross_entropy), abs=1e-5)
+    # The prompt and repeats among the negatives are left out; weight 0 is no negatives at all.
+    repeated = GenerateConfig(steps=1, cutouts=3, noise=0.1, seed=2, negative_weight=0.3,
+                              negatives=(prompt, *negatives, negatives[0]))
+    assert generate(model, toy_tokenizer, prompt, config=repeated, progress=False).losses[0] == second
+    off = GenerateConfig(steps=3, cutouts=3, seed=2, negatives=tuple(negatives), negative_weight=0.0)
+    assert (png_bytes(generate(model, toy_tokenizer, prompt, config=off, progress=False).image)
+            == png_bytes(generate(model, toy_tokenizer, prompt, config=GenerateConfig(steps=3, cutouts=3, seed=2),
+                                  progress=False).image))
+    with pytest.raises(ValueError, match="negatives must be a tuple of non-empty strings"):
+        GenerateConfig(negatives=("a cat", " "))
+
+
 def test_the_loss_falls_and_each_image_fits_its_own_prompt_best(tmp_path_factory):
     # Not the training loss on augmented cutouts alone: the finished 8-bit images, seen whole
     # through the model's preprocessing, must each match their own prompt better than the others'.
@@ -185,10 +221,12 @@ def test_the_loss_falls_and_each_image_fits_its_own_prompt_best(tmp_path_factory
 def test_generate_command_writes_the_image_frames_and_both_scores(tmp_path_factory, tmp_path, capsys):
     c = collection(tmp_path_factory)
     out, report = tmp_path / "red.png", tmp_path / "red.json"
+    negatives = tmp_path / "negatives.txt"
+    negatives.write_text("a red circle\n a green star \n\na red square\n")  # the prompt is left out
     code = main(["generate", "a red circle", "--model", str(c.model), "--judge", str(c.other_model),
                  "--out", str(out), "--steps", "6", "--cutouts", "4", "--seed", "1", "--frames", str(tmp_path / "f"),
                  "--frame-every", "3", "--decay", "2", "--noise", "0.25", "--best-of", "2", "--json", str(report),
-                 "--quiet"])
+                 "--negative", "a blue square", "--negatives", str(negatives), "--negative-weight", "0.2", "--quiet"])
     printed = capsys.readouterr().out
     assert code == 0 and "judge" in printed and "CLIP-S" in printed and "best of 2" in printed
     result = json.loads(report.read_text())
@@ -199,6 +237,8 @@ def test_generate_command_writes_the_image_frames_and_both_scores(tmp_path_facto
     assert all(f"seed-{result['seed_kept']}" in frame for frame in result["frames"])
     assert result["config"]["seed"] == 1 and result["config"]["cutouts"] == 4
     assert result["config"]["decay"] == 2 and result["config"]["noise"] == 0.25
+    assert result["config"]["negatives"] == ["a blue square", "a red circle", "a green star", "a red square"]
+    assert result["config"]["negative_weight"] == 0.2 and "3 negatives" in printed
     with Image.open(out) as written:
         image = written.convert("RGB")
     for key, path in (("score", c.model), ("judge_score", c.other_model)):
@@ -225,8 +265,13 @@ def test_generate_command_writes_the_image_frames_and_both_scores(tmp_path_facto
         (["--cutouts", "0"], "cutouts must be a positive integer"),
         (["--decay", "-1"], "decay must be non-negative"),
         (["--best-of", "0"], "best_of must be a positive integer"),
+        (["--negative-weight", "-1"], "negative_weight must be non-negative"),
+        (["--negatives", "nowhere.txt"], "--negatives nowhere.txt: cannot read"),
+        (["--negatives", "blank.txt"], "blank.txt: the file has no texts"),
     ],
 )
 def test_generate_command_rejects_bad_options(tmp_path, capsys, extra, message):
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    extra = [str(tmp_path / x) if x == "blank.txt" else x for x in extra]
     code = main(["generate", "a red circle", "--model", "tiny", "--out", str(tmp_path / "x.png"), "--quiet", *extra])
     assert code == 2 and message in capsys.readouterr().err

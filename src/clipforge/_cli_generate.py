@@ -51,6 +51,13 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--best-of", type=int, default=default.best_of, metavar="N",
                         help="optimise from N starts (seeds SEED, SEED+1, ...) and keep the image the model "
                              "scores highest (default: 1)")
+    parser.add_argument("--negative", action="append", default=[], metavar="TEXT",
+                        help="a text the image should not match; repeat for more")
+    parser.add_argument("--negatives", metavar="FILE",
+                        help="texts the image should not match, one per line (a line equal to the prompt is left out)")
+    parser.add_argument("--negative-weight", type=float, default=default.negative_weight, metavar="W",
+                        help="weight of the prompt's cross-entropy among the prompt and the negatives "
+                             f"(default: {default.negative_weight})")
     parser.add_argument("--init", metavar="IMAGE", help="start from this image")
     parser.add_argument("--strength", type=float, default=None,
                         help="with --init: fraction of the steps run, 0 keeps the image (default: 0.5)")
@@ -67,6 +74,18 @@ def _judge_args(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(model=args.judge, tokenizer=args.judge_tokenizer, device=args.device, precision="fp32")
 
 
+def _read_negatives(path: str) -> list[str]:
+    """The non-blank lines of a negatives file, stripped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CommandError(f"--negatives {path}: cannot read the file ({err})") from err
+    texts = [line.strip() for line in lines if line.strip()]
+    if not texts:
+        raise CommandError(f"--negatives {path}: the file has no texts (one per line)")
+    return texts
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """``clipforge generate --model M PROMPT --out FILE [--judge M2]``: writes the image and prints
     its CLIP-S under the model and under the judge."""
@@ -81,12 +100,15 @@ def run_generate(args: argparse.Namespace) -> int:
         raise CommandError("--strength needs --init IMAGE")
     if not args.out.lower().endswith(".png"):
         raise CommandError(f"--out {args.out}: write a .png file (lossless, so the scores are the file's)")
+    negatives = list(args.negative)
+    if args.negatives:
+        negatives += _read_negatives(args.negatives)
     try:
         config = GenerateConfig(
             steps=args.steps, lr=args.lr, size=args.size, cutouts=args.cutouts, cut_scale=tuple(args.cut_scale),
             flip=args.flip, noise=args.noise, jitter=args.jitter, tv=args.tv, decay=args.decay, seed=args.seed,
             strength=0.5 if args.strength is None else args.strength, frame_every=args.frame_every,
-            best_of=args.best_of,
+            best_of=args.best_of, negatives=tuple(negatives), negative_weight=args.negative_weight,
         )
     except ValueError as err:
         raise CommandError(str(err)) from err
@@ -116,7 +138,8 @@ def run_generate(args: argparse.Namespace) -> int:
                         "clip_score": value.mean, "cosine": float(value.cosine[0])}
 
     print(f"generate {args.prompt!r}  {result.steps} steps, {config.cutouts} cutouts, "
-          f"seed {config.seed}" + (f"; best of {config.best_of}: seed {result.seed} kept, model cosines "
+          f"seed {config.seed}" + (f"; {len(set(config.negatives) - {args.prompt})} negatives, weight {config.negative_weight}"
+                                   if config.negatives else "") + (f"; best of {config.best_of}: seed {result.seed} kept, model cosines "
                                    + ", ".join(f"{c:.4f}" for c in result.cosines) if config.best_of > 1 else ""))
     print(f"wrote {out} ({result.image.width}×{result.image.height})"
           + (f"; {len(result.frames)} frames in {args.frames}" if args.frames else ""))

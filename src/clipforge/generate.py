@@ -25,6 +25,15 @@ The method, piece by piece:
   image embedding x and the normalised text embedding y, 2·arcsin(‖x − y‖/2)² = θ²/2 for
   the angle θ between them (Crowson's ``spherical_dist_loss``), plus ``tv`` times the total
   variation of the image (mean squared difference of neighbouring pixels).
+- **Negative prompts** (``negatives``, ``negative_weight``).  Texts the image should *not*
+  match add ``negative_weight`` times the cross-entropy of the prompt among the prompt and the
+  negatives, with the model's similarities scaled by its logit scale: −log p(prompt | crop)
+  under the model's own zero-shot classifier over those texts, averaged over cutouts.  The
+  spherical distance pulls the image towards the prompt; this term pushes it away from the
+  nearest wrong texts ("a red hexagon" for "a red circle"), as a classifier's gradient guides
+  diffusion sampling towards a class (Dhariwal & Nichol, 2021).  On its own the term is
+  satisfied by images the model finds unlike every text, the prompt included, so it is added to
+  the spherical distance, not used instead of it.
 - **Optimiser**: Adam at ``lr`` on the spectrum.
 - **Init image**: the spectrum is set so that the image equals the init image (resized and
   centre-cropped as CLIP's preprocessing does), and ``strength`` ∈ [0, 1] is the fraction of
@@ -84,6 +93,8 @@ class GenerateConfig:
     strength: float = 1.0  # with an init image: the fraction of the steps run (0 keeps the image)
     frame_every: int = 10  # with frames: save one every this many steps
     best_of: int = 1  # starts (seeds seed, seed + 1, ...); the image the model scores highest is kept
+    negatives: tuple[str, ...] = ()  # texts the image should not match (one equal to the prompt is left out)
+    negative_weight: float = 0.1  # weight of the cross-entropy of the prompt among the prompt and the negatives
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
@@ -96,7 +107,9 @@ class GenerateConfig:
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be a positive integer")
         need(self.size == 0 or self.size >= 8, "size", "must be 0 or at least 8 pixels")
         need(self.lr > 0, "lr", "must be positive")
-        for name in ("noise", "jitter", "tv", "decay"):
+        need(isinstance(self.negatives, tuple) and all(isinstance(t, str) and t.strip() for t in self.negatives),
+             "negatives", "must be a tuple of non-empty strings")
+        for name in ("noise", "jitter", "tv", "decay", "negative_weight"):
             need(getattr(self, name) >= 0, name, "must be non-negative")
         low, high = self.cut_scale
         need(0 < low <= high <= 1, "cut_scale", "must be (low, high) with 0 < low <= high <= 1")
@@ -266,7 +279,8 @@ def generate(
             size, mean and std); it runs on its own device and its weights are not changed.
         tokenizer: strings → token ids [B, L].
         prompt: the text to match.
-        config: steps, learning rate, cutouts, augmentations, regularisation, seed and starts.
+        config: steps, learning rate, cutouts, augmentations, regularisation, negative prompts,
+            seed and starts.
         init: a starting image; ``config.strength`` is then the fraction of the steps run.
         frames: a folder to write ``frame-NNNNN.png`` into (NNNNN: steps done), at the start,
             every ``config.frame_every`` steps and at the end; with ``best_of`` > 1, one
@@ -278,8 +292,12 @@ def generate(
 
     vision = model.config.vision  # type: ignore[union-attr]
     device = next(model.parameters()).device
+    negatives = [text for text in dict.fromkeys(config.negatives) if text != prompt]
     with torch.no_grad():
-        target = F.normalize(model.encode_text(tokenizer([prompt]).to(device)).float(), dim=-1)  # [1, D]
+        texts = F.normalize(model.encode_text(tokenizer([prompt, *negatives]).to(device)).float(), dim=-1)
+        scale = float(model.logit_scale()) if hasattr(model, "logit_scale") else 100.0  # 100: OpenAI CLIP's
+    target = texts[:1]  # [1, D]
+    contrast = _Contrast(texts, scale, config.negative_weight) if negatives and config.negative_weight > 0 else None
     preprocess = image_transform(vision.image_size, mean=vision.mean, std=vision.std)
     best: Generated | None = None
     cosines: list[float] = []
@@ -287,7 +305,7 @@ def generate(
         folder = Path(frames) if frames is not None else None
         if folder is not None and config.best_of > 1:
             folder = folder / f"seed-{seed}"
-        result = _optimise(model, target, seed, config, init, folder, progress)
+        result = _optimise(model, target, contrast, seed, config, init, folder, progress)
         cosines.append(float(embed_images(model, [preprocess(result.image)], progress=False)[0] @ target[0]))
         if best is None or cosines[-1] > max(cosines[:-1]):
             best = result
@@ -296,9 +314,23 @@ def generate(
     return best
 
 
-def _optimise(model: nn.Module, target: Tensor, seed: int, config: GenerateConfig, init: Image.Image | None,
-              folder: Path | None, progress: bool) -> Generated:
-    """One start of `generate`: the image optimised from ``seed`` towards the prompt embedding ``target``."""
+@dataclass(frozen=True)
+class _Contrast:
+    """The negative-prompt term: ``weight`` × the cross-entropy of text 0 among ``texts``."""
+
+    texts: Tensor  # [1 + negatives, D], normalised; row 0 is the prompt
+    scale: float  # the model's logit scale
+    weight: float
+
+    def __call__(self, features: Tensor) -> Tensor:
+        logits = self.scale * F.normalize(features, dim=-1) @ self.texts.T  # [cutouts, 1 + negatives]
+        return self.weight * F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+
+def _optimise(model: nn.Module, target: Tensor, contrast: _Contrast | None, seed: int, config: GenerateConfig,
+              init: Image.Image | None, folder: Path | None, progress: bool) -> Generated:
+    """One start of `generate`: the image optimised from ``seed`` towards the prompt embedding
+    ``target`` (and away from the negatives, with ``contrast``)."""
     vision = model.config.vision  # type: ignore[union-attr]
     parameter = next(model.parameters())
     device, dtype = parameter.device, parameter.dtype
@@ -330,6 +362,8 @@ def _optimise(model: nn.Module, target: Tensor, seed: int, config: GenerateConfi
                                 flip=config.flip, noise=config.noise, jitter=config.jitter, generator=generator)
             features = model.encode_image(((cuts - mean) / std).to(dtype)).float()  # [cutouts, D]
             loss = spherical_distance(features, target).mean()
+            if contrast is not None:
+                loss = loss + contrast(features)
             if config.tv > 0:
                 loss = loss + config.tv * total_variation(pixels)
             optimizer.zero_grad(set_to_none=True)
