@@ -23,7 +23,8 @@ recipe (``--fresh`` trains again, e.g. after a change to the code rather than th
    >= 80 %), colour right, shape right; the same for the clean judge, and for the generator
    classifying its own images (a generator far above its judges is making adversarial images).  The generation
    settings default to the proof's: 200 steps, 16 cutouts with pixel noise of the generator's
-   training noise, total variation 5, spectrum decay 2, learning rate 0.02, one start
+   training noise, total variation 5, spectrum decay 2, learning rate 0.02, the other 63
+   class prompts as negative prompts at weight 0.1 (``--negative-weight 0``: none), one start
    (``--best-of N``: N starts, the generator keeps the image it scores highest).
    Each judge's rate on 8 real images of each prompted class is the most its generation rate
    can be: a generator that drew each prompt as shapes:// does would score that.
@@ -61,7 +62,7 @@ STEPS = 4800  # both models: training with noise needs longer for the same clean
 NOISE = 0.25  # both models are trained with this image noise (docs/generation.md)
 BEST_OF = 1  # starts per prompt (GenerateConfig.best_of): 4 measured no better (docs/benchmarks.md)
 CLEAN_JUDGE_STEPS = 2400  # the clean recipe near its plateau (docs/benchmarks.md)
-NEGATIVE_WEIGHT = 0.0  # GenerateConfig.negative_weight, with the other 63 class prompts as negatives (0: none)
+NEGATIVE_WEIGHT = 0.1  # GenerateConfig.negative_weight, with the other 63 class prompts as negatives (0: none)
 REAL_PER_PROMPT = 8  # real images per prompted class on which the judge's own accuracy is measured
 
 
@@ -241,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"std of the cutouts' pixel noise (default: {NOISE}, the generator's training noise)")
     parser.add_argument("--cut-scale", type=float, nargs=2, default=(0.6, 1.0), metavar=("LOW", "HIGH"),
                         help="range of the cutouts' side, a fraction of the image side (default: 0.6 1.0)")
+    parser.add_argument("--size", type=int, default=0, help="side of the generated image (default: 0, the model's input size)")
     parser.add_argument("--decay", type=float, default=2.0, help="spectrum decay of the parameterisation (default: 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=RESULTS / "bench_generate.json")
@@ -276,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     chosen = pick_prompts(args.prompts)
     classes = tuple(f"a {name}" for name in names)  # the negatives: generate leaves out the prompt
     config = GenerateConfig(steps=args.steps, cutouts=args.cutouts, lr=args.lr, tv=args.tv, noise=args.noise,
-                            cut_scale=tuple(args.cut_scale), decay=args.decay, seed=args.seed, best_of=args.best_of,
+                            cut_scale=tuple(args.cut_scale), decay=args.decay, size=args.size, seed=args.seed, best_of=args.best_of,
                             negatives=classes if args.negative_weight > 0 else (), negative_weight=args.negative_weight)
     image_dir = args.images or args.runs / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
