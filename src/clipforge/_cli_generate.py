@@ -137,10 +137,13 @@ def run_generate(args: argparse.Namespace) -> int:
         scores[role] = {"name": scorer_setup["model"], "pretrained": scorer_setup["pretrained"],
                         "clip_score": value.mean, "cosine": float(value.cosine[0])}
 
-    print(f"generate {args.prompt!r}  {result.steps} steps, {config.cutouts} cutouts, "
-          f"seed {config.seed}" + (f"; {len(set(config.negatives) - {args.prompt})} negatives, weight {config.negative_weight}"
-                                   if config.negatives else "") + (f"; best of {config.best_of}: seed {result.seed} kept, model cosines "
-                                   + ", ".join(f"{c:.4f}" for c in result.cosines) if config.best_of > 1 else ""))
+    notes = [f"{result.steps} steps, {config.cutouts} cutouts, seed {config.seed}"]
+    if config.negatives:
+        notes.append(f"{len(set(config.negatives) - {args.prompt})} negatives, weight {config.negative_weight}")
+    if config.best_of > 1:
+        notes.append(f"best of {config.best_of}: seed {result.seed} kept, model cosines "
+                     + ", ".join(f"{c:.4f}" for c in result.cosines))
+    print(f"generate {args.prompt!r}  " + "; ".join(notes))
     print(f"wrote {out} ({result.image.width}×{result.image.height})"
           + (f"; {len(result.frames)} frames in {args.frames}" if args.frames else ""))
     if result.losses:
