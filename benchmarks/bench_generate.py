@@ -269,14 +269,17 @@ def main(argv: list[str] | None = None) -> None:
                                                                        image_noise=args.generator_noise)
     judge_path = resolve(args.judge) if args.judge else train_or_reuse(1, args.judge_steps, args.runs, fresh=args.fresh,
                                                                        image_noise=args.judge_noise)
-    clean_path = (resolve(args.clean_judge) if args.clean_judge else
-                  train_or_reuse(1, args.clean_judge_steps, args.runs, fresh=args.fresh) if args.clean_judge_steps else None)
+    clean_path = None
+    if args.clean_judge:
+        clean_path = resolve(args.clean_judge)
+    elif args.clean_judge_steps:
+        clean_path = train_or_reuse(1, args.clean_judge_steps, args.runs, fresh=args.fresh)
     train_seconds = time.perf_counter() - start
     model, preprocess, tokenizer = load(model_path)
     judge, judge_preprocess, judge_tokenizer = load(judge_path)
     names = class_names()
     chosen = pick_prompts(args.prompts)
-    classes = tuple(f"a {name}" for name in names)  # the negatives: generate leaves out the prompt
+    classes = tuple(f"a {name}" for name in names)  # the prompts, and each prompt's negatives (generate leaves it out)
     config = GenerateConfig(steps=args.steps, cutouts=args.cutouts, lr=args.lr, tv=args.tv, noise=args.noise,
                             cut_scale=tuple(args.cut_scale), decay=args.decay, size=args.size, seed=args.seed, best_of=args.best_of,
                             negatives=classes if args.negative_weight > 0 else (), negative_weight=args.negative_weight)
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     images, rows = [], []
     for number, label in enumerate(chosen, 1):
-        prompt = f"a {names[label]}"
+        prompt = classes[label]
         result = generate(model, tokenizer, prompt, config=config, progress=False)
         result.image.save(image_dir / image_name(label))
         own = clip_score(model, [preprocess(result.image)], [prompt], tokenizer=tokenizer, progress=False)
@@ -328,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         pool, labels = candidates(label)
         for scorer, scorer_pre, scorer_tok, tops in ((model, preprocess, tokenizer, top_model),
                                                      (judge, judge_preprocess, judge_tokenizer, top_judge)):
-            ranking = rerank(scorer, [scorer_pre(image) for image in pool], f"a {names[label]}",
+            ranking = rerank(scorer, [scorer_pre(image) for image in pool], classes[label],
                              tokenizer=scorer_tok, progress=False)
             tops.append(labels[ranking[0][0]] == label)
     rerank_rate = sum(top_model) / 64

@@ -297,7 +297,6 @@ def generate(
         texts = F.normalize(model.encode_text(tokenizer([prompt, *negatives]).to(device)).float(), dim=-1)
         scale = float(model.logit_scale()) if hasattr(model, "logit_scale") else 100.0  # 100: OpenAI CLIP's
     target = texts[:1]  # [1, D]
-    contrast = _Contrast(texts, scale, config.negative_weight) if negatives and config.negative_weight > 0 else None
     preprocess = image_transform(vision.image_size, mean=vision.mean, std=vision.std)
     best: Generated | None = None
     cosines: list[float] = []
@@ -305,7 +304,7 @@ def generate(
         folder = Path(frames) if frames is not None else None
         if folder is not None and config.best_of > 1:
             folder = folder / f"seed-{seed}"
-        result = _optimise(model, target, contrast, seed, config, init, folder, progress)
+        result = _optimise(model, texts, scale, seed, config, init, folder, progress)
         cosines.append(float(embed_images(model, [preprocess(result.image)], progress=False)[0] @ target[0]))
         if best is None or cosines[-1] > max(cosines[:-1]):
             best = result
@@ -314,23 +313,18 @@ def generate(
     return best
 
 
-@dataclass(frozen=True)
-class _Contrast:
-    """The negative-prompt term: ``weight`` × the cross-entropy of text 0 among ``texts``."""
-
-    texts: Tensor  # [1 + negatives, D], normalised; row 0 is the prompt
-    scale: float  # the model's logit scale
-    weight: float
-
-    def __call__(self, features: Tensor) -> Tensor:
-        logits = self.scale * F.normalize(features, dim=-1) @ self.texts.T  # [cutouts, 1 + negatives]
-        return self.weight * F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+def _prompt_cross_entropy(features: Tensor, texts: Tensor, scale: float) -> Tensor:
+    """Mean over rows of features [N, D] of −log softmax(scale · cos(feature, texts))[0]:
+    the cross-entropy of text 0 (the prompt) among ``texts`` [T, D] (normalised)."""
+    logits = scale * F.normalize(features, dim=-1) @ texts.T  # [N, T]
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
-def _optimise(model: nn.Module, target: Tensor, contrast: _Contrast | None, seed: int, config: GenerateConfig,
+def _optimise(model: nn.Module, texts: Tensor, scale: float, seed: int, config: GenerateConfig,
               init: Image.Image | None, folder: Path | None, progress: bool) -> Generated:
-    """One start of `generate`: the image optimised from ``seed`` towards the prompt embedding
-    ``target`` (and away from the negatives, with ``contrast``)."""
+    """One start of `generate`: the image optimised from ``seed`` towards the prompt, row 0 of
+    the normalised text embeddings ``texts`` [1 + negatives, D], and away from the negatives
+    (the model's logit scale ``scale``)."""
     vision = model.config.vision  # type: ignore[union-attr]
     parameter = next(model.parameters())
     device, dtype = parameter.device, parameter.dtype
@@ -361,9 +355,9 @@ def _optimise(model: nn.Module, target: Tensor, contrast: _Contrast | None, seed
             cuts = make_cutouts(pixels, config.cutouts, vision.image_size, cut_scale=config.cut_scale,
                                 flip=config.flip, noise=config.noise, jitter=config.jitter, generator=generator)
             features = model.encode_image(((cuts - mean) / std).to(dtype)).float()  # [cutouts, D]
-            loss = spherical_distance(features, target).mean()
-            if contrast is not None:
-                loss = loss + contrast(features)
+            loss = spherical_distance(features, texts[:1]).mean()
+            if len(texts) > 1 and config.negative_weight > 0:
+                loss = loss + config.negative_weight * _prompt_cross_entropy(features, texts, scale)
             if config.tv > 0:
                 loss = loss + config.tv * total_variation(pixels)
             optimizer.zero_grad(set_to_none=True)
