@@ -8,23 +8,22 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-
 _NEWER = frozenset({"image_noise"})
 
 
 def demo_run(root: Path, *, fresh: bool = False, **changes: Any) -> tuple[Path, bool]:
-    """The run directory of `clipforge.demo.DEMO` with ``changes`` (seed, steps, ...), trained to
+    """The run directory of `clipforge/train/demo.toml` with ``changes`` (seed, steps, ...), trained to
     its last step under ``root`` unless already there; returns (run, whether it trained now).
 
     The directory is named by a hash of the whole training config, so a changed recipe trains
     anew; a change in code alone (a preset, the data) does not show there: pass ``fresh``.  An
     interrupted run is resumed.
     """
-    from clipforge._run_state import list_checkpoints
-    from clipforge.demo import DEMO
     from clipforge.train import train
+    from clipforge.train.config import demo_config
+    from clipforge.train.run_state import list_checkpoints
 
-    config = DEMO.replace(progress=False, **changes)
+    config = demo_config().replace(progress=False, **changes)
     # settings newer than some recorded runs are left out at their defaults: those runs keep their names
     defaults = type(config)().to_dict()
     recipe = {k: v for k, v in config.to_dict().items() if k != "out" and not (k in _NEWER and v == defaults[k])}

@@ -3,12 +3,12 @@
     python benchmarks/bench_demo_curve.py                         # the demo's budget and 2,400 steps
     python benchmarks/bench_demo_curve.py --budgets 600 --eval-every 100
 
-For each budget N, the `make demo` recipe (`clipforge.demo.DEMO`: the ``tiny`` preset on
+For each budget N, the `make demo` recipe (`clipforge/train/demo.toml`: the ``tiny`` preset on
 ``shapes://``, batch 128, cosine schedule over N steps, only the step count changed) is trained for N steps with the
 periodic evaluation every ``--eval-every`` steps: zero-shot top-1 among the 64 colour–shape
 classes on the ``seen`` and ``heldout`` splits (512 images each), split into colour right and
 shape right from the confusion matrix, and text→image R@1 on ``val``.  The demo's own budget
-(``DEMO.steps``, what fits the 5-minute target) is the first curve; longer budgets show what
+(the run file's ``steps``, what fits the 5-minute target) is the first curve; longer budgets show what
 more compute buys, and whether the held-out pairs follow the seen ones.
 
 Prints a table, writes benchmarks/results/bench_demo_curve.json and the figure
@@ -114,9 +114,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from clipforge.demo import DEMO
+    from clipforge.train.config import demo_config
 
-    budgets = [int(b) for b in (args.budgets or f"{DEMO.steps},2400").split(",")]
+    budgets = [int(b) for b in (args.budgets or f"{demo_config().steps},2400").split(",")]
     results = []
     for steps in budgets:
         run, minutes = train_budget(steps, min(args.eval_every, steps), args.seed, args.runs, fresh=args.fresh)
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             "command": "python benchmarks/bench_demo_curve.py " + " ".join(argv if argv is not None else os.sys.argv[1:])}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "budgets": results}, indent=1))
-    plot(results, args.figure, DEMO.steps)
+    plot(results, args.figure, demo_config().steps)
     print(f"wrote {args.json} and {args.figure}")
 
 

@@ -3,7 +3,7 @@
     python benchmarks/bench_demo_step.py
     python benchmarks/bench_demo_step.py --threads 1 --reps 10
 
-For one batch of the demo recipe (`clipforge.demo.DEMO`: the ``tiny`` preset, 128 pairs of
+For one batch of the demo recipe (`clipforge/train/demo.toml`: the ``tiny`` preset, 128 pairs of
 ``shapes://``): drawing and preprocessing the images, tokenizing the captions, and the
 training step (`clipforge.train.train_step`: both towers forward and backward, the loss,
 clipping and the fused AdamW update) with the ResNet image tower in channels-last layout
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from _timing import fastest  # benchmarks/_timing.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_demo_step.json"
@@ -69,10 +70,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from clipforge.data import open_data
     from clipforge.data.batches import MicroBatch
-    from clipforge.demo import DEMO
     from clipforge.train import _Forward, build_model, build_optimizer, train_step
+    from clipforge.train.config import demo_config
 
-    config = DEMO
+    config = demo_config()
     source = open_data(config.data)
     model, preprocess, tokenizer = build_model(config, source)
     batch = config.batch_size

@@ -32,11 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    from clipforge._run_state import list_checkpoints
     from clipforge.checkpoints import load
     from clipforge.data import open_data
     from clipforge.embed import embed_images
     from clipforge.train import TrainConfig, train
+    from clipforge.train.run_state import list_checkpoints
 
     config = TrainConfig(
         model="tiny", data="digits://?split=train", out=args.out, steps=args.steps, batch_size=128, lr=5e-4,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from _timing import fastest  # benchmarks/_timing.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_gemm.json"

@@ -8,7 +8,7 @@
 Two ``tiny`` models trained independently on ``shapes://`` with one recipe and different
 seeds play two parts: the *generator* model (seed 0), against which each image is optimised,
 and the *judge* (seed 1), which never saw the optimisation.  The recipe is the demo recipe
-(`clipforge.demo.DEMO`) run for 4,800 steps with ``--image-noise 0.25`` (Gaussian noise on
+(`clipforge/train/demo.toml`) run for 4,800 steps with ``--image-noise 0.25`` (Gaussian noise on
 the training images), so that the generator's input gradients point towards visible changes
 and the judge reads shapes rather than pixel-level detail.  A third model, the *clean
 judge* (seed 1, 2,400 steps without noise, as every other run trains), classifies the same
@@ -72,7 +72,7 @@ REAL_PER_PROMPT = 8  # real images per prompted class on which the judge's own a
 def train_or_reuse(seed: int, steps: int, root: Path, *, fresh: bool, image_noise: float = 0.0) -> Path:
     """The last checkpoint of the demo recipe trained for ``steps`` with ``seed`` and
     ``image_noise`` (`_demo_runs.demo_run`), evaluated every 300 steps."""
-    from clipforge._run_state import list_checkpoints
+    from clipforge.train.run_state import list_checkpoints
 
     run, _ = demo_run(root, fresh=fresh, seed=seed, steps=steps, image_noise=image_noise, eval_every=min(300, steps),
                       save_every=steps)
@@ -81,7 +81,7 @@ def train_or_reuse(seed: int, steps: int, root: Path, *, fresh: bool, image_nois
 
 def resolve(path: str) -> Path:
     """A run directory's last checkpoint, or the checkpoint itself."""
-    from clipforge._run_state import list_checkpoints
+    from clipforge.train.run_state import list_checkpoints
 
     found = list_checkpoints(Path(path))
     return found[-1] if found else Path(path)

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from _memory import reset_peak, rss  # benchmarks/_memory.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
+from clipforge.checkpoints.configs import config_to_openclip
+from clipforge.checkpoints.names import to_openclip
 from clipforge.model import CLIP, get_config
-from clipforge.model._formats import config_to_openclip, to_openclip
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_model.json"
 

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_search_shapes.json")
     args = parser.parse_args(argv)
 
-    from clipforge.data.shapes import COLOURS, SHAPES, HELDOUT_PAIRS, ShapesDataset
+    from clipforge.data.shapes import COLOURS, HELDOUT_PAIRS, SHAPES, ShapesDataset
     from clipforge.search import Index, build_index
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -38,8 +38,7 @@ def _images(split: str, n: int, seed: int, preprocess) -> tuple[torch.Tensor, to
 
 
 def _tower(kind: str) -> nn.Module:
-    from clipforge.model import CLIP, get_config
-    from clipforge.model import resnet
+    from clipforge.model import CLIP, get_config, resnet
     from clipforge.model.config import VisionConfig
 
     base = get_config("tiny")

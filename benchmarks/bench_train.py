@@ -21,6 +21,7 @@ import platform
 from pathlib import Path
 
 import torch
+
 from _timing import fastest  # benchmarks/_timing.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,7 +70,7 @@ class _Ours:
     def optimizer(model):
         """The trainer's own: `clipforge.train.build_optimizer` (fused AdamW over decay groups)."""
         from clipforge.train import build_optimizer
-        from clipforge.train_config import TrainConfig
+        from clipforge.train.config import TrainConfig
 
         return build_optimizer(model, TrainConfig(lr=1e-5))
 
@@ -105,7 +106,8 @@ def _openclip_model(ours):
     """OpenCLIP's CLIP for clipforge's config, with clipforge's weights."""
     import open_clip
 
-    from clipforge.model._formats import config_to_openclip, to_openclip
+    from clipforge.checkpoints.configs import config_to_openclip
+    from clipforge.checkpoints.names import to_openclip
 
     cfg = config_to_openclip(ours.config)["model_cfg"]
     model = open_clip.model.CLIP(**{k: v for k, v in cfg.items()})

@@ -19,7 +19,7 @@ from clipforge.data.shapes import ShapesDataset
 
 N_IMAGES = 720
 STEPS = 250
-_cache: dict[str, "Collection"] = {}
+_cache: dict[str, Collection] = {}
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def collection(tmp_path_factory) -> Collection:
     from clipforge.model.config import TextConfig, VisionConfig
     from clipforge.tokenizer import train_bpe
     from clipforge.train import train
-    from clipforge.train_config import TrainConfig
+    from clipforge.train.config import TrainConfig
 
     root = tmp_path_factory.mktemp("search")
     dataset = ShapesDataset(split="seen", size=32, n=N_IMAGES)

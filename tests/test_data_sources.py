@@ -24,7 +24,7 @@ from clipforge.data import (
     scan_image_folder,
     schemes,
 )
-from clipforge.data._images import ImageLoader, describe_skipped
+from clipforge.data.images import ImageLoader, describe_skipped
 
 
 def image_bytes(seed: int, fmt: str = "PNG", size: int = 12) -> bytes:

@@ -11,10 +11,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from _one_thread import one_thread  # noqa: F401  (autouse)
-from _search_helpers import collection
 from PIL import Image
 
+from _one_thread import one_thread  # noqa: F401  (autouse)
+from _search_helpers import collection
 from clipforge.checkpoints import load
 from clipforge.cli import main
 from clipforge.generate import (

@@ -109,7 +109,7 @@ def test_tiled_clip_gradcheck():
     labels = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 5])
     for lab in (None, labels):
         assert torch.autograd.gradcheck(
-            lambda a, b, c: clip_loss(a, b, c, labels=lab, label_smoothing=0.1, chunk_size=4), (img, txt, s)
+            lambda a, b, c, lab=lab: clip_loss(a, b, c, labels=lab, label_smoothing=0.1, chunk_size=4), (img, txt, s)
         )
         assert torch.autograd.gradgradcheck is not None  # backward is first-order only (documented)
 

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from clipforge import LogitScale, clip_loss, siglip_loss
-from clipforge import _tiled
+from clipforge import LogitScale, _tiled, clip_loss, siglip_loss
 from clipforge.loss import CLIP_INIT_SCALE, MAX_SCALE, auto_chunk_size
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import replace
 import math
+from dataclasses import replace
 
 import pytest
 import torch

@@ -13,13 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _one_thread import one_thread  # noqa: F401  (autouse)
-from _search_helpers import collection, write_pairs
 from torch import nn
 
+from _one_thread import one_thread  # noqa: F401  (autouse)
+from _search_helpers import collection, write_pairs
 from clipforge.checkpoints import load
 from clipforge.cli import main
-from clipforge.data._images import ImageLoader
+from clipforge.data.images import ImageLoader
 from clipforge.data.shapes import ShapesDataset
 from clipforge.score import (
     Scores,

@@ -14,8 +14,8 @@ import shutil
 
 import numpy as np
 import pytest
-from _search_helpers import collection, write_pairs
 
+from _search_helpers import collection, write_pairs
 from clipforge.cli import main
 from clipforge.data.shapes import COLOURS, ShapesDataset
 from clipforge.search import ann

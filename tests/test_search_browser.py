@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from _search_helpers import collection
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 
 import pytest
+
 from _search_helpers import collection
 
 pytest.importorskip("fastapi")

@@ -13,11 +13,11 @@ import pytest
 
 from clipforge.data import open_data
 from clipforge.data.shapes import (
+    COLOURLESS,
     COLOURS,
     HELDOUT_PAIRS,
     RGB,
     SHAPES,
-    COLOURLESS,
     ShapesDataset,
     class_names,
 )

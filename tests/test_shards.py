@@ -19,7 +19,7 @@ from clipforge.data import DataError, open_data
 from clipforge.data.batches import StreamBatchStream
 from clipforge.data.shards import ShardSource, expand_urls
 from clipforge.train import train
-from clipforge.train_config import TrainConfig
+from clipforge.train.config import TrainConfig
 
 
 def _png(colour: tuple[int, int, int]) -> bytes:

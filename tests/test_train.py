@@ -19,14 +19,15 @@ import pytest
 import torch
 from torch import nn
 
-from clipforge._cli_train import config_from_args
 from clipforge.cli import main
+from clipforge.cli.train import config_from_args
 from clipforge.data.batches import MicroBatch
 from clipforge.loss import SIGLIP_INIT_BIAS, SIGLIP_INIT_SCALE, clip_loss, siglip_loss
 from clipforge.model import CLIP, CLIPConfig
 from clipforge.model.config import TextConfig, VisionConfig
-from clipforge.train import _Forward, compute_gradients, lr_factor, train, train_step
-from clipforge.train_config import TrainConfig
+from clipforge.train import compute_gradients, lr_factor, train, train_step
+from clipforge.train.config import TrainConfig
+from clipforge.train.step import _Forward
 
 VOCAB, CONTEXT, IMAGE = 64, 8, 16
 

@@ -267,7 +267,7 @@ class _Block:
     ``rows`` is where our rows sit in the global batch."""
 
     def __init__(
-        self, img: Tensor, txt: Tensor, labels: Tensor | None, comm: "Comm | None",
+        self, img: Tensor, txt: Tensor, labels: Tensor | None, comm: Comm | None,
         gathered: tuple[Tensor, Tensor | None, int] | None = None,
     ) -> None:
         dtype = _compute_dtype(img)

@@ -43,7 +43,7 @@ class Comm:
     group: object = None  # a torch.distributed ProcessGroup; None is the default group
 
     @classmethod
-    def from_default_group(cls) -> "Comm | None":
+    def from_default_group(cls) -> Comm | None:
         return cls() if is_initialized() else None
 
     @property

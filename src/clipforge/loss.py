@@ -51,7 +51,7 @@ __all__ = [
     "auto_chunk_size",
 ]
 
-ChunkSize = Union[int, Literal["auto"], None]
+ChunkSize = int | Literal["auto"] | None
 Distributed = Union[bool, Literal["auto"], "Comm"]
 
 # CLIP (Radford et al. 2021, §2.5): "The learnable temperature parameter τ was initialized
@@ -106,12 +106,12 @@ class LogitScale(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
-    def clip(cls) -> "LogitScale":
+    def clip(cls) -> LogitScale:
         """CLIP's initialisation: s = 1/0.07, no bias."""
         return cls(CLIP_INIT_SCALE)
 
     @classmethod
-    def siglip(cls) -> "LogitScale":
+    def siglip(cls) -> LogitScale:
         """SigLIP's initialisation: s = 10, b = −10."""
         return cls(SIGLIP_INIT_SCALE, init_bias=SIGLIP_INIT_BIAS)
 
@@ -203,7 +203,7 @@ def _as_scalar_tensor(value: Tensor | float, name: str, device: torch.device) ->
     raise ValueError(f"{name} must be a float or a scalar tensor, got {type(value).__name__}")
 
 
-def _resolve_comm(distributed: Distributed) -> "Comm | None":
+def _resolve_comm(distributed: Distributed) -> Comm | None:
     if distributed is False or distributed is None:
         return None
     from clipforge import distributed as dist_mod
@@ -332,7 +332,7 @@ def siglip_loss(
     return _TiledSigLipLoss.apply(image_features, text_features, scale, bias, labels, chunk, comm)
 
 
-def _chunk(chunk_size: ChunkSize, feats: Tensor, comm: "Comm | None") -> int:
+def _chunk(chunk_size: ChunkSize, feats: Tensor, comm: Comm | None) -> int:
     if chunk_size == "auto":
         n_global = feats.shape[0] * (1 if comm is None else comm.world_size)
         return auto_chunk_size(n_global, feats.shape[1], device=feats.device)

@@ -34,7 +34,7 @@ Metric definitions of `classification_metrics`:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,7 @@ __all__ = [
     "zeroshot_logits",
 ]
 
-Templates = Union[Sequence[str], Mapping[str, Sequence[str]]]
+Templates = Sequence[str] | Mapping[str, Sequence[str]]
 PLACEHOLDERS = ("{c}", "{}")
 # CLIP's learned logit scale saturates at 100 (Radford et al., 2021, section 2.5); CLIP_benchmark
 # multiplies by this constant.  It changes no metric; it makes logits comparable to theirs.

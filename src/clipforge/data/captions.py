@@ -32,7 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from clipforge.data._errors import DataError
-from clipforge.data._images import ImageLoader, read_rgb
+from clipforge.data.images import ImageLoader, read_rgb
 
 __all__ = ["CAPTION_KEYS", "IMAGE_KEYS", "CaptionSet", "open_csv", "open_jsonl", "read_captions"]
 

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 from clipforge.data._errors import DataError
-from clipforge.data._images import ImageLoader
+from clipforge.data.images import ImageLoader
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "open_imagefolder", "scan_image_folder"]
 

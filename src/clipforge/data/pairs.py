@@ -17,8 +17,8 @@ from pathlib import Path
 from PIL import Image
 
 from clipforge.data._errors import DataError
-from clipforge.data._images import read_rgb
 from clipforge.data.imagefolder import IMAGE_EXTENSIONS
+from clipforge.data.images import read_rgb
 
 __all__ = ["CaptionedFolder", "open_pairs"]
 

@@ -135,7 +135,7 @@ class Transformer(nn.Module):
         self.init_weights()
 
     @classmethod
-    def from_config(cls, config: Any) -> "Transformer":
+    def from_config(cls, config: Any) -> Transformer:
         """The blocks a tower config describes (``width``, ``layers``, ``heads``,
         ``mlp_width``, ``act``, ``layer_norm_eps``: `VisionConfig` and `TextConfig` both)."""
         return cls(config.width, config.layers, config.heads, mlp_width=config.mlp_width,

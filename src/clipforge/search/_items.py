@@ -27,7 +27,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from clipforge.data._images import _READ_ERRORS, Skipped, _reason, read_rgb
+from clipforge.data.images import READ_ERRORS, Skipped, read_rgb, skip_reason
 
 __all__ = ["Decoded", "Item", "decoded_batches", "items_of"]
 
@@ -134,8 +134,8 @@ def items_of(source: Any, uri: str) -> Iterable[Item]:
 def _decode(item: Item, transform: Callable[[Image.Image], Tensor]) -> Decoded:
     try:
         image = item.image()
-    except _READ_ERRORS as err:
-        return Decoded(item, None, None, None, Skipped(item.path or item.key, _reason(err)))
+    except READ_ERRORS as err:
+        return Decoded(item, None, None, None, Skipped(item.path or item.key, skip_reason(err)))
     size = None
     if item.path is not None:
         try:

@@ -127,7 +127,7 @@ class Index:
 
     def search_image(self, image: str | os.PathLike[str] | Image.Image, k: int = 10) -> list[Hit]:
         """The ``k`` images closest to ``image`` (a file or a PIL image), best first."""
-        from clipforge.data._images import read_rgb
+        from clipforge.data.images import read_rgb
 
         model = self._need_model()
         picture = image.convert("RGB") if isinstance(image, Image.Image) else read_rgb(image)

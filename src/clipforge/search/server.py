@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clipforge import __version__
-from clipforge.data._images import _READ_ERRORS
+from clipforge.data.images import READ_ERRORS
 from clipforge.search.index import Hit, Index
 
 __all__ = ["MAX_K", "MAX_PIXELS", "MAX_QUERY_CHARS", "MAX_QUERY_STRING", "create_app"]
@@ -177,7 +177,7 @@ def create_app(index: Index, *, max_upload_bytes: int = 10 << 20) -> FastAPI:
             raise HTTPException(413, str(err)) from None
         except UnidentifiedImageError:
             raise HTTPException(400, "the uploaded file is not an image Pillow can read") from None
-        except _READ_ERRORS as err:
+        except READ_ERRORS as err:
             raise HTTPException(400, f"the uploaded image is damaged: {err}") from None
         return results({"image": file.filename or "upload"}, k, lambda: index.search_image(picture, k))
 
@@ -188,7 +188,7 @@ def create_app(index: Index, *, max_upload_bytes: int = 10 << 20) -> FastAPI:
             return None
         try:
             picture = _read_rgb_capped(path)
-        except (_TooManyPixels, *_READ_ERRORS):
+        except (_TooManyPixels, *READ_ERRORS):
             return None
         picture.thumbnail((THUMB_SIDE, THUMB_SIDE))
         out = io.BytesIO()

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from clipforge.cli import CommandError
+from clipforge.cli._common import CommandError
 
 __all__ = ["add_parser", "run_generate"]
 
@@ -89,8 +89,8 @@ def _read_negatives(path: str) -> list[str]:
 def run_generate(args: argparse.Namespace) -> int:
     """``clipforge generate --model M PROMPT --out FILE [--judge M2]``: writes the image and prints
     its CLIP-S under the model and under the judge."""
-    from clipforge._cli_eval import _load, _table, _write
-    from clipforge.data._images import read_rgb
+    from clipforge.cli._common import load_model_for_command, table, write_json
+    from clipforge.data.images import read_rgb
     from clipforge.generate import GenerateConfig, generate
     from clipforge.score import clip_score
 
@@ -119,8 +119,8 @@ def run_generate(args: argparse.Namespace) -> int:
         except OSError as err:
             raise CommandError(f"--init {args.init}: cannot read the image ({err})") from err
 
-    model, preprocess, tokenizer, setup = _load(args)
-    judge = _load(_judge_args(args)) if args.judge else None
+    model, preprocess, tokenizer, setup = load_model_for_command(args)
+    judge = load_model_for_command(_judge_args(args)) if args.judge else None
     result = generate(model, tokenizer, args.prompt, config=config, init=init, frames=args.frames,
                       progress=not args.quiet)
     out = Path(args.out)
@@ -148,10 +148,10 @@ def run_generate(args: argparse.Namespace) -> int:
           + (f"; {len(result.frames)} frames in {args.frames}" if args.frames else ""))
     if result.losses:
         print(f"loss {result.losses[0]:.4f} → {result.losses[-1]:.4f}")
-    print(_table(["scored by", "model", "cos", "CLIP-S"],
+    print(table(["scored by", "model", "cos", "CLIP-S"],
                  [[role, s["pretrained"], f"{s['cosine']:.4f}", f"{s['clip_score']:.4f}"] for role, s in scores.items()]))
     if args.json:
-        _write(args.json, {"prompt": args.prompt, "out": str(out), "init": args.init, "config": config.to_dict(),
+        write_json(args.json, {"prompt": args.prompt, "out": str(out), "init": args.init, "config": config.to_dict(),
                            "steps_run": result.steps, "seed_kept": result.seed,
                            "start_cosines": [round(c, 6) for c in result.cosines], "losses": [round(x, 6) for x in result.losses],
                            "frames": [str(p) for p in result.frames], "score": scores["model"],

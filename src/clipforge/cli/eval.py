@@ -16,18 +16,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from clipforge.cli import CommandError
+from clipforge.cli._common import (
+    Clock,
+    CommandError,
+    fmt,
+    load_model_for_command,
+    model_options,
+    skipped_report,
+    table,
+    write_json,
+)
 
 __all__ = ["add_parser", "model_options", "run_retrieval", "run_zeroshot"]
-
-SKIPPED_LISTED = 20  # skipped files named in the JSON; all are counted
-
 
 def add_parser(subparsers: Any) -> None:
     """Registers ``eval zeroshot`` and ``eval retrieval``."""
@@ -64,61 +69,6 @@ def _common_options(parser: argparse.ArgumentParser, *, data_help: str) -> None:
     parser.add_argument("--out", metavar="FILE", help="write the results as JSON (CLIP_benchmark's schema)")
 
 
-def model_options(parser: argparse.ArgumentParser, *, workers: int) -> None:
-    """The options `_load` reads, and how the images are run: shared by the commands that embed images."""
-    parser.add_argument("--model", required=True, help="a preset name (random weights) or a checkpoint file/folder")
-    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder, for checkpoints saved without one")
-    parser.add_argument("--batch-size", type=int, default=256, help="images or texts per forward pass (default: 256)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="fp32, or bf16 autocast over fp32 weights (default: fp32)")
-    parser.add_argument("--workers", type=int, default=workers, help=f"image decoding processes (default: {workers})")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-# ----------------------------------------------------------------------------- shared steps
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.start = self.last = time.perf_counter()
-        self.laps: dict[str, float] = {}
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = round(now - self.last, 3)
-        self.last = now
-
-    def timings(self) -> dict[str, float]:
-        return {**self.laps, "total": round(time.perf_counter() - self.start, 3)}
-
-
-def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """model, preprocess, tokenizer, and how the run is set up."""
-    from clipforge.checkpoints import load
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, preprocess, tokenizer = load(args.model, device=device)
-    if args.tokenizer:
-        from clipforge.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.from_dir(args.tokenizer, context_length=model.context_length)
-    if tokenizer is None:
-        raise CommandError(
-            f"{args.model}: no tokenizer comes with this model (its vocabulary has "
-            f"{model.config.text.vocab_size} ids, not OpenAI's); pass --tokenizer DIR"
-        )
-    is_path = Path(args.model).exists()
-    setup = {
-        "model": Path(args.model).stem if is_path else args.model,
-        "pretrained": str(args.model) if is_path else "random-init",
-        "device": device,
-        "precision": args.precision,
-        "autocast_dtype": torch.bfloat16 if args.precision == "bf16" else None,
-    }
-    return model, preprocess, tokenizer, setup
-
-
 def _open(uri: str, kind: type, task: str, **options: Any) -> Any:
     from clipforge.data import open_data
 
@@ -126,13 +76,6 @@ def _open(uri: str, kind: type, task: str, **options: Any) -> Any:
     if not isinstance(source, kind):
         raise CommandError(f"eval {task} cannot use {uri!r}: it gives a {type(source).__name__}, not a {kind.__name__}")
     return source
-
-
-def _skipped_report(loader: Any) -> dict[str, Any]:
-    return {
-        "skipped_images": len(loader.skipped),
-        "skipped_examples": [{"path": s.path, "reason": s.reason} for s in loader.skipped[:SKIPPED_LISTED]],
-    }
 
 
 def _result(args: argparse.Namespace, setup: dict[str, Any], task: str, metrics: dict, extra: dict) -> dict[str, Any]:
@@ -149,40 +92,6 @@ def _result(args: argparse.Namespace, setup: dict[str, Any], task: str, metrics:
         "language": "en",
         "clipforge": extra,
     }
-
-
-def _dumps(value: Any, depth: int = 0) -> str:
-    """JSON with one key per line, but each list on one line: a 1000-class confusion matrix
-    stays 1000 lines, not a million."""
-    if isinstance(value, dict) and value:
-        pad = "  " * (depth + 1)
-        items = [f"{pad}{json.dumps(str(k))}: {_dumps(v, depth + 1)}" for k, v in value.items()]
-        return "{\n" + ",\n".join(items) + "\n" + "  " * depth + "}"
-    if isinstance(value, list) and value and isinstance(value[0], (list, dict)):
-        pad = "  " * (depth + 1)
-        return "[\n" + ",\n".join(pad + _dumps(v, depth + 1) for v in value) + "\n" + "  " * depth + "]"
-    return json.dumps(value, allow_nan=False, ensure_ascii=False)
-
-
-def _write(path: str | None, result: dict[str, Any]) -> None:
-    if path is None:
-        return
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(_dumps(result) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [header, ["-" * w for w in widths], *rows]
-    # The first column (names) aligned left, the numbers right.
-    cells = ([r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:], widths[1:]))] for r in lines)
-    return "\n".join("  ".join(row) for row in cells)
 
 
 def _headline(task: str, args: argparse.Namespace, setup: dict[str, Any]) -> str:
@@ -224,7 +133,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     """``clipforge eval zeroshot --model M --data imagefolder:DIR [--out FILE]``: prints a table
     of top-k accuracies and mean per-class recall, with the number of images skipped."""
     from clipforge.data import ImageFolder
-    from clipforge.data._images import describe_skipped
+    from clipforge.data.images import describe_skipped
     from clipforge.embed import embed_images
     from clipforge.templates import load_templates
     from clipforge.zeroshot import (
@@ -234,8 +143,8 @@ def run_zeroshot(args: argparse.Namespace) -> int:
         zeroshot_logits,
     )
 
-    clock = _Clock()
-    model, preprocess, tokenizer, setup = _load(args)
+    clock = Clock()
+    model, preprocess, tokenizer, setup = load_model_for_command(args)
     folder = _open(args.data, ImageFolder, "zeroshot")
     classnames = _read_classnames(args.classnames, folder.classes) if args.classnames else folder.classes
     try:
@@ -258,15 +167,15 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     topk = {f"acc{k}": metrics[f"acc{k}"] for k in args.topk}
     benchmark = {**topk, "mean_per_class_recall": metrics["mean_per_class_recall"]}
     full = {**metrics, "per_class_accuracy": dict(zip(classnames, metrics["per_class_accuracy"]))}
-    extra = {"images": len(folder), "images_evaluated": len(loader.kept), **_skipped_report(loader),
+    extra = {"images": len(folder), "images_evaluated": len(loader.kept), **skipped_report(loader),
              "classes": classnames, "templates": args.templates, "prompts": len(prompts),
              "metrics": full, "timings_s": clock.timings()}
     print(_headline("zeroshot", args, setup))
     print(f"{len(loader.kept)} of {len(folder)} images, {len(classnames)} classes, {len(prompts)} prompts; "
           f"{describe_skipped(loader.skipped)}")
-    print(_table(["metric", "value"], [[k, _fmt(v)] for k, v in benchmark.items()]))
+    print(table(["metric", "value"], [[k, fmt(v)] for k, v in benchmark.items()]))
     print(f"time {clock.timings()['total']:.1f}s")
-    _write(args.out, _result(args, setup, "zeroshot_classification", benchmark, extra))
+    write_json(args.out, _result(args, setup, "zeroshot_classification", benchmark, extra))
     return 0
 
 
@@ -277,12 +186,12 @@ def run_retrieval(args: argparse.Namespace) -> int:
     """``clipforge eval retrieval --model M --data csv:FILE|jsonl:FILE [--out FILE]``: prints a
     table of recall@k, mean and median rank in both directions, with the images skipped."""
     from clipforge.data import CaptionSet
-    from clipforge.data._images import describe_skipped
+    from clipforge.data.images import describe_skipped
     from clipforge.embed import embed_images, embed_texts
     from clipforge.retrieval import retrieval_metrics
 
-    clock = _Clock()
-    model, preprocess, tokenizer, setup = _load(args)
+    clock = Clock()
+    model, preprocess, tokenizer, setup = load_model_for_command(args)
     options = {"image_key": args.image_key, "caption_key": args.caption_key}
     if args.csv_separator is not None:
         options["sep"] = args.csv_separator
@@ -304,17 +213,17 @@ def run_retrieval(args: argparse.Namespace) -> int:
     for k in args.recall_k:  # CLIP_benchmark's names: "image retrieval" is text→image
         benchmark[f"image_retrieval_recall@{k}"] = metrics[f"text_to_image_R@{k}"]
         benchmark[f"text_retrieval_recall@{k}"] = metrics[f"image_to_text_R@{k}"]
-    extra = {"images": len(pairs.image_paths), "images_evaluated": len(kept.image_paths), **_skipped_report(loader),
+    extra = {"images": len(pairs.image_paths), "images_evaluated": len(kept.image_paths), **skipped_report(loader),
              "captions": len(pairs.captions), "captions_evaluated": len(kept.captions),
              "empty_captions_skipped": pairs.empty_captions, "metrics": metrics, "timings_s": clock.timings()}
     print(_headline("retrieval", args, setup))
     print(f"{len(kept.image_paths)} of {len(pairs.image_paths)} images, {len(kept.captions)} captions; "
           f"{describe_skipped(loader.skipped)}; {pairs.empty_captions} empty caption(s) skipped")
     directions = ("text_to_image", "image_to_text")
-    rows = [[f"R@{k}", *(_fmt(metrics[f"{d}_R@{k}"]) for d in directions)] for k in args.recall_k]
+    rows = [[f"R@{k}", *(fmt(metrics[f"{d}_R@{k}"]) for d in directions)] for k in args.recall_k]
     for name in ("mean_rank", "median_rank"):
         rows.append([name.replace("_", " "), *(f"{metrics[f'{d}_{name}']:.2f}" for d in directions)])
-    print(_table(["metric", "text→image", "image→text"], rows))
+    print(table(["metric", "text→image", "image→text"], rows))
     print(f"time {clock.timings()['total']:.1f}s")
-    _write(args.out, _result(args, setup, "zeroshot_retrieval", benchmark, extra))
+    write_json(args.out, _result(args, setup, "zeroshot_retrieval", benchmark, extra))
     return 0

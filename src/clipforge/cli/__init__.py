@@ -18,22 +18,19 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from clipforge.cli._common import CommandError
+
 __all__ = ["COMMANDS", "CommandError", "build_parser", "main"]
 
 # Modules that each define add_parser(subparsers), in the order `clipforge --help` lists them.
 COMMANDS: list[str] = [
-    "clipforge._cli_eval",
-    "clipforge._cli_train",
-    "clipforge.demo",
-    "clipforge._cli_tools",
-    "clipforge._cli_search",
-    "clipforge._cli_score",
-    "clipforge._cli_generate",
+    "clipforge.cli.eval",
+    "clipforge.cli.train",
+    "clipforge.cli.convert",
+    "clipforge.cli.search",
+    "clipforge.cli.score",
+    "clipforge.cli.generate",
 ]
-
-
-class CommandError(Exception):
-    """Bad input to a subcommand: `main` prints the message on one line and returns 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "load_toml"]
+__all__ = ["DEMO_CONFIG", "TrainConfig", "demo_config", "load_toml"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOSSES = ("clip", "siglip")
@@ -115,3 +115,12 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{path}: not valid TOML: {err}") from None
     return data.get("train", data)
+
+
+# The demo's run file, shipped with the package (`clipforge demo`, `clipforge demo --print-config`).
+DEMO_CONFIG = Path(__file__).with_name("demo.toml")
+
+
+def demo_config() -> TrainConfig:
+    """The demo run (`DEMO_CONFIG`) as a `TrainConfig`."""
+    return TrainConfig.from_dict(load_toml(DEMO_CONFIG), source=str(DEMO_CONFIG))

@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Any
 
-from clipforge.cli import CommandError
+from clipforge.cli._common import CommandError
 
 __all__ = ["add_parser", "run_add", "run_build", "run_search", "run_serve"]
 
@@ -97,7 +97,7 @@ def _guard(call: Any) -> Any:
 
 
 def _report(report: Any, what: str) -> None:
-    from clipforge.data._images import Skipped, describe_skipped
+    from clipforge.data.images import Skipped, describe_skipped
 
     print(f"{what} {report.directory}: {report.embedded} image(s) embedded, {report.already} already there, "
           f"{report.total} in the index")

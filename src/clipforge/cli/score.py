@@ -17,8 +17,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from clipforge._cli_eval import model_options
-from clipforge.cli import CommandError
+from clipforge.cli._common import CommandError, model_options
 
 __all__ = ["add_parser", "read_pairs", "run_rerank", "run_score"]
 
@@ -106,10 +105,10 @@ def _run_options(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, A
 
 def _write_scores(path: str, result: dict[str, Any]) -> None:
     """The per-image rows as CSV, or everything as JSON (`run_score` has checked the suffix)."""
-    from clipforge._cli_eval import _write
+    from clipforge.cli._common import write_json
 
     if not path.lower().endswith(".csv"):
-        _write(path, result)
+        write_json(path, result)
         return
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,8 +123,8 @@ def _write_scores(path: str, result: dict[str, Any]) -> None:
 def run_score(args: argparse.Namespace) -> int:
     """``clipforge score --model M --images DIR --captions FILE [--refs FILE] [--out FILE]``:
     prints the mean CLIPScore (and RefCLIPScore), then each image's scores."""
-    from clipforge._cli_eval import _fmt, _load, _skipped_report, _table
-    from clipforge.data._images import ImageLoader, describe_skipped
+    from clipforge.cli._common import fmt, load_model_for_command, skipped_report, table
+    from clipforge.data.images import ImageLoader, describe_skipped
     from clipforge.score import clip_score, ref_clip_score
 
     if args.out and not args.out.lower().endswith((".csv", ".json")):
@@ -148,7 +147,7 @@ def run_score(args: argparse.Namespace) -> int:
                                f"{args.captions}:{captions[missing[0]][0][0]}); every image needs one")
         refs = [[text for _, text in references[name]] for name in names]
 
-    model, preprocess, tokenizer, setup = _load(args)
+    model, preprocess, tokenizer, setup = load_model_for_command(args)
     loader = ImageLoader([folder / name for name in names], preprocess, batch_size=args.batch_size,
                          num_workers=args.workers, source=f"--images {folder}")
     run = {"tokenizer": tokenizer, "w": args.w, **_run_options(args, setup)}
@@ -165,21 +164,21 @@ def run_score(args: argparse.Namespace) -> int:
              "torchmetrics_clip_score": scores.torchmetrics_mean}
     print(f"score  {folder}  model {setup['model']} ({setup['pretrained']})  w = {args.w:g}")
     print(f"{len(scores.kept)} of {len(names)} captioned images scored; {describe_skipped(loader.skipped)}")
-    rows = [["CLIPScore", _fmt(scores.mean)]]
+    rows = [["CLIPScore", fmt(scores.mean)]]
     if refs:
-        rows.append(["RefCLIPScore", _fmt(scores.ref_mean)])
+        rows.append(["RefCLIPScore", fmt(scores.ref_mean)])
     rows.append(["torchmetrics CLIPScore (100·cos, mean clamped)", f"{scores.torchmetrics_mean:.2f}"])
-    print(_table(["mean", "value"], rows))
+    print(table(["mean", "value"], rows))
     header = ["image", "cos", "CLIP-S", *(["RefCLIP-S"] if refs else [])]
     lines = [[r["image"], f"{r['cosine']:.4f}", f"{r['clip_score']:.4f}",
               *([f"{r['ref_clip_score']:.4f}"] if refs else [])] for r in per_image[:SHOWN]]
-    print(_table(header, lines))
+    print(table(header, lines))
     if len(per_image) > SHOWN:
         print(f"... {len(per_image) - SHOWN} more" + (" in " + args.out if args.out else "; --out FILE writes all"))
     if args.out:
         result = {"model": setup["model"], "pretrained": setup["pretrained"], "images": str(folder),
                   "captions": args.captions, "refs": args.refs, "w": args.w, "mean": means,
-                  "images_captioned": len(names), "images_scored": len(scores.kept), **_skipped_report(loader),
+                  "images_captioned": len(names), "images_scored": len(scores.kept), **skipped_report(loader),
                   "per_image": per_image}
         _write_scores(args.out, result)
     return 0
@@ -191,8 +190,8 @@ def run_score(args: argparse.Namespace) -> int:
 def run_rerank(args: argparse.Namespace) -> int:
     """``clipforge rerank --model M --prompt TEXT --images DIR [-k N] [--out FILE]``: prints the
     images best first with their cosine and CLIP-S for the prompt."""
-    from clipforge._cli_eval import _load, _skipped_report, _table, _write
-    from clipforge.data._images import ImageLoader, describe_skipped
+    from clipforge.cli._common import load_model_for_command, skipped_report, table, write_json
+    from clipforge.data.images import ImageLoader, describe_skipped
     from clipforge.score import CLIP_SCORE_W, rerank
 
     if args.k is not None and args.k < 1:
@@ -200,7 +199,7 @@ def run_rerank(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise CommandError("--prompt is empty")
     files = _image_files(Path(args.images))
-    model, preprocess, tokenizer, setup = _load(args)
+    model, preprocess, tokenizer, setup = load_model_for_command(args)
     loader = ImageLoader(files, preprocess, batch_size=args.batch_size, num_workers=args.workers,
                          source=f"--images {args.images}")
     ranking = rerank(model, loader, args.prompt, tokenizer=tokenizer, k=args.k, **_run_options(args, setup))
@@ -208,10 +207,10 @@ def run_rerank(args: argparse.Namespace) -> int:
             for r, (i, cos) in enumerate(ranking, 1)]
     print(f"rerank {args.prompt!r}  {args.images}  model {setup['model']} ({setup['pretrained']})")
     print(f"{len(loader.kept)} of {len(files)} images ranked; {describe_skipped(loader.skipped)}")
-    print(_table(["rank", "image", "cos", "CLIP-S"],
+    print(table(["rank", "image", "cos", "CLIP-S"],
                  [[str(r["rank"]), r["image"], f"{r['cosine']:.4f}", f"{r['clip_score']:.4f}"] for r in rows]))
     if args.out:
-        _write(args.out, {"prompt": args.prompt, "model": setup["model"], "pretrained": setup["pretrained"],
-                          "images": args.images, "images_ranked": len(loader.kept), **_skipped_report(loader),
+        write_json(args.out, {"prompt": args.prompt, "model": setup["model"], "pretrained": setup["pretrained"],
+                          "images": args.images, "images_ranked": len(loader.kept), **skipped_report(loader),
                           "ranking": rows})
     return 0

@@ -23,7 +23,7 @@ from clipforge.data._errors import DataError
 __all__ = ["ImageLoader", "Skipped", "read_rgb", "describe_skipped"]
 
 # Decoding failures that mean "bad data"; Pillow raises OSError for truncated or corrupt files.
-_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def read_rgb(path: str | os.PathLike[str]) -> Image.Image:
         return image.convert("RGB")
 
 
-def _reason(err: BaseException) -> str:
+def skip_reason(err: BaseException) -> str:
     if isinstance(err, FileNotFoundError):
         return "file not found"
     if isinstance(err, IsADirectoryError):
@@ -61,8 +61,8 @@ class _ImageFiles(Dataset):
         path = self.paths[index]
         try:
             image = read_rgb(path)
-        except _READ_ERRORS as err:
-            return index, None, Skipped(str(path), _reason(err))
+        except READ_ERRORS as err:
+            return index, None, Skipped(str(path), skip_reason(err))
         return index, self.transform(image), None
 
 

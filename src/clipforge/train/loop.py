@@ -1,231 +1,31 @@
-"""Training CLIP: a pure `compute_gradients`/`train_step` and one linear `train(config)`.
+"""Training CLIP: one linear `train(config)`.
 
     clipforge train --model tiny --data shapes:// --steps 2000 --out runs/shapes
     torchrun --nproc-per-node 4 -m clipforge.cli train --config run.toml
 
 prints a progress bar (step, samples/s, loss, lr, temperature, ETA) and writes
 ``OUT/metrics.jsonl``, ``OUT/metrics.json``, TensorBoard scalars (when `tensorboard` is
-installed) and checkpoints under ``OUT/checkpoints/``.
-
-Gradient accumulation caches features (as GradCache does): the K micro-batches are first
-encoded without a graph, the loss of the whole batch is computed once on those features,
-and each micro-batch is then re-encoded with a graph and back-propagated with its slice of
-the features' gradient.  Every parameter — the logit scale included — gets exactly the
-gradient of one batch of K× the size (tests/test_train.py checks it in float64); a loss
-back-propagated once per micro-batch would count the temperature's gradient K times.
+installed) and checkpoints under ``OUT/checkpoints/``.  The step itself is `clipforge.train.step`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from clipforge import distributed as dist
 from clipforge.data.batches import MicroBatch
-from clipforge.loss import clip_loss, siglip_loss
-from clipforge.train_config import TrainConfig
+from clipforge.train.config import TrainConfig
+from clipforge.train.step import _Forward, build_optimizer, lr_factor, train_step
 
-__all__ = ["TrainConfig", "train", "train_step", "compute_gradients", "build_optimizer", "lr_factor", "evaluate"]
-
-
-# --------------------------------------------------------------------------------------
-# The step
-# --------------------------------------------------------------------------------------
-
-
-class _Forward(nn.Module):
-    """(image features, text features, scale, bias) from one call, so that data parallelism
-    sees the logit scale and bias used in the forward it wraps."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        img, txt, scale = self.model(images, tokens)
-        return img, txt, scale, self.model.logit_scale.bias
-
-
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def _f32(x: Tensor) -> Tensor:
-    """Autocast's half-precision features to float32 for the loss; float64 stays float64."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def _loss(kind: str, img: Tensor, txt: Tensor, scale: Tensor, bias: Tensor | None, *, eps: float, chunk: int | str) -> Tensor:
-    if kind == "siglip":
-        return siglip_loss(img, txt, scale, bias, chunk_size=chunk, distributed="auto")
-    return clip_loss(img, txt, scale, label_smoothing=eps, chunk_size=chunk, distributed="auto")
-
-
-@contextlib.contextmanager
-def _batchnorm_stats_frozen(module: nn.Module):
-    """``module``'s BatchNorm layers normalise by batch statistics without updating their running ones.
-
-    With ``track_running_stats`` off, a training-mode BatchNorm uses the batch's statistics and
-    leaves its running ones (and ``num_batches_tracked``) alone: nothing to copy and restore.
-    """
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    for m in norms:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.track_running_stats = True
-
-
-def compute_gradients(
-    forward: nn.Module,
-    micro_batches: Sequence[MicroBatch],
-    *,
-    loss: str = "clip",
-    label_smoothing: float = 0.0,
-    chunk_size: int | str = "auto",
-    precision: str = "fp32",
-    loss_scale: float = 1.0,
-) -> dict[str, float]:
-    """Accumulate into ``.grad`` the gradient of the loss of the micro-batches taken together.
-
-    ``forward`` is a `_Forward` (possibly wrapped for data parallelism).  Returns the loss,
-    scale and bias (floats); the loss is NaN/inf when it was not finite, in which case
-    nothing was back-propagated.  ``loss_scale`` multiplies what is back-propagated (fp16).
-    """
-    device = micro_batches[0].images.device
-    kw = dict(eps=label_smoothing, chunk=chunk_size)
-    if len(micro_batches) == 1:
-        mb = micro_batches[0]
-        with _autocast(precision, device):
-            img, txt, scale, bias = forward(mb.images, mb.tokens)
-        value = _loss(loss, _f32(img), _f32(txt), scale, bias, **kw)
-        if torch.isfinite(value):
-            (value * loss_scale).backward()
-        return _stats(value, scale, bias)
-
-    core = forward.module if hasattr(forward, "no_sync") else forward
-    # 1. features of every micro-batch, without a graph (BatchNorm running statistics are left
-    #    as they were: step 3 runs each micro-batch again and updates them once)
-    with torch.no_grad(), _autocast(precision, device), _batchnorm_stats_frozen(core):
-        parts = [core(mb.images, mb.tokens) for mb in micro_batches]
-    img_all = torch.cat([_f32(p[0]) for p in parts]).requires_grad_()
-    txt_all = torch.cat([_f32(p[1]) for p in parts]).requires_grad_()
-    scale = parts[0][2].detach().requires_grad_()
-    bias = None if parts[0][3] is None else parts[0][3].detach().requires_grad_()
-    # 2. the loss of the whole batch, once: gradients of the features, the scale and the bias
-    value = _loss(loss, img_all, txt_all, scale, bias, **kw)
-    if not torch.isfinite(value):
-        return _stats(value, scale, bias)
-    (value * loss_scale).backward()
-    # 3. re-encode each micro-batch with a graph and push its slice of the feature gradient
-    sizes = [len(mb) for mb in micro_batches]
-    g_img, g_txt = img_all.grad.split(sizes), txt_all.grad.split(sizes)
-    for k, mb in enumerate(micro_batches):
-        last = k == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(forward, "no_sync") else forward.no_sync()
-        with sync:
-            with _autocast(precision, device):
-                img, txt, s, b = forward(mb.images, mb.tokens)
-            outputs, grads = [_f32(img), _f32(txt), s], [g_img[k], g_txt[k], scale.grad if last else torch.zeros_like(s)]
-            if b is not None:
-                outputs.append(b)
-                grads.append(bias.grad if last else torch.zeros_like(b))
-            torch.autograd.backward(outputs, grads)
-    return _stats(value, scale, bias)
-
-
-def _stats(value: Tensor, scale: Tensor, bias: Tensor | None) -> dict[str, float]:
-    out = {"loss": float(value.detach()), "logit_scale": float(scale.detach())}
-    if bias is not None:
-        out["logit_bias"] = float(bias.detach())
-    return out
-
-
-def train_step(
-    forward: nn.Module,
-    micro_batches: Sequence[MicroBatch],
-    optimizer: torch.optim.Optimizer,
-    *,
-    config: TrainConfig,
-    scaler: Any = None,
-) -> dict[str, float]:
-    """One optimiser step: gradients, clipping, update, temperature clamp.  No I/O.
-
-    A non-finite loss or gradient skips the update (``skipped`` = 1 in the result).
-    """
-    optimizer.zero_grad(set_to_none=True)
-    stats = compute_gradients(
-        forward, micro_batches, loss=config.loss, label_smoothing=config.label_smoothing,
-        chunk_size=config.chunk_size or "auto", precision=config.precision,
-        loss_scale=scaler.get_scale() if scaler is not None else 1.0,
-    )
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if not math.isfinite(stats["loss"]):
-        optimizer.zero_grad(set_to_none=True)
-        return {**stats, "grad_norm": float("nan"), "skipped": 1.0}
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    if scaler is not None:
-        scaler.step(optimizer)  # skips the update itself when the gradients overflowed
-        scaler.update()
-        skipped = not math.isfinite(norm)
-    elif math.isfinite(norm):
-        optimizer.step()
-        skipped = False
-    else:
-        skipped = True
-    core = forward.module.model if hasattr(forward, "no_sync") else forward.model
-    core.logit_scale.clamp_()
-    return {**stats, "grad_norm": norm, "skipped": float(skipped)}
-
-
-# --------------------------------------------------------------------------------------
-# Optimiser and schedule
-# --------------------------------------------------------------------------------------
-
-
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on gains, biases, embeddings and the logit scale and bias."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        exempt = p.ndim < 2 or "embedding" in name or name.startswith("logit_scale")
-        (no_decay if exempt else decay).append(p)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kw = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps)
-    params = decay + no_decay
-    # The fused kernel updates every tensor in one pass (on the CPU, PyTorch's default loops
-    # over the tensors; benchmarks/bench_train.py measures the step).  It needs floating-point
-    # parameters on one device of a kind it supports.
-    devices = {p.device.type for p in params}
-    if params and len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params):
-        return torch.optim.AdamW(groups, fused=True, **kw)
-    return torch.optim.AdamW(groups, **kw)
-
-
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio``."""
-    if step < config.warmup:
-        return (step + 1) / config.warmup
-    span = max(1, config.steps - config.warmup)
-    progress = min(1.0, (step - config.warmup) / span)
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+__all__ = ["train", "build_model", "evaluate"]
 
 
 # --------------------------------------------------------------------------------------
@@ -270,7 +70,7 @@ def _retrieval_set(source: Any, limit: int) -> tuple[list[Any], list[str], list[
     """(images, captions, caption → image index) of the first ``limit`` images: a caption
     file's several captions per image stay grouped; other sources give one pair per item."""
     if hasattr(source, "text_to_image") and hasattr(source, "image_paths"):  # a CaptionSet
-        from clipforge.data._images import read_rgb
+        from clipforge.data.images import read_rgb
 
         images, new_index = [], {}
         for i, path in enumerate(source.image_paths[:limit]):
@@ -352,9 +152,9 @@ def _check_stream_position(saved: dict[str, Any], now: dict[str, Any], checkpoin
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run ``config`` to its last step; returns the final metrics (also in OUT/metrics.json)."""
-    from clipforge._run_state import find_checkpoint, load_train_state, save_checkpoint, set_rng_state
     from clipforge.data import open_data
     from clipforge.data.batches import BatchPlan, BatchStream, StreamBatchStream
+    from clipforge.train.run_state import find_checkpoint, load_train_state, save_checkpoint, set_rng_state
 
     # ---- processes and device -----------------------------------------------------------
     device_probe = _device(config.device, 0)

@@ -24,17 +24,15 @@ Nothing but tensors is ever unpickled: state dicts go through ``torch.load(weigh
 A TorchScript archive is a zip whose ``data.pkl`` pickles the module tree; `torch.jit.load` would
 also compile and run the archive's code, so it is not used.  Instead a restricted unpickler
 rebuilds tensors from the archive's raw storages and records each module's attributes,
-refusing any other global (see `_ScriptUnpickler`).
+refusing any other global (`clipforge.checkpoints.torchscript`).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
 import zipfile
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,23 +41,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from clipforge.model._formats import (
-    CheckpointError,
+from clipforge.checkpoints._errors import CheckpointError, few
+from clipforge.checkpoints.configs import (
     config_from_hf,
     config_from_openclip,
     config_to_hf,
     config_to_openclip,
-    few,
-    from_hf,
     infer_config,
-    to_clipforge_names,
-    to_hf,
-    to_openclip,
 )
+from clipforge.checkpoints.names import from_hf, to_clipforge_names, to_hf, to_openclip
+from clipforge.checkpoints.torchscript import is_torchscript, read_torchscript
 from clipforge.model.clip import CLIP
-from clipforge.model.config import PRESETS, CLIPConfig, TextConfig, get_config
+from clipforge.model.config import PRESETS, QUICKGELU_SUFFIX, CLIPConfig, TextConfig, get_config
 
-__all__ = ["Checkpoint", "CheckpointError", "convert", "load", "load_model", "read_checkpoint", "save"]
+__all__ = [
+    "Checkpoint", "CheckpointError", "InferenceModel", "PRECISIONS", "convert", "default_device", "is_preset", "load",
+    "load_for_inference", "load_model", "read_checkpoint", "save",
+]
 
 PathLike = str | os.PathLike[str]
 CONFIG_FILE = "config.json"  # clipforge and Hugging Face directories
@@ -70,105 +68,6 @@ HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 FORMAT_VERSION = 1
 
 # ----------------------------------------------------------------------------- raw tensors
-
-
-class _ScriptObject:
-    """Stands in for a TorchScript module while unpickling: keeps its attributes, runs nothing."""
-
-    def __setstate__(self, state: Any) -> None:
-        self.attributes = state
-
-
-@dataclass(frozen=True)
-class _StorageType:
-    dtype: torch.dtype
-
-
-def _rebuild_tensor(storage: Tensor, offset: int, size: tuple, stride: tuple, *_: Any) -> Tensor:
-    return torch.as_strided(storage, size, stride, offset)
-
-
-def _build_list(value: Any, *_: Any) -> Any:
-    """Returns its first argument: the typed-list and type-tag wrappers carry plain values."""
-    return value
-
-
-_STORAGE_DTYPES = {
-    "Float": torch.float32, "Half": torch.float16, "BFloat16": torch.bfloat16, "Double": torch.float64,
-    "Long": torch.int64, "Int": torch.int32, "Short": torch.int16, "Char": torch.int8, "Byte": torch.uint8,
-    "Bool": torch.bool,
-}
-# Every global a TorchScript data.pkl may name, mapped to a harmless stand-in defined here.
-_SCRIPT_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _build_list,
-    ("torch.jit._pickle", "restore_type_tag"): _build_list,
-    **{("torch.jit._pickle", f"build_{kind}list"): _build_list for kind in ("int", "double", "bool", "tensor")},
-    **{("torch", f"{name}Storage"): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
-}
-
-
-class _ScriptUnpickler(pickle.Unpickler):
-    """Reads a TorchScript ``data.pkl``: tensors, containers and attribute records, nothing else."""
-
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, path: Path) -> None:
-        super().__init__(io.BytesIO(data))
-        self.archive, self.prefix, self.path = archive, prefix, path
-        self.storages: dict[str, Tensor] = {}
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module.startswith("__torch__"):
-            return _ScriptObject
-        if (module, name) in _SCRIPT_GLOBALS:
-            return _SCRIPT_GLOBALS[(module, name)]
-        raise CheckpointError(
-            f"{self.path}: the TorchScript archive refers to {module}.{name}, which is not a tensor; refusing it"
-        )
-
-    def persistent_load(self, pid: Any) -> Tensor:
-        kind, storage_type, key, _location, numel = pid
-        if kind != "storage" or not isinstance(storage_type, _StorageType):
-            raise CheckpointError(f"{self.path}: unexpected TorchScript record {pid!r}")
-        if key not in self.storages:
-            raw = bytearray(self.archive.read(f"{self.prefix}/data/{key}"))
-            dtype = storage_type.dtype
-            flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-            if flat.numel() != numel:
-                raise CheckpointError(
-                    f"{self.path}: storage {key} holds {flat.numel()} values, not {numel} (truncated?)"
-                )
-            self.storages[key] = flat
-        return self.storages[key]
-
-
-def _flatten_script(obj: Any, prefix: str, out: dict[str, Tensor]) -> None:
-    state = obj.attributes if isinstance(obj, _ScriptObject) else obj
-    if not isinstance(state, dict):
-        return
-    for name, value in state.items():
-        if isinstance(value, Tensor):
-            out[prefix + name] = value
-        elif isinstance(value, (_ScriptObject, dict)):
-            _flatten_script(value, f"{prefix}{name}.", out)
-
-
-def _read_torchscript(path: Path, archive: zipfile.ZipFile) -> dict[str, Tensor]:
-    roots = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
-    if len(roots) != 1:
-        raise CheckpointError(f"{path}: TorchScript archive without a single <name>/data.pkl")
-    prefix = roots[0].split("/")[0]
-    byteorder = f"{prefix}/byteorder"
-    if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
-        raise CheckpointError(f"{path}: big-endian TorchScript archives are not supported")
-    root = _ScriptUnpickler(archive.read(roots[0]), archive, prefix, path).load()
-    state: dict[str, Tensor] = {}
-    _flatten_script(root, "", state)
-    return state
-
-
-def _is_torchscript(archive: zipfile.ZipFile) -> bool:
-    return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
@@ -212,8 +111,8 @@ def _read_file(path: Path) -> tuple[dict[str, Tensor], bool]:
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
-                if _is_torchscript(archive):
-                    return _read_torchscript(path, archive), True
+                if is_torchscript(archive):
+                    return read_torchscript(path, archive), True
         except CheckpointError:
             raise
         except (zipfile.BadZipFile, KeyError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as err:
@@ -355,6 +254,13 @@ def _assemble(config: CLIPConfig, state: dict[str, Tensor], source: Path) -> CLI
     return model
 
 
+def is_preset(name_or_path: PathLike) -> bool:
+    """Whether ``name_or_path`` names a preset (random weights) rather than an existing file or folder."""
+    if Path(name_or_path).exists():
+        return False
+    return str(name_or_path).removesuffix(QUICKGELU_SUFFIX) in PRESETS
+
+
 def _resolve(name_or_path: PathLike) -> Path | str:
     """An existing path, or else a preset name."""
     path = Path(name_or_path)
@@ -426,6 +332,65 @@ def load(
     else:
         tokenizer = None
     return model, preprocess, tokenizer
+
+
+# ----------------------------------------------------------------------------- for inference
+
+# How a model runs for inference: fp32, or bf16 autocast over fp32 weights.
+PRECISIONS = ("fp32", "bf16")
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a `torch.device`; None picks the first CUDA device if there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class InferenceModel:
+    """A model ready to embed images and texts: what `load_for_inference` returns."""
+
+    model: CLIP  # in eval mode, on ``device``, fp32 weights
+    preprocess: Callable  # PIL image -> the model's input tensor
+    tokenizer: Any  # list of texts -> token ids [B, L]
+    device: torch.device
+    precision: str  # "fp32" or "bf16" (autocast)
+    source: str  # the name or path it was loaded from
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype to autocast to (`clipforge.embed`'s ``autocast_dtype``), None for fp32."""
+        return torch.bfloat16 if self.precision == "bf16" else None
+
+
+def load_for_inference(
+    name_or_path: PathLike,
+    *,
+    tokenizer: PathLike | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+) -> InferenceModel:
+    """The one way to load a model for use (evaluation, search, scoring, generation, serving).
+
+    ``tokenizer`` is a tokenizer folder that replaces the checkpoint's own; ``device`` None picks
+    CUDA when available (`default_device`); ``precision`` is "fp32" or "bf16" (autocast over fp32
+    weights).  A CheckpointError when the model comes without a tokenizer and none is given.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    run_on = default_device(device)
+    model, preprocess, loaded_tokenizer = load(name_or_path, device=run_on)
+    if tokenizer is not None:
+        from clipforge.tokenizer import Tokenizer
+
+        loaded_tokenizer = Tokenizer.from_dir(tokenizer, context_length=model.context_length)
+    if loaded_tokenizer is None:
+        raise CheckpointError(
+            f"{name_or_path}: no tokenizer comes with this model (its vocabulary has "
+            f"{model.config.text.vocab_size} ids, not OpenAI's); pass --tokenizer DIR"
+        )
+    return InferenceModel(model, preprocess, loaded_tokenizer, run_on, precision, str(name_or_path))
 
 
 # ----------------------------------------------------------------------------- writing

@@ -107,9 +107,9 @@ def _retrieval(model: Any, tokenizer: Any, preprocess: Any, source: Any, queries
 
 def write_report(run: str | Path, *, checkpoint: str | Path | None = None) -> Path:
     """Write ``run/report.md`` and ``run/figures/*.png`` for the run's last checkpoint."""
-    from clipforge._run_state import list_checkpoints
     from clipforge.checkpoints import load
     from clipforge.data import open_data
+    from clipforge.train.run_state import list_checkpoints
 
     run = Path(run)
     figures = run / "figures"

@@ -1,0 +1,13 @@
+"""The error every checkpoint reader raises, and a helper for its messages."""
+
+from __future__ import annotations
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
+
+
+def few(items: list, limit: int = 8) -> str:
+    """The first ``limit`` items, comma-separated, and how many more there are."""
+    shown = ", ".join(map(str, items[:limit]))
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
