@@ -77,12 +77,19 @@ def plot(results: list[dict], path: Path, demo_steps: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-    for ax, key, title in zip(axes, ("acc1", "colour", "shape"), ("colour and shape (64 classes)", "colour right", "shape right")):
+    for ax, key, title in zip(
+        axes, ("acc1", "colour", "shape"), ("colour and shape (64 classes)", "colour right", "shape right")
+    ):
         for budget in results:
             steps = [r["step"] for r in budget["curve"]]
             for split, style in (("seen", "-o"), ("heldout", "--s")):
-                ax.plot(steps, [r[f"{split}_{key}"] for r in budget["curve"]], style, markersize=3,
-                        label=f"{budget['steps']}-step schedule, {split}")
+                ax.plot(
+                    steps,
+                    [r[f"{split}_{key}"] for r in budget["curve"]],
+                    style,
+                    markersize=3,
+                    label=f"{budget['steps']}-step schedule, {split}",
+                )
         ax.axhline(0.9, color="grey", lw=0.8, ls=":")
         ax.axvline(demo_steps, color="grey", lw=0.8)
         ax.set_title(f"zero-shot: {title}")
@@ -91,7 +98,10 @@ def plot(results: list[dict], path: Path, demo_steps: int) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"the demo recipe on shapes:// (vertical line: the {demo_steps}-step demo; dotted: the 90 % target)", fontsize=10)
+    fig.suptitle(
+        f"the demo recipe on shapes:// (vertical line: the {demo_steps}-step demo; dotted: the 90 % target)",
+        fontsize=10,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -100,7 +110,9 @@ def plot(results: list[dict], path: Path, demo_steps: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", default=None, help="comma-separated step budgets (default: the demo's steps and 2400)")
+    parser.add_argument(
+        "--budgets", default=None, help="comma-separated step budgets (default: the demo's steps and 2400)"
+    )
     parser.add_argument("--eval-every", type=int, default=300, help="steps between evaluations (default: 300)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "demo-curve")
@@ -122,16 +134,27 @@ def main(argv: list[str] | None = None) -> None:
         run, minutes = train_budget(steps, min(args.eval_every, steps), args.seed, args.runs, fresh=args.fresh)
         results.append({"steps": steps, "run": str(run), "minutes": minutes, "curve": curve(run)})
 
-    print(f"{'budget':>6} {'step':>5} | {'seen':>5} {'colour':>6} {'shape':>5} | {'held-out':>8} {'colour':>6} {'shape':>5} | {'R@1':>5}")
+    print(
+        f"{'budget':>6} {'step':>5} | {'seen':>5} {'colour':>6} {'shape':>5} | "
+        f"{'held-out':>8} {'colour':>6} {'shape':>5} | {'R@1':>5}"
+    )
     for budget in results:
         for r in budget["curve"]:
-            print(f"{budget['steps']:>6} {r['step']:>5} | {r['seen_acc1']:5.3f} {r['seen_colour']:6.3f} {r['seen_shape']:5.3f} | "
-                  f"{r['heldout_acc1']:8.3f} {r['heldout_colour']:6.3f} {r['heldout_shape']:5.3f} | {r['R@1'] or 0:5.3f}")
+            print(
+                f"{budget['steps']:>6} {r['step']:>5} | "
+                f"{r['seen_acc1']:5.3f} {r['seen_colour']:6.3f} {r['seen_shape']:5.3f} | "
+                f"{r['heldout_acc1']:8.3f} {r['heldout_colour']:6.3f} {r['heldout_shape']:5.3f} | {r['R@1'] or 0:5.3f}"
+            )
         if budget["minutes"] is not None:
             print(f"{budget['steps']:>6} steps trained and evaluated in {budget['minutes']:.1f} min")
-    meta = {"date": dt.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "command": "python benchmarks/bench_demo_curve.py " + " ".join(argv if argv is not None else os.sys.argv[1:])}
+    meta = {
+        "date": dt.date.today().isoformat(),
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "command": "python benchmarks/bench_demo_curve.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "budgets": results}, indent=1))
     plot(results, args.figure, demo_config().steps)

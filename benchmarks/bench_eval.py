@@ -84,7 +84,9 @@ def zeroshot_case(n: int, precision: str) -> dict:
     def tokenizer(texts: list[str]) -> torch.Tensor:
         ids = torch.zeros(len(texts), model.context_length, dtype=torch.long)
         for row, text in enumerate(texts):
-            words = [1 + vocab.setdefault(w, len(vocab)) % 4000 for w in text.lower().split()][: model.context_length - 1]
+            words = [1 + vocab.setdefault(w, len(vocab)) % 4000 for w in text.lower().split()][
+                : model.context_length - 1
+            ]
             ids[row, : len(words) + 1] = torch.tensor([*words, 4095])  # the last id acts as end of text
         return ids
 
@@ -103,10 +105,19 @@ def zeroshot_case(n: int, precision: str) -> dict:
     t3 = time.perf_counter()
     _, peak = rss()
     return {
-        "case": "zeroshot", "images": n, "classes": len(names), "prompts": len(names) * len(templates),
-        "precision": precision, "classifier_s": t1 - t0, "images_s": t2 - t1, "metrics_s": t3 - t2,
-        "total_s": t3 - t0, "images_per_s": n / (t2 - t1), "extra_peak_bytes": peak - before,
-        "acc1": metrics["acc1"], "acc5": metrics["acc5"],
+        "case": "zeroshot",
+        "images": n,
+        "classes": len(names),
+        "prompts": len(names) * len(templates),
+        "precision": precision,
+        "classifier_s": t1 - t0,
+        "images_s": t2 - t1,
+        "metrics_s": t3 - t2,
+        "total_s": t3 - t0,
+        "images_per_s": n / (t2 - t1),
+        "extra_peak_bytes": peak - before,
+        "acc1": metrics["acc1"],
+        "acc5": metrics["acc5"],
     }
 
 
@@ -146,7 +157,9 @@ def retrieval_case(n_img: int, n_txt: int, block: int, impl: str) -> dict:
     # Noise five times the image's norm: at 20,000 images R@1 lands mid-range, not at 0 or 1.
     texts = F.normalize(images[t2i] + 5.0 * torch.randn(n_txt, DIM, generator=g) / DIM**0.5, dim=-1)
     tiles_total = -(-n_img // block) * -(-n_txt // block) if block else 1
-    tiles_first = len(torch.unique((t2i // block) * (-(-n_txt // block)) + torch.arange(n_txt) // block)) if block else 0
+    tiles_first = (
+        len(torch.unique((t2i // block) * (-(-n_txt // block)) + torch.arange(n_txt) // block)) if block else 0
+    )
     reset_peak()
     before, _ = rss()
     t0 = time.perf_counter()
@@ -157,11 +170,20 @@ def retrieval_case(n_img: int, n_txt: int, block: int, impl: str) -> dict:
     seconds = time.perf_counter() - t0
     _, peak = rss()
     return {
-        "case": "retrieval", "impl": impl, "images": n_img, "captions": n_txt, "d": DIM, "block_size": block,
-        "tiles_sweep1": tiles_first, "tiles_sweep2": tiles_total, "seconds": seconds,
+        "case": "retrieval",
+        "impl": impl,
+        "images": n_img,
+        "captions": n_txt,
+        "d": DIM,
+        "block_size": block,
+        "tiles_sweep1": tiles_first,
+        "tiles_sweep2": tiles_total,
+        "seconds": seconds,
         "gflops": 2 * n_img * n_txt * DIM * (1 + (tiles_first / tiles_total if block else 0)) / seconds / 1e9,
-        "extra_peak_bytes": peak - before, "features_bytes": (n_img + n_txt) * DIM * 4,
-        "text_to_image_R@1": metrics["text_to_image_R@1"], "image_to_text_R@1": metrics["image_to_text_R@1"],
+        "extra_peak_bytes": peak - before,
+        "features_bytes": (n_img + n_txt) * DIM * 4,
+        "text_to_image_R@1": metrics["text_to_image_R@1"],
+        "image_to_text_R@1": metrics["image_to_text_R@1"],
         "text_to_image_mean_rank": metrics["text_to_image_mean_rank"],
     }
 
@@ -193,30 +215,44 @@ def main(argv: list[str] | None = None) -> None:
 
     rows: list[dict] = []
     n = ZEROSHOT_QUICK if args.quick else ZEROSHOT_FULL
-    header = f"{'zero-shot':<10} {'images':>7} {'prec':>5} {'classifier s':>13} {'images s':>9} {'img/s':>7} {'metrics s':>10} {'extra MiB':>10} {'acc1':>6}"
+    header = (
+        f"{'zero-shot':<10} {'images':>7} {'prec':>5} {'classifier s':>13} {'images s':>9} {'img/s':>7} "
+        f"{'metrics s':>10} {'extra MiB':>10} {'acc1':>6}"
+    )
     print(header + "\n" + "-" * len(header), flush=True)
     for precision in ["fp32", "bf16"] if args.bf16 else ["fp32"]:
         r = run_child("zeroshot", str(n), precision)
         rows.append(r)
-        print(f"{'tiny':<10} {r['images']:>7} {precision:>5} {r['classifier_s']:>13.2f} {r['images_s']:>9.1f} "
-              f"{r['images_per_s']:>7.0f} {r['metrics_s']:>10.3f} {r['extra_peak_bytes'] / 2**20:>10.0f} {r['acc1']:>6.3f}",
-              flush=True)
+        print(
+            f"{'tiny':<10} {r['images']:>7} {precision:>5} {r['classifier_s']:>13.2f} {r['images_s']:>9.1f} "
+            f"{r['images_per_s']:>7.0f} {r['metrics_s']:>10.3f} {r['extra_peak_bytes'] / 2**20:>10.0f} "
+            f"{r['acc1']:>6.3f}",
+            flush=True,
+        )
     print()
-    header = f"{'retrieval':<12} {'images':>7} {'captions':>9} {'block':>6} {'tiles 1st+2nd':>14} {'seconds':>8} {'GFLOP/s':>8} {'extra MiB':>10} {'feat. MiB':>10} {'T→I R@1':>8} {'I→T R@1':>8}"
+    header = (
+        f"{'retrieval':<12} {'images':>7} {'captions':>9} {'block':>6} {'tiles 1st+2nd':>14} {'seconds':>8} "
+        f"{'GFLOP/s':>8} {'extra MiB':>10} {'feat. MiB':>10} {'T→I R@1':>8} {'I→T R@1':>8}"
+    )
     print(header + "\n" + "-" * len(header), flush=True)
     for n_img, n_txt, block, impl in RETRIEVAL_QUICK if args.quick else RETRIEVAL_FULL:
         r = run_child("retrieval", str(n_img), str(n_txt), str(block), impl)
         rows.append(r)
         tiles = f"{r['tiles_sweep1']}+{r['tiles_sweep2']}" if block else "—"
-        print(f"{impl:<12} {n_img:>7} {n_txt:>9} {block or '—':>6} {tiles:>14} {r['seconds']:>8.1f} {r['gflops']:>8.0f} "
-              f"{r['extra_peak_bytes'] / 2**20:>10.0f} {r['features_bytes'] / 2**20:>10.0f} "
-              f"{r['text_to_image_R@1']:>8.4f} {r['image_to_text_R@1']:>8.4f}", flush=True)
+        print(
+            f"{impl:<12} {n_img:>7} {n_txt:>9} {block or '—':>6} {tiles:>14} {r['seconds']:>8.1f} {r['gflops']:>8.0f} "
+            f"{r['extra_peak_bytes'] / 2**20:>10.0f} {r['features_bytes'] / 2**20:>10.0f} "
+            f"{r['text_to_image_R@1']:>8.4f} {r['image_to_text_R@1']:>8.4f}",
+            flush=True,
+        )
     meta = {
         "date": dt.date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "command": "python benchmarks/bench_eval.py" + (" --quick" if args.quick else "") + (" --bf16" if args.bf16 else ""),
+        "command": "python benchmarks/bench_eval.py"
+        + (" --quick" if args.quick else "")
+        + (" --bf16" if args.bf16 else ""),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

@@ -219,37 +219,67 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"steps when training the generator (default: {STEPS})")
     parser.add_argument("--generator-noise", type=float, default=NOISE,
                         help=f"--image-noise when training the generator model (default: {NOISE})")
-    parser.add_argument("--judge-steps", type=int, default=STEPS, help=f"steps when training the judge (default: {STEPS})")
-    parser.add_argument("--judge-noise", type=float, default=NOISE,
-                        help=f"--image-noise when training the judge (default: {NOISE})")
-    parser.add_argument("--clean-judge-steps", type=int, default=CLEAN_JUDGE_STEPS,
-                        help=f"steps when training the clean judge (default: {CLEAN_JUDGE_STEPS}; 0: no clean judge)")
+    parser.add_argument("--judge-steps", type=int, default=STEPS,
+                        help=f"steps when training the judge (default: {STEPS})")
+    parser.add_argument(
+        "--judge-noise", type=float, default=NOISE, help=f"--image-noise when training the judge (default: {NOISE})"
+    )
+    parser.add_argument(
+        "--clean-judge-steps",
+        type=int,
+        default=CLEAN_JUDGE_STEPS,
+        help=f"steps when training the clean judge (default: {CLEAN_JUDGE_STEPS}; 0: no clean judge)",
+    )
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "generate-proof", help="where to train")
     parser.add_argument("--fresh", action="store_true", help="train the models again even if they are there")
-    parser.add_argument("--prompts", type=int, default=64,
-                        help="generate for this many of the 64 prompts (default: all; reranking always covers all)")
+    parser.add_argument(
+        "--prompts",
+        type=int,
+        default=64,
+        help="generate for this many of the 64 prompts (default: all; reranking always covers all)",
+    )
     parser.add_argument("--steps", type=int, default=200, help="generation steps (default: 200)")
     parser.add_argument("--cutouts", type=int, default=16, help="cutouts per step (default: 16)")
     parser.add_argument("--seed", type=int, default=0, help="generation seed (default: 0)")
-    parser.add_argument("--best-of", type=int, default=BEST_OF,
-                        help=f"starts per prompt; the generator keeps the one it scores highest (default: {BEST_OF})")
-    parser.add_argument("--negative-weight", type=float, default=NEGATIVE_WEIGHT,
-                        help="weight of the negative prompts, the other 63 classes (0: none; default: "
-                             f"{NEGATIVE_WEIGHT})")
+    parser.add_argument(
+        "--best-of",
+        type=int,
+        default=BEST_OF,
+        help=f"starts per prompt; the generator keeps the one it scores highest (default: {BEST_OF})",
+    )
+    parser.add_argument(
+        "--negative-weight",
+        type=float,
+        default=NEGATIVE_WEIGHT,
+        help=f"weight of the negative prompts, the other 63 classes (0: none; default: {NEGATIVE_WEIGHT})",
+    )
     parser.add_argument("--lr", type=float, default=0.02, help="generation learning rate (default: 0.02)")
     parser.add_argument("--tv", type=float, default=5.0, help="total-variation weight (default: 5)")
-    parser.add_argument("--noise", type=float, default=NOISE,
-                        help=f"std of the cutouts' pixel noise (default: {NOISE}, the generator's training noise)")
-    parser.add_argument("--cut-scale", type=float, nargs=2, default=(0.6, 1.0), metavar=("LOW", "HIGH"),
-                        help="range of the cutouts' side, a fraction of the image side (default: 0.6 1.0)")
-    parser.add_argument("--size", type=int, default=0, help="side of the generated image (default: 0, the model's input size)")
+    parser.add_argument(
+        "--noise",
+        type=float,
+        default=NOISE,
+        help=f"std of the cutouts' pixel noise (default: {NOISE}, the generator's training noise)",
+    )
+    parser.add_argument(
+        "--cut-scale",
+        type=float,
+        nargs=2,
+        default=(0.6, 1.0),
+        metavar=("LOW", "HIGH"),
+        help="range of the cutouts' side, a fraction of the image side (default: 0.6 1.0)",
+    )
+    parser.add_argument(
+        "--size", type=int, default=0, help="side of the generated image (default: 0, the model's input size)"
+    )
     parser.add_argument("--decay", type=float, default=2.0, help="spectrum decay of the parameterisation (default: 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=RESULTS / "bench_generate.json")
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "generate_grid.png")
     parser.add_argument("--images", type=Path, default=None, help="where to save the images (default: RUNS/images)")
-    parser.add_argument("--redraw", action="store_true",
-                        help="only draw the figure again, from --json and the images in --images")
+    parser.add_argument(
+        "--redraw", action="store_true", help="only draw the figure again, from --json and the images in --images"
+    )
     args = parser.parse_args(argv)
     if args.redraw:
         redraw(args)
@@ -265,10 +295,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    model_path = resolve(args.model) if args.model else train_or_reuse(0, args.generator_steps, args.runs, fresh=args.fresh,
-                                                                       image_noise=args.generator_noise)
-    judge_path = resolve(args.judge) if args.judge else train_or_reuse(1, args.judge_steps, args.runs, fresh=args.fresh,
-                                                                       image_noise=args.judge_noise)
+    model_path = (
+        resolve(args.model)
+        if args.model
+        else train_or_reuse(0, args.generator_steps, args.runs, fresh=args.fresh, image_noise=args.generator_noise)
+    )
+    judge_path = (
+        resolve(args.judge)
+        if args.judge
+        else train_or_reuse(1, args.judge_steps, args.runs, fresh=args.fresh, image_noise=args.judge_noise)
+    )
     clean_path = None
     if args.clean_judge:
         clean_path = resolve(args.clean_judge)
@@ -280,9 +316,20 @@ def main(argv: list[str] | None = None) -> None:
     names = class_names()
     chosen = pick_prompts(args.prompts)
     classes = tuple(f"a {name}" for name in names)  # the prompts, and each prompt's negatives (generate leaves it out)
-    config = GenerateConfig(steps=args.steps, cutouts=args.cutouts, lr=args.lr, tv=args.tv, noise=args.noise,
-                            cut_scale=tuple(args.cut_scale), decay=args.decay, size=args.size, seed=args.seed, best_of=args.best_of,
-                            negatives=classes if args.negative_weight > 0 else (), negative_weight=args.negative_weight)
+    config = GenerateConfig(
+        steps=args.steps,
+        cutouts=args.cutouts,
+        lr=args.lr,
+        tv=args.tv,
+        noise=args.noise,
+        cut_scale=tuple(args.cut_scale),
+        decay=args.decay,
+        size=args.size,
+        seed=args.seed,
+        best_of=args.best_of,
+        negatives=classes if args.negative_weight > 0 else (),
+        negative_weight=args.negative_weight,
+    )
     image_dir = args.images or args.runs / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
 
@@ -296,9 +343,18 @@ def main(argv: list[str] | None = None) -> None:
         own = clip_score(model, [preprocess(result.image)], [prompt], tokenizer=tokenizer, progress=False)
         other = clip_score(judge, [judge_preprocess(result.image)], [prompt], tokenizer=judge_tokenizer, progress=False)
         images.append(result.image)
-        rows.append({"prompt": prompt, "class": label, "model_clip_score": own.mean, "judge_clip_score": other.mean,
-                     "loss_first": result.losses[0], "loss_last": result.losses[-1], "seed_kept": result.seed,
-                     "start_cosines": [round(c, 6) for c in result.cosines]})
+        rows.append(
+            {
+                "prompt": prompt,
+                "class": label,
+                "model_clip_score": own.mean,
+                "judge_clip_score": other.mean,
+                "loss_first": result.losses[0],
+                "loss_last": result.losses[-1],
+                "seed_kept": result.seed,
+                "start_cosines": [round(c, 6) for c in result.cosines],
+            }
+        )
         print(f"[{number}/{len(chosen)}] {prompt}: CLIP-S {own.mean:.3f} (model), {other.mean:.3f} (judge)", flush=True)
     generate_seconds = time.perf_counter() - start
     # Each model classifies the generated images and, in the same pass, 8 real images of each
@@ -308,31 +364,36 @@ def main(argv: list[str] | None = None) -> None:
     real = [real_image(label, draw) for label in chosen for draw in range(REAL_PER_PROMPT)]
     judge_all = classify(judge, judge_preprocess, judge_tokenizer, images + real)
     model_all = classify(model, preprocess, tokenizer, images + real)
-    judged, own_view = judge_all[:len(images)], model_all[:len(images)]
+    judged, own_view = judge_all[: len(images)], model_all[: len(images)]
     for row, j, m in zip(rows, judged, own_view):
         row |= {"judge_class": j, "judge_says": names[j], "model_class": m}
     generation = rates(judged, chosen)
     self_rates = rates(own_view, chosen)
-    judge_real = rates(judge_all[len(images):], real_labels)
-    model_real = rates(model_all[len(images):], real_labels)
+    judge_real = rates(judge_all[len(images) :], real_labels)
+    model_real = rates(model_all[len(images) :], real_labels)
     clean: dict[str, Any] = {}
     if clean_path is not None:
         clean_model, clean_preprocess, clean_tokenizer = load(clean_path)
         clean_all = classify(clean_model, clean_preprocess, clean_tokenizer, images + real)
-        for row, c in zip(rows, clean_all[:len(images)]):
+        for row, c in zip(rows, clean_all[: len(images)]):
             row["clean_judge_class"] = c
-        clean = {"generation_clean_judge": rates(clean_all[:len(images)], chosen),
-                 "real_images_clean_judge": rates(clean_all[len(images):], real_labels)}
+        clean = {
+            "generation_clean_judge": rates(clean_all[: len(images)], chosen),
+            "real_images_clean_judge": rates(clean_all[len(images) :], real_labels),
+        }
 
     # 2. Reranking 16 candidates for every prompt (all 64: it is cheap) with the generator model
     # and, for comparison, the judge.
     top_model, top_judge = [], []
     for label in range(64):
         pool, labels = candidates(label)
-        for scorer, scorer_pre, scorer_tok, tops in ((model, preprocess, tokenizer, top_model),
-                                                     (judge, judge_preprocess, judge_tokenizer, top_judge)):
-            ranking = rerank(scorer, [scorer_pre(image) for image in pool], classes[label],
-                             tokenizer=scorer_tok, progress=False)
+        for scorer, scorer_pre, scorer_tok, tops in (
+            (model, preprocess, tokenizer, top_model),
+            (judge, judge_preprocess, judge_tokenizer, top_judge),
+        ):
+            ranking = rerank(
+                scorer, [scorer_pre(image) for image in pool], classes[label], tokenizer=scorer_tok, progress=False
+            )
             tops.append(labels[ranking[0][0]] == label)
     rerank_rate = sum(top_model) / 64
     rerank_judge = sum(top_judge) / 64
@@ -350,15 +411,20 @@ def main(argv: list[str] | None = None) -> None:
         table += [
             ("generation: clean judge sees colour and shape", clean["generation_clean_judge"]["colour_and_shape"]),
             ("generation: clean judge sees the shape", clean["generation_clean_judge"]["shape"]),
-            (f"real images ({REAL_PER_PROMPT} per prompt): clean judge right", clean["real_images_clean_judge"]["colour_and_shape"]),
+            (
+                f"real images ({REAL_PER_PROMPT} per prompt): clean judge right",
+                clean["real_images_clean_judge"]["colour_and_shape"],
+            ),
         ]
     table += [
         ("rerank 16: generator's first image matches (target >= 0.90)", rerank_rate),
         ("rerank 16: judge's first image matches", rerank_judge),
     ]
-    print(f"\n{count} prompts; generator {model_path}; judge {judge_path}; clean judge {clean_path}; "
-          f"best of {args.best_of} starts of {args.steps} steps × {args.cutouts} cutouts; negative weight "
-          f"{args.negative_weight}")
+    print(
+        f"\n{count} prompts; generator {model_path}; judge {judge_path}; clean judge {clean_path}; "
+        f"best of {args.best_of} starts of {args.steps} steps × {args.cutouts} cutouts; negative weight "
+        f"{args.negative_weight}"
+    )
     width = max(len(name) for name, _ in table)
     print(f"{'measure'.ljust(width)}  rate   count")
     for name, value in table:
@@ -366,21 +432,39 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name.ljust(width)}  {value:.3f}  {round(value * total):>2}/{total}")
     mean_model = sum(r["model_clip_score"] for r in rows) / count
     mean_judge = sum(r["judge_clip_score"] for r in rows) / count
-    print(f"mean CLIP-S of the generated images: {mean_model:.3f} (generator), {mean_judge:.3f} (judge); "
-          f"generation {generate_seconds / count:.1f} s per prompt")
+    print(
+        f"mean CLIP-S of the generated images: {mean_model:.3f} (generator), {mean_judge:.3f} (judge); "
+        f"generation {generate_seconds / count:.1f} s per prompt"
+    )
 
-    meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-            "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-            "torch_threads": torch.get_num_threads(), "train_seconds": round(train_seconds, 1),
-            "generate_seconds": round(generate_seconds, 1)}
-    result = {"meta": meta, "model": str(model_path), "judge": str(judge_path),
-              "clean_judge": None if clean_path is None else str(clean_path), "prompts": count,
-              "generate_config": config.to_dict(),
-              "results": {"generation_judge": generation, "generation_self": self_rates,
-                          "real_images_judge": judge_real, "real_images_model": model_real, **clean,
-                          "rerank_top1_model": rerank_rate, "rerank_top1_judge": rerank_judge,
-                          "mean_clip_score_model": mean_model, "mean_clip_score_judge": mean_judge},
-              "per_prompt": rows}
+    meta = {
+        "date": dt.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        "torch_threads": torch.get_num_threads(),
+        "train_seconds": round(train_seconds, 1),
+        "generate_seconds": round(generate_seconds, 1),
+    }
+    result = {
+        "meta": meta,
+        "model": str(model_path),
+        "judge": str(judge_path),
+        "clean_judge": None if clean_path is None else str(clean_path),
+        "prompts": count,
+        "generate_config": config.to_dict(),
+        "results": {
+            "generation_judge": generation,
+            "generation_self": self_rates,
+            "real_images_judge": judge_real,
+            "real_images_model": model_real,
+            **clean,
+            "rerank_top1_model": rerank_rate,
+            "rerank_top1_judge": rerank_judge,
+            "mean_clip_score_model": mean_model,
+            "mean_clip_score_judge": mean_judge,
+        },
+        "per_prompt": rows,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.json}")

@@ -107,8 +107,17 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
-    for (impl, dtype), style in {("naive", "fp32"): "o-", ("tiled", "fp32"): "s-", ("naive", "bf16"): "o--", ("tiled", "bf16"): "s--"}.items():
-        pts = sorted((r["n"], r["seconds"], r["extra_peak_bytes"]) for r in rows if r["impl"] == impl and r["dtype"] == dtype and r["d"] == 512)
+    for (impl, dtype), style in {
+        ("naive", "fp32"): "o-",
+        ("tiled", "fp32"): "s-",
+        ("naive", "bf16"): "o--",
+        ("tiled", "bf16"): "s--",
+    }.items():
+        pts = sorted(
+            (r["n"], r["seconds"], r["extra_peak_bytes"])
+            for r in rows
+            if r["impl"] == impl and r["dtype"] == dtype and r["d"] == 512
+        )
         if not pts:
             continue
         ns, ts, ms = zip(*pts)
@@ -129,8 +138,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case after the warm-up")
     parser.add_argument("--max-n", type=int, default=None, help="skip cases above this N")
-    parser.add_argument("--sizes", type=lambda v: {int(x) for x in v.split(",")}, default=None,
-                        help="comma-separated N values to run (default: all of the plan)")
+    parser.add_argument(
+        "--sizes",
+        type=lambda v: {int(x) for x in v.split(",")},
+        default=None,
+        help="comma-separated N values to run (default: all of the plan)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_loss.json")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -146,7 +159,10 @@ def main(argv: list[str] | None = None) -> None:
     plan = QUICK_PLAN if args.quick else FULL_PLAN
     dtypes = args.dtypes.split(",")
     rows: list[dict] = []
-    header = f"{'N':>7} {'d':>4} {'dtype':>5} {'naive s':>9} {'tiled s':>9} {'ratio':>6} {'naive MiB':>10} {'tiled MiB':>10} {'mem %':>6} {'GFLOP/s':>8}"
+    header = (
+        f"{'N':>7} {'d':>4} {'dtype':>5} {'naive s':>9} {'tiled s':>9} {'ratio':>6} "
+        f"{'naive MiB':>10} {'tiled MiB':>10} {'mem %':>6} {'GFLOP/s':>8}"
+    )
     print(header)
     print("-" * len(header))
     for n, d, impls in plan:
@@ -165,8 +181,10 @@ def main(argv: list[str] | None = None) -> None:
             fmt = lambda v, spec: format(v, spec) if v is not None else "—".rjust(len(format(0, spec)))  # noqa: E731
             print(
                 f"{n:>7} {d:>4} {dtype:>5} {fmt(nv and nv['seconds'], '9.2f')} {tl['seconds']:>9.2f} "
-                f"{fmt(nv and tl['seconds'] / nv['seconds'], '6.2f')} {fmt(nv and nv['extra_peak_bytes'] / 2**20, '10.0f')} "
-                f"{tl['extra_peak_bytes'] / 2**20:>10.0f} {fmt(nv and 100 * tl['extra_peak_bytes'] / nv['extra_peak_bytes'], '6.1f')} "
+                f"{fmt(nv and tl['seconds'] / nv['seconds'], '6.2f')} "
+                f"{fmt(nv and nv['extra_peak_bytes'] / 2**20, '10.0f')} "
+                f"{tl['extra_peak_bytes'] / 2**20:>10.0f} "
+                f"{fmt(nv and 100 * tl['extra_peak_bytes'] / nv['extra_peak_bytes'], '6.1f')} "
                 f"{tl['gflops']:>8.0f}",
                 flush=True,
             )

@@ -7,7 +7,8 @@ Prints a table of images/s and texts/s for each model (ViT-B-32, tiny-vit), batc
 precision (fp32, bf16 autocast), with OpenCLIP's numbers and the speed-up where open_clip is
 importable, and writes it to benchmarks/results/bench_model.json.  fp32 rows also time
 `CLIP.optimize_for_inference()` (the packed oneDNN path; its outputs are checked against the
-plain path first); under autocast that path steps aside, so bf16 rows time the plain model only.  Captions are typical ones:
+plain path first); under autocast that path steps aside, so bf16 rows time the plain model only.
+Captions are typical ones:
 10-20 tokens (mean 15) padded to the model's context.  Both libraries run interleaved in one
 process (clipforge, OpenCLIP, clipforge, ...) so a noisy shared CPU affects both alike; each
 cell reports the fastest of its timed calls, the least disturbed by other processes.  Weights
@@ -101,8 +102,13 @@ def bench(name: str, batch: int, precision: str, *, reps: int, min_seconds: floa
 
             fns[impl] = call
         seconds = time_interleaved(fns, reps=reps, min_seconds=min_seconds)
-        row = {"model": name, "batch": batch, "precision": precision, "modality": modality,
-               "clipforge_per_s": batch / seconds["clipforge"]}
+        row = {
+            "model": name,
+            "batch": batch,
+            "precision": precision,
+            "modality": modality,
+            "clipforge_per_s": batch / seconds["clipforge"],
+        }
         if "optimized" in seconds:
             row["optimized_per_s"] = batch / seconds["optimized"]
             row["optimized_max_abs_error"] = error
@@ -115,18 +121,22 @@ def bench(name: str, batch: int, precision: str, *, reps: int, min_seconds: floa
     return rows
 
 
-HEADER = (f"{'model':10} {'batch':>5} {'prec':>5} {'what':>6} {'clipforge/s':>12} {'optimized/s':>12} "
-          f"{'open_clip/s':>12} {'speed-up':>9} {'optimized':>9}")
+HEADER = (
+    f"{'model':10} {'batch':>5} {'prec':>5} {'what':>6} {'clipforge/s':>12} {'optimized/s':>12} "
+    f"{'open_clip/s':>12} {'speed-up':>9} {'optimized':>9}"
+)
 
 
 def format_row(r: dict) -> str:
     def cell(key: str, width: int, fmt: str, suffix: str = "") -> str:
         return f"{r[key]:{width - len(suffix)}{fmt}}{suffix}" if key in r else f"{'-':>{width}}"
 
-    return (f"{r['model']:10} {r['batch']:5d} {r['precision']:>5} {r['modality']:>6} "
-            f"{cell('clipforge_per_s', 12, '.1f')} {cell('optimized_per_s', 12, '.1f')} "
-            f"{cell('open_clip_per_s', 12, '.1f')} {cell('speedup', 9, '.2f', 'x')} "
-            f"{cell('optimized_speedup', 9, '.2f', 'x')}")
+    return (
+        f"{r['model']:10} {r['batch']:5d} {r['precision']:>5} {r['modality']:>6} "
+        f"{cell('clipforge_per_s', 12, '.1f')} {cell('optimized_per_s', 12, '.1f')} "
+        f"{cell('open_clip_per_s', 12, '.1f')} {cell('speedup', 9, '.2f', 'x')} "
+        f"{cell('optimized_speedup', 9, '.2f', 'x')}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

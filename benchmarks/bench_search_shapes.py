@@ -71,20 +71,36 @@ def main(argv: list[str] | None = None) -> None:
     def rate(subset: list[dict], key: str) -> float:
         return sum(r[key] for r in subset) / len(subset)
 
-    groups = {"seen pairs (48)": [r for r in rows if not r["heldout"]], "held-out pairs (16)": [r for r in rows if r["heldout"]],
-              "all (64)": rows}
-    summary = {name: {key: rate(sub, key) for key in ("top1", "top1_colour", "top1_shape", "p_at_5")} for name, sub in groups.items()}
+    groups = {
+        "seen pairs (48)": [r for r in rows if not r["heldout"]],
+        "held-out pairs (16)": [r for r in rows if r["heldout"]],
+        "all (64)": rows,
+    }
+    summary = {
+        name: {key: rate(sub, key) for key in ("top1", "top1_colour", "top1_shape", "p_at_5")}
+        for name, sub in groups.items()
+    }
     print(f"{'text queries':<22} {'top-1 exact':>11} {'top-1 colour':>12} {'top-1 shape':>11} {'precision@5':>11}")
     for name, s in summary.items():
         print(f"{name:<22} {s['top1']:>11.3f} {s['top1_colour']:>12.3f} {s['top1_shape']:>11.3f} {s['p_at_5']:>11.3f}")
-    print(f"image queries: the query image first for {self_first} of {len(paths)} ({self_first / len(paths):.3f}); "
-          f"index of {len(paths)} images built in {build_s:.1f} s")
-    meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-            "model": args.model, "images": len(paths),
-            "command": f"python benchmarks/bench_search_shapes.py --model {args.model} --images {args.images}"}
+    print(
+        f"image queries: the query image first for {self_first} of {len(paths)} ({self_first / len(paths):.3f}); "
+        f"index of {len(paths)} images built in {build_s:.1f} s"
+    )
+    meta = {
+        "date": dt.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "model": args.model,
+        "images": len(paths),
+        "command": f"python benchmarks/bench_search_shapes.py --model {args.model} --images {args.images}",
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "summary": summary, "image_query_self_first": self_first / len(paths),
-                                    "queries": rows}, indent=1))
+    args.out.write_text(
+        json.dumps(
+            {"meta": meta, "summary": summary, "image_query_self_first": self_first / len(paths), "queries": rows},
+            indent=1,
+        )
+    )
     print(f"wrote {args.out}")
 
 

@@ -177,12 +177,24 @@ def hostile(port: int, png: bytes) -> list[dict]:
         ("k=abc", lambda: httpx.get(f"{base}/search", params={"q": "red", "k": "abc"}).status_code),
         ("id=-1", lambda: httpx.get(f"{base}/search/similar", params={"id": -1}).status_code),
         ("unknown id", lambda: httpx.get(f"{base}/thumb/123456789").status_code),
-        ("upload: a shell script", lambda: httpx.post(f"{base}/search/image",
-                                                      files={"file": ("x.sh", b"#!/bin/sh\n", "image/png")}).status_code),
-        ("upload: truncated PNG", lambda: httpx.post(f"{base}/search/image",
-                                                     files={"file": ("x.png", png[:200], "image/png")}).status_code),
-        ("upload: 20 MB", lambda: httpx.post(f"{base}/search/image",
-                                             files={"file": ("x.png", b"\0" * (20 << 20), "image/png")}).status_code),
+        (
+            "upload: a shell script",
+            lambda: (
+                httpx.post(f"{base}/search/image", files={"file": ("x.sh", b"#!/bin/sh\n", "image/png")}).status_code
+            ),
+        ),
+        (
+            "upload: truncated PNG",
+            lambda: httpx.post(f"{base}/search/image", files={"file": ("x.png", png[:200], "image/png")}).status_code,
+        ),
+        (
+            "upload: 20 MB",
+            lambda: (
+                httpx.post(
+                    f"{base}/search/image", files={"file": ("x.png", b"\0" * (20 << 20), "image/png")}
+                ).status_code
+            ),
+        ),
         ("upload: no file field", lambda: httpx.post(f"{base}/search/image", data={"x": "1"}).status_code),
     ]
     rows = []
@@ -230,35 +242,58 @@ def main() -> None:
         chosen = [r for r in results if kind == "all" or r[0] == kind]
         times = np.array([t for _, t, _ in chosen])
         errors = sum(1 for _, _, status in chosen if status != 200)
-        rows.append({"requests": kind, "count": len(chosen), "errors": errors,
-                     "p50_ms": round(float(np.percentile(times, 50)), 2),
-                     "p99_ms": round(float(np.percentile(times, 99)), 2),
-                     "max_ms": round(float(times.max()), 2)})
+        rows.append(
+            {
+                "requests": kind,
+                "count": len(chosen),
+                "errors": errors,
+                "p50_ms": round(float(np.percentile(times, 50)), 2),
+                "p99_ms": round(float(np.percentile(times, 99)), 2),
+                "max_ms": round(float(times.max()), 2),
+            }
+        )
     serial_times = np.array([t for _, t, _ in serial])
-    rows.append({"requests": "text, one client alone", "count": len(serial),
-                 "errors": sum(1 for _, _, status in serial if status != 200),
-                 "p50_ms": round(float(np.percentile(serial_times, 50)), 2),
-                 "p99_ms": round(float(np.percentile(serial_times, 99)), 2), "max_ms": round(float(serial_times.max()), 2)})
-    print(f"\n{args.requests} requests at concurrency {args.concurrency} in {wall:.1f}s "
-          f"({args.requests / wall:.0f} requests/s)")
+    rows.append(
+        {
+            "requests": "text, one client alone",
+            "count": len(serial),
+            "errors": sum(1 for _, _, status in serial if status != 200),
+            "p50_ms": round(float(np.percentile(serial_times, 50)), 2),
+            "p99_ms": round(float(np.percentile(serial_times, 99)), 2),
+            "max_ms": round(float(serial_times.max()), 2),
+        }
+    )
+    print(
+        f"\n{args.requests} requests at concurrency {args.concurrency} in {wall:.1f}s "
+        f"({args.requests / wall:.0f} requests/s)"
+    )
     print("| requests | count | errors | p50 ms | p99 ms | max ms |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['requests']} | {r['count']} | {r['errors']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-              f"{r['max_ms']:.1f} |")
+        print(
+            f"| {r['requests']} | {r['count']} | {r['errors']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+            f"{r['max_ms']:.1f} |"
+        )
     print("\n| hostile request | status | 4xx (or 200 for health) |")
     print("|---|---|---|")
     for a in attacks:
         print(f"| {a['case']} | {a['status']} | {'yes' if a['ok'] else 'NO'} |")
 
     result = {
-        "benchmark": "serve", "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "benchmark": "serve",
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
         "command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "setup": {"images": args.images, "model": "tiny preset, random weights", "requests": args.requests,
-                  "concurrency": args.concurrency, "wall_s": round(wall, 2),
-                  "requests_per_s": round(args.requests / wall, 1)},
-        "latency": rows, "hostile": attacks,
+        "setup": {
+            "images": args.images,
+            "model": "tiny preset, random weights",
+            "requests": args.requests,
+            "concurrency": args.concurrency,
+            "wall_s": round(wall, 2),
+            "requests_per_s": round(args.requests / wall, 1),
+        },
+        "latency": rows,
+        "hostile": attacks,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -85,7 +85,10 @@ def towers(args: argparse.Namespace) -> list[dict]:
             acc = {split: float((head(tower(x)).argmax(1) == y % 8).float().mean()) for split, (x, y) in tests.items()}
         params = sum(p.numel() for p in tower.parameters())
         rows.append({"tower": kind, "params": params, "steps": args.steps, **acc, "s_per_step": seconds / args.steps})
-        print(f"{kind:<22} {params:>8,} {acc['seen']:>6.3f} {acc['heldout']:>8.3f} {seconds / args.steps:>7.3f}", flush=True)
+        print(
+            f"{kind:<22} {params:>8,} {acc['seen']:>6.3f} {acc['heldout']:>8.3f} {seconds / args.steps:>7.3f}",
+            flush=True,
+        )
     return rows
 
 
@@ -105,8 +108,11 @@ def model_errors(path: str) -> dict:
     for split in ("seen", "heldout"):
         images, labels = _images(split, 512, 0, preprocess)
         pred = (embed_images(model, images, progress=False) @ classifier).argmax(1)
-        out[split] = {"top1": float((pred == labels).float().mean()), "colour": float((pred // 8 == labels // 8).float().mean()),
-                      "shape": float((pred % 8 == labels % 8).float().mean())}
+        out[split] = {
+            "top1": float((pred == labels).float().mean()),
+            "colour": float((pred // 8 == labels // 8).float().mean()),
+            "shape": float((pred % 8 == labels % 8).float().mean()),
+        }
         print(f"{split:<8} {out[split]['top1']:>6.3f} {out[split]['colour']:>7.3f} {out[split]['shape']:>6.3f}")
     feats = {}
     for name, split, n, seed in (("fit", "seen", 3072, 5), ("seen", "seen", 512, 7), ("heldout", "heldout", 512, 6)):
@@ -114,27 +120,41 @@ def model_errors(path: str) -> dict:
         feats[name] = (embed_images(model, images, progress=False).numpy(), (labels % 8).numpy())
     probe = LogisticRegression(max_iter=2000, C=10).fit(*feats["fit"])
     out["shape_probe"] = {split: float(probe.score(*feats[split])) for split in ("seen", "heldout")}
-    print(f"shape probe fitted on seen pairs: seen {out['shape_probe']['seen']:.3f}, held-out {out['shape_probe']['heldout']:.3f}")
+    print(
+        f"shape probe fitted on seen pairs: seen {out['shape_probe']['seen']:.3f}, "
+        f"held-out {out['shape_probe']['heldout']:.3f}"
+    )
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=120, help="supervised steps per tower")
-    parser.add_argument("--towers", nargs="+", default=["tiny-vit", "resnet-w8", "resnet-w16", "resnet-w8-groupnorm",
-                                                        "resnet-w8-layernorm"])
+    parser.add_argument(
+        "--towers",
+        nargs="+",
+        default=["tiny-vit", "resnet-w8", "resnet-w16", "resnet-w8-groupnorm", "resnet-w8-layernorm"],
+    )
     parser.add_argument("--model", help="a trained checkpoint: split its zero-shot errors instead of training towers")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_shape_towers.json")
     args = parser.parse_args(argv)
-    meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    meta = {
+        "date": dt.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     if args.model:
-        previous["model"] = {"meta": {**meta, "command": f"python benchmarks/bench_shape_towers.py --model {args.model}"},
-                             **model_errors(args.model)}
+        previous["model"] = {
+            "meta": {**meta, "command": f"python benchmarks/bench_shape_towers.py --model {args.model}"},
+            **model_errors(args.model),
+        }
     else:
-        previous["towers"] = {"meta": {**meta, "command": f"python benchmarks/bench_shape_towers.py --steps {args.steps}"},
-                              "rows": towers(args)}
+        previous["towers"] = {
+            "meta": {**meta, "command": f"python benchmarks/bench_shape_towers.py --steps {args.steps}"},
+            "rows": towers(args),
+        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(previous, indent=1))
     print(f"wrote {args.out}")

@@ -82,9 +82,15 @@ def main(argv: list[str] | None = None) -> None:
         mine = throughput(ours, texts, batch, repeats)
         ref = throughput(theirs, texts, batch, repeats) if theirs else None
         rows.append({"mode": mode, "clipforge": mine, "open_clip": ref, "speedup": ref and mine / ref})
-        print(f"{mode:<22} {mine:>12.0f} {(f'{ref:.0f}' if ref else '—'):>12} {(f'{mine / ref:.1f}x' if ref else '—'):>9}")
-    meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-            "captions": len(texts), "command": "python benchmarks/bench_tokenizer.py"}
+        print(
+            f"{mode:<22} {mine:>12.0f} {(f'{ref:.0f}' if ref else '—'):>12} {(f'{mine / ref:.1f}x' if ref else '—'):>9}"
+        )
+    meta = {
+        "date": dt.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "captions": len(texts),
+        "command": "python benchmarks/bench_tokenizer.py",
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {args.out}")

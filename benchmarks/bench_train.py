@@ -5,7 +5,8 @@
 
 One step = forward of both towers, the CLIP loss, backward, AdamW update, on random images
 and 15-token captions padded to the context length; each library's optimizer is the one its
-trainer builds (clipforge: fused AdamW; OpenCLIP's training script: PyTorch's default AdamW).  Both libraries build the model from
+trainer builds (clipforge: fused AdamW; OpenCLIP's training script: PyTorch's default AdamW).
+Both libraries build the model from
 the same config (OpenCLIP's model is created from clipforge's config and gets clipforge's
 weights), run interleaved in one process, and report samples/s (best of the timed steps).
 Prints a table and writes benchmarks/results/bench_train.json.
@@ -95,11 +96,18 @@ class _Theirs:
     def optimizer(model):
         """What OpenCLIP's training script builds: AdamW over two groups (no decay on gains
         and biases), PyTorch's default implementation."""
-        exempt = [p for n, p in model.named_parameters() if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n
-                  or "logit_scale" in n]
+        exempt = [
+            p
+            for n, p in model.named_parameters()
+            if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+        ]
         rest = [p for n, p in model.named_parameters() if not any(p is q for q in exempt)]
-        return torch.optim.AdamW([{"params": exempt, "weight_decay": 0.0}, {"params": rest, "weight_decay": 0.2}],
-                                 lr=1e-5, betas=(0.9, 0.98), eps=1e-6)
+        return torch.optim.AdamW(
+            [{"params": exempt, "weight_decay": 0.0}, {"params": rest, "weight_decay": 0.2}],
+            lr=1e-5,
+            betas=(0.9, 0.98),
+            eps=1e-6,
+        )
 
 
 def _openclip_model(ours):
@@ -144,14 +152,33 @@ def main(argv: list[str] | None = None) -> None:
         images, tokens = _batch(ours.config, args.batch)
         for precision in ("fp32", "bf16"):
             mine = _rate(_step_fn(ours, _Ours(), images, tokens, precision), args.batch, args.steps)
-            ref = _rate(_step_fn(theirs, _Theirs(), images, tokens, precision), args.batch, args.steps) if theirs else None
-            rows.append({"model": name, "precision": precision, "batch": args.batch, "clipforge": mine,
-                         "open_clip": ref, "speedup": ref and mine / ref})
-            print(f"{name:<10} {precision:<5} {mine:>12.1f} {(f'{ref:.1f}' if ref else '—'):>12} "
-                  f"{(f'{mine / ref:.2f}x' if ref else '—'):>9}", flush=True)
-    meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "command": f"python benchmarks/bench_train.py --models {args.models} --batch {args.batch}"}
+            ref = (
+                _rate(_step_fn(theirs, _Theirs(), images, tokens, precision), args.batch, args.steps)
+                if theirs
+                else None
+            )
+            rows.append(
+                {
+                    "model": name,
+                    "precision": precision,
+                    "batch": args.batch,
+                    "clipforge": mine,
+                    "open_clip": ref,
+                    "speedup": ref and mine / ref,
+                }
+            )
+            print(
+                f"{name:<10} {precision:<5} {mine:>12.1f} {(f'{ref:.1f}' if ref else '—'):>12} "
+                f"{(f'{mine / ref:.2f}x' if ref else '—'):>9}",
+                flush=True,
+            )
+    meta = {
+        "date": dt.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "command": f"python benchmarks/bench_train.py --models {args.models} --batch {args.batch}",
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {args.out}")

@@ -184,7 +184,8 @@ class ShardSource:
         if len(order) >= consumers:  # whole shards per consumer
             return itertools.chain.from_iterable(read_shard(url) for url in order[consumer::consumers])
         # fewer shards than consumers: everyone reads everything and keeps every consumers-th record
-        return itertools.islice(itertools.chain.from_iterable(read_shard(url) for url in order), consumer, None, consumers)
+        records = itertools.chain.from_iterable(read_shard(url) for url in order)
+        return itertools.islice(records, consumer, None, consumers)
 
     def _share(self, consumer: int, consumers: int, seed: int) -> Iterator[ShardSample]:
         from webdataset.filters import shuffle
@@ -200,7 +201,9 @@ class ShardSource:
                 good += record.error is None
                 yield record
             if not good:
-                shards = len(range(consumer, len(self.urls), consumers)) if len(self.urls) >= consumers else len(self.urls)
+                shards = (
+                    len(range(consumer, len(self.urls), consumers)) if len(self.urls) >= consumers else len(self.urls)
+                )
                 raise DataError(
                     f"shards:{self.spec}: consumer {consumer} of {consumers} (rank × loader worker) read no "
                     f"sample in an epoch of its {shards} shard(s)"

@@ -6,11 +6,12 @@ one, a caption if there is one, and the image itself, decoded with unreadable on
 | `ImageFolder` (``imagefolder:``) | the file path | the file | none (the class is in the path) |
 | `CaptionSet` (``csv:``, ``jsonl:``) | the file path | the file | the image's first caption |
 | `CaptionedFolder` (``pairs:``) | the file path | the file | its ``.txt`` |
-| any other map-style source: ``len(s)``, ``s[i] -> (image, caption)`` (``shapes:``, ``digits:``) | ``URI#i`` | none | ``s[i]``'s caption |
-| a stream of undecoded records, ``samples()`` (``shards:``) | the record's ``name`` (``shard-url#key``) | none | the record's ``caption()`` |
-| any other iterable of ``(image, caption)`` or of dicts with ``image``, ``caption``, ``key``, ``path`` | ``key``, else ``URI#i`` | ``path`` | ``caption`` |
+| other map-style sources, ``s[i] -> (image, caption)`` (``shapes:``, ``digits:``) | ``URI#i`` | none | ``s[i]``'s |
+| undecoded records, ``samples()`` (``shards:``) | the record's ``name`` (``url#key``) | none | ``caption()`` |
+| iterables of ``(image, caption)``, or of dicts | ``key`` or ``URI#i`` | ``path`` | ``caption`` |
 
-A source can also say for itself how it is indexed with a method ``index_items()`` returning
+The dicts hold ``image`` and optionally ``caption``, ``key`` and ``path``.  A source can also say for
+itself how it is indexed with a method ``index_items()`` returning
 an iterable of `Item` whose ``load`` reads the image.  Keys must be stable from one pass to
 the next: an interrupted build resumes by skipping the keys already embedded, and ``index
 add`` adds only keys not yet in the index.
@@ -120,8 +121,10 @@ def items_of(source: Any, uri: str) -> Iterable[Item]:
     if isinstance(source, CaptionSet):
         return _file_items(source.image_paths, _first_captions(source))
     if isinstance(source, CaptionedFolder):
-        return [Item(os.path.abspath(p), os.path.abspath(p), _caption_or_none(source, i))
-                for i, p in enumerate(source.images)]
+        return [
+            Item(os.path.abspath(p), os.path.abspath(p), _caption_or_none(source, i))
+            for i, p in enumerate(source.images)
+        ]
     if getattr(source, "streaming", False) and hasattr(source, "samples"):
         return (_sample_item(record) for record in source.samples())
     if hasattr(source, "__len__") and hasattr(source, "__getitem__"):
@@ -172,8 +175,13 @@ def decoded_batches(
     if isinstance(items, list):
         if not items:
             return
-        loader: Any = DataLoader(_ItemImages(items, transform), batch_size=batch_size, shuffle=False,
-                                 num_workers=num_workers, collate_fn=_as_list)
+        loader: Any = DataLoader(
+            _ItemImages(items, transform),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=_as_list,
+        )
         yield from loader
         return
     pending: list[Decoded] = []

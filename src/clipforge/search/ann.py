@@ -9,8 +9,8 @@ The rule (`choose_index`), with n vectors of dimension d and a memory budget B b
 | condition | index | search |
 |---|---|---|
 | n ≤ `FLAT_MAX` and 4·n·d ≤ B | ``Flat`` | exact inner product |
-| otherwise, n·(4·d + c) ≤ B | ``IVF{nlist},PQ{m}x4fs,RFlat`` | probe ``nprobe`` lists of PQ codes, re-rank ``k_factor``·k candidates exactly |
-| otherwise, n·(d + c) ≤ B | ``IVF{nlist},PQ{m}x4fs,Refine(SQ8)`` | the same, re-ranked on 8-bit scalar-quantised vectors |
+| otherwise, n·(4·d + c) ≤ B | ``IVF{nlist},PQ{m}x4fs,RFlat`` | probe PQ codes, re-rank ``k_factor``·k exactly |
+| otherwise, n·(d + c) ≤ B | ``IVF{nlist},PQ{m}x4fs,Refine(SQ8)`` | the same, re-ranked on 8-bit vectors (SQ8) |
 | otherwise | ``IVF{nlist},PQ{m}x4fs`` | PQ codes only (lowest recall) |
 
 nlist is the power of two nearest √n (at least 16, and at most n/39 so k-means has 39
@@ -18,8 +18,8 @@ training points per list, faiss's own minimum); m = d/8 sub-quantisers (64 for d
 divides d, of 4 bits each in faiss's "fast scan" layout, scanned with SIMD lookups; c = m/2 + 8
 bytes per vector for the code and its id.  On a million clustered 512-d vectors 4-bit
 fast-scan codes with exact re-ranking met the recall target an order of magnitude faster per
-query than 8-bit PQ codes (docs/benchmarks.md, "How the choice was made").  IVF-PQ with re-ranking is chosen rather than HNSW
-for large sets because it met the recall and latency targets on a million vectors with a
+query than 8-bit PQ codes (docs/benchmarks.md, "How the choice was made").  IVF-PQ with re-ranking
+is chosen rather than HNSW for large sets because it met the recall and latency targets on a million vectors with a
 136 s build on two cores (an HNSW build of that size was not measured); ``kind="hnsw"``
 (``HNSW32,Flat``) can still be asked for.  `tune` then picks the fastest search setting whose
 recall@10 against exact search on a sample of queries, less two standard errors, reaches the
@@ -36,9 +36,24 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "FLAT_MAX", "Built", "IndexSpec", "Tuned", "add_vectors", "build_and_tune", "build_faiss", "choose_index",
-    "exact_topk", "import_faiss", "per_query_recall", "query_times_ms", "recall_at_k", "recall_lower_bound",
-    "sample_queries", "search", "set_search_params", "tune",
+    "FLAT_MAX",
+    "Built",
+    "IndexSpec",
+    "Tuned",
+    "add_vectors",
+    "build_and_tune",
+    "build_faiss",
+    "choose_index",
+    "exact_topk",
+    "import_faiss",
+    "per_query_recall",
+    "query_times_ms",
+    "recall_at_k",
+    "recall_lower_bound",
+    "sample_queries",
+    "search",
+    "set_search_params",
+    "tune",
 ]
 
 # Up to this many vectors exact search stays within a few milliseconds per query on two CPU
@@ -239,8 +254,9 @@ def query_times_ms(index: Any, queries: np.ndarray, k: int = 10) -> tuple[np.nda
     return np.array(times), np.stack(ids)
 
 
-def tune(index: Any, spec: IndexSpec, queries: np.ndarray, truth: np.ndarray, *, target_recall: float = 0.95,
-         k: int = 10) -> Tuned:
+def tune(
+    index: Any, spec: IndexSpec, queries: np.ndarray, truth: np.ndarray, *, target_recall: float = 0.95, k: int = 10
+) -> Tuned:
     """Measures each candidate setting (one query at a time) and keeps the fastest whose
     recall@k against ``truth`` (exact ids [q, ≥k]) reaches ``target_recall`` with a margin
     (`recall_lower_bound`); if none does, the one with the highest recall.  Leaves ``index``
@@ -255,8 +271,14 @@ def tune(index: Any, spec: IndexSpec, queries: np.ndarray, truth: np.ndarray, *,
         set_search_params(index, params)
         times, found = query_times_ms(index, queries, k)
         recalls = per_query_recall(found, truth, k)
-        tried.append({"params": params, "recall_at_10": float(recalls.mean()),
-                      "recall_lower_bound": recall_lower_bound(recalls), "median_ms": round(float(np.median(times)), 4)})
+        tried.append(
+            {
+                "params": params,
+                "recall_at_10": float(recalls.mean()),
+                "recall_lower_bound": recall_lower_bound(recalls),
+                "median_ms": round(float(np.median(times)), 4),
+            }
+        )
         if tried[-1]["recall_lower_bound"] >= target_recall:
             met.add(family)
     good = [t for t in tried if t["recall_lower_bound"] >= target_recall]

@@ -146,14 +146,18 @@ class Store:
         import pyarrow.parquet as pq
 
         if vectors.shape != (len(rows), self.manifest["dim"]):
-            raise ValueError(f"chunk of {vectors.shape} vectors for {len(rows)} rows of dimension {self.manifest['dim']}")
+            raise ValueError(
+                f"chunk of {vectors.shape} vectors for {len(rows)} rows of dimension {self.manifest['dim']}"
+            )
         name = f"{len(self.manifest['chunks']):05d}"
         npy, parquet = self._chunk_paths(name)
         start, types = self.count, _arrow_types()
-        table = pa.table({
-            "id": pa.array(range(start, start + len(rows)), pa.int64()),
-            **{c: pa.array([r.get(c) for r in rows], types[c]) for c in METADATA_COLUMNS[1:]},
-        })
+        table = pa.table(
+            {
+                "id": pa.array(range(start, start + len(rows)), pa.int64()),
+                **{c: pa.array([r.get(c) for r in rows], types[c]) for c in METADATA_COLUMNS[1:]},
+            }
+        )
         with _atomic(npy, ".npy") as tmp:
             np.save(tmp, np.ascontiguousarray(vectors, dtype=np.float32))
         with _atomic(parquet) as tmp:
@@ -167,8 +171,10 @@ class Store:
         for chunk in self.manifest["chunks"]:
             array = np.load(self._chunk_paths(chunk["name"])[0], mmap_mode="r" if mmap else None)
             if array.shape != (chunk["rows"], self.manifest["dim"]):
-                raise IndexDirError(f"{self._chunk_paths(chunk['name'])[0]}: shape {array.shape}, the manifest "
-                                    f"says ({chunk['rows']}, {self.manifest['dim']})")
+                raise IndexDirError(
+                    f"{self._chunk_paths(chunk['name'])[0]}: shape {array.shape}, the manifest "
+                    f"says ({chunk['rows']}, {self.manifest['dim']})"
+                )
             yield array
 
     def all_vectors(self) -> np.ndarray:
@@ -206,8 +212,9 @@ class Store:
 
     def save_skipped(self, skipped: dict[str, dict[str, str]]) -> None:
         with _atomic(self.directory / SKIPPED) as tmp:
-            tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in skipped.values()),
-                           encoding="utf-8")
+            tmp.write_text(
+                "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in skipped.values()), encoding="utf-8"
+            )
 
     # ---------------------------------------------------------------- faiss index
     @property
@@ -228,12 +235,16 @@ class Store:
 
         info = self.manifest.get("index")
         if info is None or not self.faiss_path.is_file():
-            raise IndexDirError(f"{self.directory}: the build did not finish (no faiss index yet); run "
-                                f"clipforge index build again with the same --out to continue it")
+            raise IndexDirError(
+                f"{self.directory}: the build did not finish (no faiss index yet); run "
+                f"clipforge index build again with the same --out to continue it"
+            )
         index = import_faiss().read_index(str(self.faiss_path))
         if index.ntotal != info["indexed"] or index.d != self.manifest["dim"]:
-            raise IndexDirError(f"{self.faiss_path}: holds {index.ntotal} vectors of dimension {index.d}, the "
-                                f"manifest says {info['indexed']} of {self.manifest['dim']}")
+            raise IndexDirError(
+                f"{self.faiss_path}: holds {index.ntotal} vectors of dimension {index.d}, the "
+                f"manifest says {info['indexed']} of {self.manifest['dim']}"
+            )
         set_search_params(index, info.get("params", {}))
         return index
 
@@ -241,6 +252,13 @@ class Store:
 def _arrow_types() -> dict[str, Any]:
     import pyarrow as pa
 
-    return {"id": pa.int64(), "key": pa.string(), "path": pa.string(), "caption": pa.string(),
-            "width": pa.int32(), "height": pa.int32(), "file_bytes": pa.int64(), "source": pa.string()}
-
+    return {
+        "id": pa.int64(),
+        "key": pa.string(),
+        "path": pa.string(),
+        "caption": pa.string(),
+        "width": pa.int32(),
+        "height": pa.int32(),
+        "file_bytes": pa.int64(),
+        "source": pa.string(),
+    }
