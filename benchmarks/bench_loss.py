@@ -50,12 +50,13 @@ def child(impl: str, n: int, d: int, dtype_name: str, repeats: int) -> dict:
     import torch
 
     from clipforge import clip_loss
+    from clipforge.loss import CLIP_INIT_SCALE
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     g = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(dtype).requires_grad_()
     txt = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).to(dtype).requires_grad_()
-    scale = torch.tensor(1 / 0.07, requires_grad=True)
+    scale = torch.tensor(CLIP_INIT_SCALE, requires_grad=True)
     chunk = None if impl == "naive" else "auto"
 
     def step() -> float:

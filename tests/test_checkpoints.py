@@ -260,3 +260,11 @@ def test_torchscript_archive_with_foreign_globals_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="evil_script.pt.*refusing"):
         load_model(path)
     assert Payload.ran == []
+
+
+def test_top_level_exports_resolve():
+    import clipforge
+    from clipforge import checkpoints
+
+    assert clipforge.load_for_inference is checkpoints.load_for_inference and clipforge.load is checkpoints.load
+    assert all(getattr(clipforge, name) is not None for name in clipforge.__all__)

@@ -138,6 +138,50 @@ def test_tiny_preset_is_a_few_million_parameters():
     assert image_features.shape == text_features.shape == (2, 128)
 
 
+def openai_state_dict_keys(config: CLIPConfig) -> set[str]:
+    """The tensor names of OpenAI's ``clip/model.py`` for ``config``, the text tower under ``text.``."""
+    def blocks(prefix: str, layers: int) -> list[str]:
+        names = ["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
+                 "ln_1.weight", "ln_1.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight",
+                 "mlp.c_proj.bias", "ln_2.weight", "ln_2.bias"]
+        return [f"{prefix}transformer.resblocks.{i}.{n}" for i in range(layers) for n in names]
+
+    def bn(prefix: str) -> list[str]:
+        return [f"{prefix}.{n}" for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+
+    def three_convs(prefix: str) -> list[str]:  # the stem's and each Bottleneck's conv1-3 and bn1-3
+        return [k for i in (1, 2, 3) for k in (f"{prefix}.conv{i}.weight", *bn(f"{prefix}.bn{i}"))]
+
+    v = config.vision
+    if v.is_resnet:  # every stage's first Bottleneck widens (or strides), so it has a downsample
+        keys = [*three_convs("visual"), "visual.attnpool.positional_embedding"]
+        keys += [f"visual.attnpool.{p}_proj.{n}" for p in "qkvc" for n in ("weight", "bias")]
+        for stage, depth in enumerate(v.layers, start=1):
+            for j in range(depth):
+                block = f"visual.layer{stage}.{j}"
+                keys += three_convs(block)
+                if j == 0:
+                    keys += [f"{block}.downsample.0.weight", *bn(f"{block}.downsample.1")]
+    else:
+        keys = ["visual.class_embedding", "visual.positional_embedding", "visual.proj", "visual.conv1.weight",
+                "visual.ln_pre.weight", "visual.ln_pre.bias", "visual.ln_post.weight", "visual.ln_post.bias"]
+        keys += blocks("visual.", v.layers)
+    keys += ["text.token_embedding.weight", "text.positional_embedding", "text.ln_final.weight", "text.ln_final.bias",
+             "text.text_projection", "logit_scale.log_scale"]
+    keys += blocks("text.", config.text.layers)
+    assert len(keys) == len(set(keys))
+    return set(keys)
+
+
+@pytest.mark.parametrize("name", [*list_presets(), *(n + "-quickgelu" for n in list_presets())])
+def test_state_dict_keys_are_openais(name):
+    """The activation is a parameter-free submodule: no preset's tensor names depend on it or its name."""
+    with torch.device("meta"):
+        model = CLIP(get_config(name))
+    keys = list(model.state_dict())
+    assert len(keys) == len(set(keys)) and set(keys) == openai_state_dict_keys(model.config)
+
+
 # ----------------------------------------------------------------------------- the model's contract
 
 
@@ -162,7 +206,7 @@ def test_activation_is_read_from_the_config():
     gelu = CLIP(small_config(act="gelu")).eval()
     quick = CLIP(small_config(act="quick_gelu")).eval()
     quick.load_state_dict(gelu.state_dict())
-    assert isinstance(quick.text.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    assert isinstance(quick.text.transformer.resblocks[0].mlp.act, QuickGELU)
     tokens = random_tokens([5, 9])
     assert not torch.allclose(gelu.encode_text(tokens), quick.encode_text(tokens), atol=1e-4)
     x = torch.linspace(-4, 4, 101)
@@ -320,4 +364,5 @@ def test_bf16_autocast_is_close_to_fp32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(images, tokens)
     for a, b in zip(reference[:2], low[:2], strict=True):
-        assert (a - b.float()).abs().max() < 0.05
+        assert b.dtype == torch.bfloat16  # autocast ran: the features come back in bf16
+        assert 1e-5 < (a - b.float()).abs().max() < 1.5e-2  # measured 4.7e-3 and 3.6e-3

@@ -8,7 +8,6 @@ import io
 import pytest
 import torch
 
-from _one_thread import one_thread  # noqa: F401  (autouse: importing it is enough)
 from clipforge.model import CLIP, CLIPConfig, TextConfig, VisionConfig, _inference
 
 pytestmark = pytest.mark.skipif(not _inference.available(), reason="this PyTorch build lacks oneDNN")

@@ -3,6 +3,7 @@ training and applications.
 
     import clipforge
     model, preprocess, tokenizer = clipforge.load("ViT-B-32")      # or a checkpoint path
+    ready = clipforge.load_for_inference("ViT-B-32.pt")            # + device and precision, for use
     loss = clipforge.clip_loss(img, txt, model.logit_scale(), chunk_size="auto")
 
 Importing the package has no side effects; submodules are imported when first used.
@@ -18,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClipLoss", "SigLipLoss", "LogitScale", "clip_loss", "siglip_loss",
-    "CLIP", "CLIPConfig", "get_config", "load", "convert", "save",
+    "CLIP", "CLIPConfig", "get_config", "load", "load_for_inference", "convert", "save",
     "Tokenizer", "tokenize", "image_transform",
     "__version__",
 ]
@@ -29,6 +30,7 @@ _LAZY = {
     "CLIPConfig": "clipforge.model",
     "get_config": "clipforge.model",
     "load": "clipforge.checkpoints",
+    "load_for_inference": "clipforge.checkpoints",
     "convert": "clipforge.checkpoints",
     "save": "clipforge.checkpoints",
     "Tokenizer": "clipforge.tokenizer",
@@ -37,7 +39,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from clipforge.checkpoints import convert, load, save
+    from clipforge.checkpoints import convert, load, load_for_inference, save
     from clipforge.model import CLIP, CLIPConfig, get_config
     from clipforge.tokenizer import Tokenizer, tokenize
     from clipforge.transforms import image_transform

@@ -260,7 +260,7 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
-class _Block:
+class _RowBlock:
     """What forward and backward share: this process's image rows ``x`` (B, d) against
     the global captions ``y`` (N, d), in the compute dtype.  Single process: B = N and
     ``rows`` is None.  Distributed: captions and labels are all-gathered in rank order and
@@ -306,7 +306,7 @@ class _TiledClipLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, img, txt, scale, labels, eps, chunk, comm):  # type: ignore[override]
-        blk = _Block(img, txt, labels, comm)
+        blk = _RowBlock(img, txt, labels, comm)
         s = float(scale.detach())
         r, c = _clip_lse_tiles(blk.x, blk.y, s, chunk)
         if comm is not None:
@@ -323,7 +323,7 @@ class _TiledClipLoss(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         img, txt, scale, r, c = ctx.saved_tensors
         comm, eps = ctx.comm, ctx.eps
-        blk = _Block(img, txt, ctx.labels, comm, ctx.gathered)
+        blk = _RowBlock(img, txt, ctx.labels, comm, ctx.gathered)
         s, g = float(scale.detach()), float(grad_out)
         mm_dtype = img.dtype if img.dtype in (torch.bfloat16, torch.float16) else blk.x.dtype
 
@@ -347,7 +347,7 @@ class _TiledSigLipLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, img, txt, scale, bias, labels, chunk, comm):  # type: ignore[override]
-        blk = _Block(img, txt, labels, comm)
+        blk = _RowBlock(img, txt, labels, comm)
         s, b = float(scale.detach()), bias.detach().to(blk.x.dtype).reshape(())
         pos_t = blk.ours(_group_sums(blk.groups, blk.y, rows=None, n_global=blk.n))  # (B, d)
         n_pos = blk.groups.n_positives(blk.rows, blk.x.shape[0])
@@ -363,7 +363,7 @@ class _TiledSigLipLoss(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         img, txt, scale, bias = ctx.saved_tensors
         comm = ctx.comm
-        blk = _Block(img, txt, ctx.labels, comm, ctx.gathered)
+        blk = _RowBlock(img, txt, ctx.labels, comm, ctx.gathered)
         s, g = float(scale.detach()), float(grad_out)
         b = bias.detach().to(blk.x.dtype).reshape(())
         mm_dtype = img.dtype if img.dtype in (torch.bfloat16, torch.float16) else blk.x.dtype

@@ -102,9 +102,11 @@ class GenerateConfig:
                 raise ValueError(f"generate config: {name} {what}, got {getattr(self, name)!r}")
 
         for name in ("steps", "size", "seed"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "must be a non-negative integer")
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 0, name, "must be a non-negative integer")
         for name in ("cutouts", "frame_every", "best_of"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be a positive integer")
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 1, name, "must be a positive integer")
         need(self.size == 0 or self.size >= 8, "size", "must be 0 or at least 8 pixels")
         need(self.lr > 0, "lr", "must be positive")
         need(isinstance(self.negatives, tuple) and all(isinstance(t, str) and t.strip() for t in self.negatives),
@@ -288,6 +290,7 @@ def generate(
         progress: show a progress bar.
     """
     from clipforge.embed import embed_images
+    from clipforge.loss import MAX_SCALE
     from clipforge.transforms import image_transform
 
     vision = model.config.vision  # type: ignore[union-attr]
@@ -295,7 +298,8 @@ def generate(
     negatives = [text for text in dict.fromkeys(config.negatives) if text != prompt]
     with torch.no_grad():
         texts = F.normalize(model.encode_text(tokenizer([prompt, *negatives]).to(device)).float(), dim=-1)
-        scale = float(model.logit_scale()) if hasattr(model, "logit_scale") else 100.0  # 100: OpenAI CLIP's
+        # A model without a learned scale gets a trained CLIP's, which sits at the cap (CLIP section 2.5).
+        scale = float(model.logit_scale()) if hasattr(model, "logit_scale") else MAX_SCALE
     target = texts[:1]  # [1, D]
     preprocess = image_transform(vision.image_size, mean=vision.mean, std=vision.std)
     best: Generated | None = None

@@ -361,7 +361,12 @@ class ClipLoss(nn.Module):
         self.distributed = distributed
 
     def forward(
-        self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float, *, labels: Tensor | None = None
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor | float,
+        *,
+        labels: Tensor | None = None,
     ) -> Tensor:
         return clip_loss(
             image_features, text_features, logit_scale, labels=labels,
@@ -369,7 +374,8 @@ class ClipLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"label_smoothing={self.label_smoothing}, chunk_size={self.chunk_size!r}, distributed={self.distributed!r}"
+        return (f"label_smoothing={self.label_smoothing}, chunk_size={self.chunk_size!r}, "
+                f"distributed={self.distributed!r}")
 
 
 class SigLipLoss(nn.Module):

@@ -52,7 +52,8 @@ __all__ = [
 ]
 
 CLIP_SCORE_W = 2.5  # Hessel et al., 2021, section 3
-TORCHMETRICS_W = 100.0  # torchmetrics.multimodal.CLIPScore's scale
+# torchmetrics.multimodal.CLIPScore's weight, max(100 * cos, 0): a CLIP-S weight on the cosine, not a logit scale.
+TORCHMETRICS_W = 100.0
 
 
 def _cosine(a: Tensor, b: Tensor) -> Tensor:

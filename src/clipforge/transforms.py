@@ -21,7 +21,8 @@ from PIL import Image, ImageOps
 
 __all__ = ["OPENAI_MEAN", "OPENAI_STD", "ImageTransform", "batch_preprocess", "image_transform"]
 
-# OpenAI CLIP's per-channel statistics of its training images (clip/clip.py, _transform).
+# OpenAI CLIP's per-channel statistics of its training images (clip/clip.py, _transform); every
+# preset's `VisionConfig` defaults to them.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 

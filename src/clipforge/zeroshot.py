@@ -53,8 +53,10 @@ __all__ = [
 
 Templates = Sequence[str] | Mapping[str, Sequence[str]]
 PLACEHOLDERS = ("{c}", "{}")
-# CLIP's learned logit scale saturates at 100 (Radford et al., 2021, section 2.5); CLIP_benchmark
-# multiplies by this constant.  It changes no metric; it makes logits comparable to theirs.
+# CLIP_benchmark's fixed scale (clip_benchmark/metrics/zeroshot_classification.py: ``100. * image_features
+# @ classifier``, from OpenAI's ImageNet notebook), not the model's own: it changes no metric and makes
+# logits comparable to theirs.  It equals `clipforge.loss.MAX_SCALE`, the cap where a trained CLIP's
+# scale ends, but is a different quantity: it stays 100 whatever a model's cap.
 LOGIT_SCALE = 100.0
 
 

@@ -1,10 +1,11 @@
-"""Reading and writing CLIP checkpoints: OpenAI, OpenCLIP, Hugging Face and clipforge's own.
+"""Reading, loading, writing and converting CLIP checkpoints: OpenAI, OpenCLIP, Hugging Face and clipforge's own.
 
     model, preprocess, tokenizer = load("ViT-B-32.pt")   # OpenAI's release, a TorchScript archive
     model = load_model("clip-vit-base-patch32/")           # a Hugging Face directory
+    ready = load_for_inference("ViT-B-32.pt", precision="bf16")  # + device, tokenizer: for eval, search, ...
     convert("ViT-B-32.pt", "vit-b-32-hf/", to="hf")
 
-What `load` accepts:
+What `load` accepts (`convert` writes the last three formats, and OpenCLIP's bare state dicts):
 
 | source | weights | architecture from |
 |---|---|---|
@@ -18,21 +19,21 @@ What `load` accepts:
 Without a config the architecture is read off the tensor shapes as OpenAI's ``build_model``
 does, which assumes 64-wide attention heads.  The activation cannot be seen in the weights:
 OpenAI's TorchScript archives and files whose name contains "quickgelu" get QuickGELU, others
-GELU; ``act=`` overrides.
+GELU; ``act=`` overrides.  Nothing but tensors is ever unpickled.
 
-Nothing but tensors is ever unpickled: state dicts go through ``torch.load(weights_only=True)``.
-A TorchScript archive is a zip whose ``data.pkl`` pickles the module tree; `torch.jit.load` would
-also compile and run the archive's code, so it is not used.  Instead a restricted unpickler
-rebuilds tensors from the archive's raw storages and records each module's attributes,
-refusing any other global (`clipforge.checkpoints.torchscript`).
+`load` reads a checkpoint in three steps, each in its own module, then builds the model here:
+
+1. the file's tensors under its own names (`_files`; OpenAI's archives in `torchscript`);
+2. the tensors renamed to clipforge's names (`names`);
+3. the architecture, from the file's config or the tensors' shapes (`configs`).
+
+`_errors` holds `CheckpointError`, which every step raises with the file's name in the message.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ import torch
 from torch import Tensor
 
 from clipforge.checkpoints._errors import CheckpointError, few
+from clipforge.checkpoints._files import read_json, read_tensors, write_tensors
 from clipforge.checkpoints.configs import (
     config_from_hf,
     config_from_openclip,
@@ -50,9 +52,8 @@ from clipforge.checkpoints.configs import (
     infer_config,
 )
 from clipforge.checkpoints.names import from_hf, to_clipforge_names, to_hf, to_openclip
-from clipforge.checkpoints.torchscript import is_torchscript, read_torchscript
 from clipforge.model.clip import CLIP
-from clipforge.model.config import PRESETS, QUICKGELU_SUFFIX, CLIPConfig, TextConfig, get_config
+from clipforge.model.config import OPENAI_VOCAB_SIZE, PRESETS, QUICKGELU_SUFFIX, CLIPConfig, get_config
 
 __all__ = [
     "Checkpoint", "CheckpointError", "InferenceModel", "PRECISIONS", "convert", "default_device", "is_preset", "load",
@@ -66,65 +67,6 @@ OPENCLIP_CONFIG = "open_clip_config.json"
 OPENCLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 FORMAT_VERSION = 1
-
-# ----------------------------------------------------------------------------- raw tensors
-
-
-def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
-    """The tensor dict inside a loaded object: bare, under "state_dict" or "model"; prefixes cut."""
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    others = [k for k, v in obj.items() if not isinstance(v, Tensor)]
-    if others:
-        raise CheckpointError(f"{path}: entries that are not tensors: {few(others)}")
-    state = dict(obj)
-    for wrapper in ("module.", "_orig_mod."):  # DistributedDataParallel, torch.compile
-        if state and all(k.startswith(wrapper) for k in state):
-            state = {k[len(wrapper):]: v for k, v in state.items()}
-    return state
-
-
-def _is_safetensors(path: Path) -> bool:
-    """A safetensors file starts with its header's length (8 bytes, little-endian), then '{'."""
-    with path.open("rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
-
-
-def _read_file(path: Path) -> tuple[dict[str, Tensor], bool]:
-    """The tensors of a weights file, and whether it was a TorchScript archive."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no such checkpoint file: {path}")
-    if path.suffix == ".safetensors" or _is_safetensors(path):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path)), False
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{path}: not a readable safetensors file (truncated?): {err}") from err
-    if zipfile.is_zipfile(path):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                if is_torchscript(archive):
-                    return read_torchscript(path, archive), True
-        except CheckpointError:
-            raise
-        except (zipfile.BadZipFile, KeyError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as err:
-            raise CheckpointError(f"{path}: corrupt or truncated TorchScript archive: {err}") from err
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path}: refusing to unpickle objects other than tensors: {err}") from err
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or foreign?): {err}") from err
-    return _unwrap(obj, path), False
-
 
 # ----------------------------------------------------------------------------- reading
 
@@ -140,24 +82,17 @@ class Checkpoint:
     tokenizer_dir: Path | None = None  # a directory holding tokenizer files, if any
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not a readable JSON file: {err}") from err
-
-
 def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():  # sharded: {"weight_map": {tensor name: shard file}}
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         state: dict[str, Tensor] = {}
         for shard in shards:
-            state.update(_read_file(directory / shard)[0])
+            state.update(read_tensors(directory / shard)[0])
         return state
     for name in HF_WEIGHTS:
         if (directory / name).is_file():
-            return _read_file(directory / name)[0]
+            return read_tensors(directory / name)[0]
     raise CheckpointError(f"{directory}: Hugging Face directory without {' or '.join(HF_WEIGHTS)}")
 
 
@@ -170,25 +105,25 @@ def _has_tokenizer(directory: Path) -> bool:
 def _read_directory(directory: Path) -> Checkpoint:
     tokenizer_dir = directory if _has_tokenizer(directory) else None
     if (directory / OPENCLIP_CONFIG).is_file():
-        config = config_from_openclip(_read_json(directory / OPENCLIP_CONFIG), directory / OPENCLIP_CONFIG)
+        config = config_from_openclip(read_json(directory / OPENCLIP_CONFIG), directory / OPENCLIP_CONFIG)
         weights = next((directory / n for n in OPENCLIP_WEIGHTS if (directory / n).is_file()), None)
         if weights is None:
             raise CheckpointError(f"{directory}: OpenCLIP directory without {' or '.join(OPENCLIP_WEIGHTS)}")
-        state, _ = to_clipforge_names(_read_file(weights)[0], weights)
+        state, _ = to_clipforge_names(read_tensors(weights)[0], weights)
         return Checkpoint(config, state, weights, "openclip", tokenizer_dir)
     if not (directory / CONFIG_FILE).is_file():
         raise CheckpointError(f"{directory}: no {CONFIG_FILE} or {OPENCLIP_CONFIG}; not a checkpoint directory")
-    data = _read_json(directory / CONFIG_FILE)
+    data = read_json(directory / CONFIG_FILE)
     if data.get("format") == "clipforge":
         try:
             config = CLIPConfig.from_dict(data["model"])
         except (KeyError, ValueError) as err:
             raise CheckpointError(f"{directory / CONFIG_FILE}: invalid clipforge config: {err}") from err
-        state = _read_file(directory / WEIGHTS_FILE)[0]
+        state = read_tensors(directory / WEIGHTS_FILE)[0]
         return Checkpoint(config, state, directory / WEIGHTS_FILE, "clipforge", tokenizer_dir)
     if data.get("model_type") == "clip" or "vision_config" in data:
         pre = directory / "preprocessor_config.json"
-        config = config_from_hf(data, _read_json(pre) if pre.is_file() else None, directory / CONFIG_FILE)
+        config = config_from_hf(data, read_json(pre) if pre.is_file() else None, directory / CONFIG_FILE)
         state = from_hf(_read_hf_weights(directory))
         return Checkpoint(config, state, directory, "hf", tokenizer_dir)
     raise CheckpointError(f"{directory / CONFIG_FILE}: neither a clipforge nor a Hugging Face CLIP config")
@@ -205,7 +140,7 @@ def read_checkpoint(path: PathLike, *, act: str | None = None) -> Checkpoint:
         if act is not None:
             checkpoint.config = checkpoint.config.with_activation(act)
         return checkpoint
-    raw, torchscript = _read_file(path)
+    raw, torchscript = read_tensors(path)
     state, naming = to_clipforge_names(raw, path)
     if act is None:
         quick = torchscript or "quickgelu" in path.name.lower().replace("_", "")
@@ -217,6 +152,9 @@ def read_checkpoint(path: PathLike, *, act: str | None = None) -> Checkpoint:
     except ValueError as err:
         raise CheckpointError(f"{path}: tensor shapes do not form a supported CLIP: {err}") from err
     return Checkpoint(config, state, path, "openai" if torchscript else naming)
+
+
+# ----------------------------------------------------------------------------- loading
 
 
 def _load_weights(model: CLIP, state: dict[str, Tensor], source: Path) -> None:
@@ -246,11 +184,11 @@ def _load_weights(model: CLIP, state: dict[str, Tensor], source: Path) -> None:
     model.load_state_dict(state, assign=True)
 
 
-def _assemble(config: CLIPConfig, state: dict[str, Tensor], source: Path) -> CLIP:
+def _assemble(checkpoint: Checkpoint) -> CLIP:
     """A model holding the checkpoint's tensors as they are (dtype included), after checking them."""
     with torch.device("meta"):  # no random init for weights about to be replaced
-        model = CLIP(config)
-    _load_weights(model, state, source)
+        model = CLIP(checkpoint.config)
+    _load_weights(model, checkpoint.state_dict, checkpoint.source)
     return model
 
 
@@ -261,33 +199,20 @@ def is_preset(name_or_path: PathLike) -> bool:
     return str(name_or_path).removesuffix(QUICKGELU_SUFFIX) in PRESETS
 
 
-def _resolve(name_or_path: PathLike) -> Path | str:
-    """An existing path, or else a preset name."""
-    path = Path(name_or_path)
-    if path.exists():
-        return path
-    name = str(name_or_path)
-    try:
-        get_config(name)
-    except ValueError:
-        raise FileNotFoundError(
-            f"{name!r} is neither an existing file or directory nor a preset ({', '.join(PRESETS)})"
-        ) from None
-    return name
-
-
 def _load(
     name_or_path: PathLike, *, device: str | torch.device, dtype: torch.dtype | None, act: str | None
 ) -> tuple[CLIP, Path | None]:
     """The model, and the directory holding its tokenizer files if there is one."""
-    source = _resolve(name_or_path)
-    if isinstance(source, str):
-        config = get_config(source)
+    if is_preset(name_or_path):
+        config = get_config(str(name_or_path))
         model, tokenizer_dir = CLIP(config.with_activation(act) if act else config), None
+    elif Path(name_or_path).exists():
+        checkpoint = read_checkpoint(name_or_path, act=act)
+        model, tokenizer_dir = _assemble(checkpoint), checkpoint.tokenizer_dir
     else:
-        checkpoint = read_checkpoint(source, act=act)
-        model = _assemble(checkpoint.config, checkpoint.state_dict, checkpoint.source)
-        tokenizer_dir = checkpoint.tokenizer_dir
+        raise FileNotFoundError(
+            f"{str(name_or_path)!r} is neither an existing file or directory nor a preset ({', '.join(PRESETS)})"
+        )
     return model.to(device=device, dtype=dtype or torch.float32).eval(), tokenizer_dir
 
 
@@ -327,7 +252,7 @@ def load(
     preprocess = image_transform(vision.image_size, mean=vision.mean, std=vision.std)
     if tokenizer_dir is not None:
         tokenizer = Tokenizer.from_dir(tokenizer_dir, context_length=text.context_length)
-    elif text.vocab_size == TextConfig().vocab_size:
+    elif text.vocab_size == OPENAI_VOCAB_SIZE:
         tokenizer = load_tokenizer(context_length=text.context_length)
     else:
         tokenizer = None
@@ -396,23 +321,13 @@ def load_for_inference(
 # ----------------------------------------------------------------------------- writing
 
 
-def _save_tensors(state: dict[str, Tensor], path: Path) -> None:
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(tensors, str(path), metadata={"format": "pt"})
-    else:
-        torch.save(tensors, path)
-
-
 def save(model: CLIP, directory: PathLike, *, tokenizer: Any = None) -> Path:
     """Writes clipforge's format: ``config.json``, ``model.safetensors`` and the tokenizer's files."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {"format": "clipforge", "version": FORMAT_VERSION, "model": model.config.to_dict()}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    _save_tensors(model.state_dict(), directory / WEIGHTS_FILE)
+    write_tensors(model.state_dict(), directory / WEIGHTS_FILE)
     if tokenizer is not None:
         tokenizer.save(directory)
     return directory
@@ -428,7 +343,7 @@ def convert(src: PathLike, dst: PathLike, *, to: str, act: str | None = None) ->
     if to not in ("clipforge", "hf", "openclip"):
         raise ValueError(f"to must be 'clipforge', 'hf' or 'openclip', got {to!r}")
     checkpoint = read_checkpoint(src, act=act)
-    model = _assemble(checkpoint.config, checkpoint.state_dict, checkpoint.source)
+    model = _assemble(checkpoint)
     tokenizer = None
     if checkpoint.tokenizer_dir is not None:
         from clipforge.tokenizer import Tokenizer
@@ -440,7 +355,7 @@ def convert(src: PathLike, dst: PathLike, *, to: str, act: str | None = None) ->
     state = model.state_dict()
     if to == "openclip" and dst.suffix in (".safetensors", ".pt", ".bin"):
         dst.parent.mkdir(parents=True, exist_ok=True)
-        _save_tensors(to_openclip(state), dst)
+        write_tensors(to_openclip(state), dst)
         return dst
     if to == "openclip":
         configs = {OPENCLIP_CONFIG: config_to_openclip(model.config)}
@@ -453,7 +368,7 @@ def convert(src: PathLike, dst: PathLike, *, to: str, act: str | None = None) ->
     dst.mkdir(parents=True, exist_ok=True)
     for name, content in configs.items():
         (dst / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-    _save_tensors(weights, dst / weights_file)
+    write_tensors(weights, dst / weights_file)
     if tokenizer is not None:
         tokenizer.save(dst)
     return dst

@@ -1,4 +1,7 @@
-"""The error every checkpoint reader raises, and a helper for its messages."""
+"""The error every step of reading a checkpoint raises, and a helper for its messages.
+
+Private to `clipforge.checkpoints`: other packages import `CheckpointError` from there.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,13 @@
 """Architectures described by OpenAI, OpenCLIP and Hugging Face files, as `CLIPConfig` and back.
 
-Configs are translated both ways, and inferred from tensor shapes when a file carries none
-(OpenAI's releases and bare OpenCLIP state dicts).
+    config = infer_config(state, act="quick_gelu")     # clipforge-named tensors, no config file
+    config = config_from_hf(json_of_config, json_of_preprocessor, path)
+    open_clip_config_json = config_to_openclip(config)
+
+A file without a config (OpenAI's releases, bare OpenCLIP state dicts) is described by its tensor
+shapes, as OpenAI's ``build_model`` reads them; Hugging Face's and OpenCLIP's configs are
+translated both ways, with their own defaults for absent keys.  An option clipforge's model
+cannot express is a CheckpointError, never silently dropped.
 """
 
 from __future__ import annotations
@@ -15,9 +21,14 @@ import torch
 from torch import Tensor
 
 from clipforge.checkpoints._errors import CheckpointError
-from clipforge.model.config import OPENAI_MEAN, OPENAI_STD, CLIPConfig, TextConfig, VisionConfig
+from clipforge.loss import CLIP_INIT_SCALE
+from clipforge.model.config import OPENAI_VOCAB_SIZE, CLIPConfig, TextConfig, VisionConfig
+from clipforge.transforms import OPENAI_MEAN, OPENAI_STD
 
 __all__ = ["config_from_hf", "config_from_openclip", "config_to_hf", "config_to_openclip", "infer_config"]
+
+
+# ----------------------------------------------------------------------------- from tensor shapes
 
 
 def _count_blocks(state: dict[str, Tensor], pattern: str) -> int:
@@ -85,9 +96,11 @@ def infer_config(state: dict[str, Tensor], *, act: str = "gelu", path: str | Pat
     )
 
 
-# Hugging Face's defaults (CLIPTextConfig, CLIPVisionConfig) for the keys a config.json may omit.
+# ----------------------------------------------------------------------------- Hugging Face
+# Hugging Face's defaults (CLIPTextConfig, CLIPVisionConfig) for the keys a config.json may omit: the
+# shapes of OpenAI's ViT-B/32, its vocabulary included.
 _HF_TEXT_DEFAULTS = {
-    "vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+    "vocab_size": OPENAI_VOCAB_SIZE, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
     "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
 }
 _HF_VISION_DEFAULTS = {
@@ -199,6 +212,7 @@ def config_to_hf(config: CLIPConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return hf, preprocessor
 
 
+# ----------------------------------------------------------------------------- OpenCLIP
 # OpenCLIP options clipforge reads; any other one must be off (these values), else the model differs.
 _OPENCLIP_USED = {
     "model_cfg": {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias"},
@@ -220,7 +234,11 @@ def _check_openclip_options(cfg: dict[str, Any], where: str, path: Path) -> None
 
 
 def config_from_openclip(data: dict[str, Any], path: Path) -> CLIPConfig:
-    """An OpenCLIP ``open_clip_config.json`` (``model_cfg`` + ``preprocess_cfg``) as a `CLIPConfig`."""
+    """An OpenCLIP ``open_clip_config.json`` (``model_cfg`` + ``preprocess_cfg``) as a `CLIPConfig`.
+
+    Absent keys take OpenCLIP's defaults (``CLIPVisionCfg``, ``CLIPTextCfg`` and ``CLIP`` in
+    open_clip/model.py): OpenAI's vocabulary, pixel statistics and initial temperature.
+    """
     model, pre = data.get("model_cfg", data), data.get("preprocess_cfg", {})
     vc, tc = model.get("vision_cfg", {}), model.get("text_cfg", {})
     for cfg, where in ((model, "model_cfg"), (vc, "vision_cfg"), (tc, "text_cfg")):
@@ -243,7 +261,7 @@ def config_from_openclip(data: dict[str, Any], path: Path) -> CLIPConfig:
         )
         text = TextConfig(
             context_length=tc.get("context_length", 77),
-            vocab_size=tc.get("vocab_size", 49408),
+            vocab_size=tc.get("vocab_size", OPENAI_VOCAB_SIZE),
             width=tc.get("width", 512),
             heads=tc.get("heads", 8),
             layers=tc.get("layers", 12),
@@ -255,7 +273,7 @@ def config_from_openclip(data: dict[str, Any], path: Path) -> CLIPConfig:
             embed_dim=model.get("embed_dim", 512),
             vision=vision,
             text=text,
-            init_logit_scale=math.exp(model.get("init_logit_scale", math.log(1 / 0.07))),
+            init_logit_scale=math.exp(model.get("init_logit_scale", math.log(CLIP_INIT_SCALE))),
             init_logit_bias=model.get("init_logit_bias"),
         )
     except (ValueError, TypeError) as err:

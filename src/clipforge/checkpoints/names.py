@@ -1,9 +1,13 @@
-"""How OpenAI, OpenCLIP and Hugging Face name clipforge's tensors.
+"""How OpenAI, OpenCLIP and Hugging Face name clipforge's tensors, and the renaming both ways.
+
+    state, scheme = to_clipforge_names(tensors_of_any_file, path)  # scheme: "clipforge", "openclip" or "hf"
+    hf_state = to_hf(model.state_dict())
 
 Three naming schemes meet here: clipforge's (``visual.*`` as OpenAI's, the text tower under
 ``text.``, ``logit_scale.log_scale``/``logit_scale.bias``), OpenAI's and OpenCLIP's (the text
 tower at the top level, ``logit_scale``, ``logit_bias``), and Hugging Face's ``CLIPModel``
 (separate q/k/v projections, projections stored as ``nn.Linear`` weights, i.e. transposed).
+Only names, shapes and layout change; every value is kept.
 """
 
 from __future__ import annotations
@@ -22,12 +26,11 @@ __all__ = ["OPENAI_EXTRAS", "from_hf", "from_openclip", "to_clipforge_names", "t
 OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size")
 
 
-# ----------------------------------------------------------------------------- tensor names
-# clipforge names: ``visual.*`` as OpenAI's, the text tower under ``text.``, ``logit_scale.*``.
-# OpenAI/OpenCLIP keep the text tower at the top level and the scale as ``logit_scale``.
+# ----------------------------------------------------------------------------- OpenAI and OpenCLIP
 
 
 def from_openclip(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """OpenAI's or OpenCLIP's names to clipforge's, dropping the archives' non-weight entries."""
     out = {}
     for key, value in state.items():
         if key in OPENAI_EXTRAS or key.endswith("attn_mask"):
@@ -44,6 +47,7 @@ def from_openclip(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def to_openclip(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """clipforge's names to OpenCLIP's (which are OpenAI's, plus ``logit_bias``)."""
     out = {}
     for key, value in state.items():
         if key == "logit_scale.log_scale":
@@ -55,7 +59,8 @@ def to_openclip(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-# Hugging Face's CLIPModel: whole-model names, then the per-block names (q/k/v kept apart there).
+# ----------------------------------------------------------------------------- Hugging Face
+# CLIPModel's whole-model names, then the per-block names (q/k/v kept apart there).
 _HF_GLOBAL = {
     "vision_model.embeddings.class_embedding": "visual.class_embedding",
     "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
@@ -84,6 +89,7 @@ _OUR_LAYER = re.compile(r"(visual|text)\.transformer\.resblocks\.(\d+)\.(attn\.i
 
 
 def from_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Hugging Face's CLIPModel names to clipforge's: q/k/v stacked, projections transposed."""
     out: dict[str, Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
     for key, value in state.items():
@@ -92,7 +98,7 @@ def from_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
         if key in _HF_GLOBAL:
             out[_HF_GLOBAL[key]] = value.reshape(()) if key == "logit_scale" else value
         elif key in _HF_TRANSPOSED:
-            out[_HF_TRANSPOSED[key]] = value.t()
+            out[_HF_TRANSPOSED[key]] = value.t().contiguous()  # a transposed view would run other matmul kernels
         elif match := _HF_LAYER.fullmatch(key):
             tower, index, module, kind = match.groups()
             base = f"{_HF_TOWERS[tower]}.transformer.resblocks.{index}"
@@ -113,6 +119,7 @@ def from_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """clipforge's names to Hugging Face's CLIPModel; a CheckpointError for a tensor it has no name for."""
     ours_to_hf = {v: k for k, v in _HF_GLOBAL.items()}
     transposed = {v: k for k, v in _HF_TRANSPOSED.items()}
     block = {v: k for k, v in _HF_BLOCK.items()}
@@ -134,6 +141,9 @@ def to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
         else:
             raise CheckpointError(f"no Hugging Face CLIPModel name for {key!r} (HF has no ResNet tower or logit bias)")
     return out
+
+
+# ----------------------------------------------------------------------------- any scheme
 
 
 def to_clipforge_names(state: dict[str, Tensor], path: Path) -> tuple[dict[str, Tensor], str]:

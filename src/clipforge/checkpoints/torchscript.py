@@ -1,5 +1,7 @@
 """OpenAI's TorchScript archives read as tensors, without running the archive's code.
 
+    state = read_torchscript(Path("ViT-B-32.pt"))  # {"visual.conv1.weight": ..., ...}, OpenAI's names
+
 A TorchScript archive is a zip whose ``data.pkl`` pickles the module tree; `torch.jit.load` would
 also compile and run the archive's code, so it is not used.  Instead a restricted unpickler
 rebuilds tensors from the archive's raw storages and records each module's attributes,
@@ -21,8 +23,7 @@ from torch import Tensor
 
 from clipforge.checkpoints._errors import CheckpointError
 
-__all__ = ["is_torchscript", "read_torchscript"]
-
+__all__ = ["read_torchscript"]
 
 
 class _ScriptObject:
@@ -106,7 +107,11 @@ def _flatten_script(obj: Any, prefix: str, out: dict[str, Tensor]) -> None:
             _flatten_script(value, f"{prefix}{name}.", out)
 
 
-def read_torchscript(path: Path, archive: zipfile.ZipFile) -> dict[str, Tensor]:
+def _is_torchscript(archive: zipfile.ZipFile) -> bool:
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+
+
+def _read_archive(path: Path, archive: zipfile.ZipFile) -> dict[str, Tensor]:
     roots = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
     if len(roots) != 1:
         raise CheckpointError(f"{path}: TorchScript archive without a single <name>/data.pkl")
@@ -120,7 +125,13 @@ def read_torchscript(path: Path, archive: zipfile.ZipFile) -> dict[str, Tensor]:
     return state
 
 
-def is_torchscript(archive: zipfile.ZipFile) -> bool:
-    return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
-
-
+def read_torchscript(path: Path) -> dict[str, Tensor] | None:
+    """The tensors of the TorchScript archive at ``path`` by attribute path, or None if the zip at
+    ``path`` is not one (``torch.save`` writes zips too).  A CheckpointError if it is damaged."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return _read_archive(path, archive) if _is_torchscript(archive) else None
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, KeyError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"{path}: corrupt or truncated TorchScript archive: {err}") from err

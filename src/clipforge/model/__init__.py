@@ -1,4 +1,13 @@
-"""The CLIP model: configs and presets, the two towers, and the composed `CLIP`."""
+"""The CLIP model: configs and presets, the two towers, and the composed `CLIP`.
+
+The modules form a one-way chain, each importing only those before it:
+
+- `config`: the dataclass configs, the presets, OpenAI's constants and the input-shape check;
+- `transformer`: the pre-LN Transformer both towers share, with a hook for a faster pooled path;
+- the towers: `vision` (ViT), `resnet` (OpenAI's modified ResNet) and `text`;
+- `_inference`: the packed fp32 CPU path, which fills the towers' hooks;
+- `clip`: the composed `CLIP`, whose ``optimize_for_inference`` calls `_inference`.
+"""
 
 from clipforge.model.clip import CLIP
 from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig, get_config, list_presets

@@ -23,22 +23,25 @@ autocast; anywhere else the plain modules run.  The packed copies are refreshed 
 changes (an optimizer step, ``load_state_dict``), are not part of the ``state_dict``, and are
 dropped by ``copy.deepcopy`` and pickling (the copy runs the plain path).  They cost one more
 copy of the packed layers' weights in memory.
+
+The towers do not import this module: `install` puts the packed objects into their hooks
+(``Transformer._packed``, a `PooledPath`; ``VisionTransformer._packed_patches``, a `PatchPath`),
+and each tower asks its hook whether it `applies` before using it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-if TYPE_CHECKING:  # the towers import this module
-    from clipforge.model.transformer import ResidualAttentionBlock, Transformer
-    from clipforge.model.vision import VisionTransformer
+from clipforge.model.text import TextTransformer
+from clipforge.model.transformer import ResidualAttentionBlock, Transformer
+from clipforge.model.vision import VisionTransformer
 
-__all__ = ["available", "applies", "PackedTransformer", "PackedPatchEmbedding"]
+__all__ = ["available", "applies", "install", "PackedTransformer", "PackedPatchEmbedding"]
 
 # Rows the weight layout is chosen for.  oneDNN picks the same blocked layout for anything from
 # a caption (~15 rows) to a batch of 32 images (1600 rows); one row would pick another.
@@ -130,8 +133,8 @@ class _Linear:
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
 
 
-class _Block:
-    """One `ResidualAttentionBlock`'s linear layers, packed; the LayerNorms are read live."""
+class _PackedBlock:
+    """One `ResidualAttentionBlock`'s linear layers, packed; the LayerNorms and activation are read live."""
 
     def __init__(self, block: ResidualAttentionBlock, *, last: bool) -> None:
         attn, mlp = block.attn, block.mlp
@@ -145,7 +148,9 @@ class _Block:
         self.out = _Linear(attn.out_proj.weight, attn.out_proj.bias)
         self.fc = _Linear(mlp.c_fc.weight, mlp.c_fc.bias)
         self.proj = _Linear(mlp.c_proj.weight, mlp.c_proj.bias)
-        self.quick_gelu = not isinstance(mlp.gelu, nn.GELU)
+        # oneDNN fuses the exact (erf) GELU only; its swish ignores a scale, so QuickGELU (or any
+        # other activation) runs as the module itself does, after the packed multiply.
+        self.fused_gelu = isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none"
 
     def _ln(self, ln: nn.LayerNorm, x: Tensor) -> Tensor:
         return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
@@ -153,11 +158,7 @@ class _Block:
     def _mlp(self, y: Tensor) -> Tensor:
         """y + mlp(ln_2(y)) for y [M, D]."""
         h = self._ln(self.block.ln_2, y)
-        if self.quick_gelu:  # oneDNN's swish ignores its scale, so QuickGELU runs as in the module
-            h = self.fc(h)
-            h = h * torch.sigmoid(1.702 * h)
-        else:
-            h = self.fc(h, "gelu")
+        h = self.fc(h, "gelu") if self.fused_gelu else self.block.mlp.act(self.fc(h))
         return self.proj.add(h, y)
 
     def forward(self, x: Tensor, B: int, L: int, causal: bool) -> Tensor:
@@ -193,7 +194,10 @@ class PackedTransformer(_Packed):
 
     def _pack(self) -> None:
         *blocks, last = self.transformer.resblocks
-        self.blocks = [_Block(b, last=False) for b in blocks] + [_Block(last, last=True)]
+        self.blocks = [_PackedBlock(b, last=False) for b in blocks] + [_PackedBlock(last, last=True)]
+
+    def applies(self, x: Tensor) -> bool:
+        return applies(x)
 
     def forward_pooled(self, x: Tensor, index: Tensor, *, causal: bool) -> Tensor:
         """[B, L, D] -> [B, D], as `Transformer.forward_pooled`."""
@@ -209,13 +213,16 @@ class PackedTransformer(_Packed):
 class PackedPatchEmbedding(_Packed):
     """The ViT's bias-free patch convolution (stride = kernel) as one matrix multiply."""
 
-    def __init__(self, visual: VisionTransformer) -> None:
-        self.conv = visual.conv1
+    def __init__(self, conv: nn.Conv2d) -> None:
+        self.conv = conv
         super().__init__([self.conv.weight])
 
     def _pack(self) -> None:
         w = self.conv.weight  # [D, 3, P, P]
         self.linear = _Linear(w.reshape(w.shape[0], -1), None)
+
+    def applies(self, images: Tensor) -> bool:
+        return applies(images)
 
     def __call__(self, images: Tensor) -> Tensor:
         """Images [B, 3, S, S] -> patch features [B, (S/P)^2, D], as conv1 + flatten + transpose."""
@@ -226,3 +233,15 @@ class PackedPatchEmbedding(_Packed):
         patches = images.view(B, C, g, P, g, P).permute(0, 2, 4, 1, 3, 5)  # [B, g, g, C, P, P]
         x = self.linear(patches.reshape(B * g * g, C * P * P))  # [B*g*g, D]
         return x.view(B, g * g, -1)
+
+
+def install(tower: nn.Module, *, enable: bool = True) -> None:
+    """Fills a tower's hooks with packed copies of its weights, or empties them (``enable=False``).
+
+    The text tower and a ViT hold a `Transformer` (``_packed``); a ViT also its patch convolution
+    (``_packed_patches``).  A ResNet image tower has no hook and is left as it is.
+    """
+    if isinstance(tower, VisionTransformer):
+        tower._packed_patches = PackedPatchEmbedding(tower.conv1) if enable else None
+    if isinstance(tower, (VisionTransformer, TextTransformer)):
+        tower.transformer._packed = PackedTransformer(tower.transformer) if enable else None

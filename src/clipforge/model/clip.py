@@ -77,9 +77,8 @@ class CLIP(nn.Module):
         if enable and not _inference.available():
             warnings.warn("this PyTorch build lacks oneDNN; optimize_for_inference does nothing", stacklevel=2)
             return self
-        if isinstance(self.visual, VisionTransformer):
-            self.visual.optimize_for_inference(enable)
-        self.text.optimize_for_inference(enable)
+        _inference.install(self.visual, enable=enable)
+        _inference.install(self.text, enable=enable)
         return self
 
     def set_grad_checkpointing(self, *, image: bool = True, text: bool = True) -> None:

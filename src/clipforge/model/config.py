@@ -5,30 +5,41 @@ modified ResNet when ``patch_size`` is None), a text-tower config (`TextConfig`)
 of the shared embedding.  ``to_dict``/``from_dict`` round-trip through JSON and reject unknown
 keys by name.  The presets carry the published shapes of OpenAI's CLIP models (Radford et al.,
 2021, Tables 19-20; github.com/openai/CLIP ``clip/model.py`` ``build_model``).
+
+OpenAI's vocabulary size (``OPENAI_VOCAB_SIZE``) is defined here; its pixel statistics, the
+default ``mean`` and ``std``, come from `clipforge.transforms` (``OPENAI_MEAN``, ``OPENAI_STD``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from clipforge.loss import CLIP_INIT_SCALE
+from clipforge.transforms import OPENAI_MEAN, OPENAI_STD
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = [
     "ACTIVATIONS",
-    "OPENAI_MEAN",
-    "OPENAI_STD",
+    "OPENAI_VOCAB_SIZE",
+    "QUICKGELU_SUFFIX",
     "VisionConfig",
     "TextConfig",
     "CLIPConfig",
     "PRESETS",
+    "check_image_shape",
     "get_config",
     "list_presets",
 ]
 
 ACTIVATIONS = ("gelu", "quick_gelu")
-# Per-channel pixel statistics of OpenAI's training set (clip/clip.py, `_transform`).
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# Token ids of OpenAI's BPE (clip/simple_tokenizer.py): 256 byte symbols, the same with "</w>",
+# 48,894 merges, start and end of text; the vocab_size of every OpenAI text tower (build_model).
+OPENAI_VOCAB_SIZE = 49408
+# OpenCLIP's suffix for a model's QuickGELU variant ("ViT-B-32-quickgelu").
 QUICKGELU_SUFFIX = "-quickgelu"
 
 
@@ -149,7 +160,7 @@ class TextConfig:
     """The text tower: a causal Transformer read out at the end-of-text token."""
 
     context_length: int = 77  # positions (OpenAI: 77 tokens including start and end of text)
-    vocab_size: int = 49408  # token ids; the end-of-text id must be the largest one used
+    vocab_size: int = OPENAI_VOCAB_SIZE  # token ids; the end-of-text id must be the largest one used
     width: int = 512  # residual stream width
     heads: int = 8  # attention heads
     layers: int = 12  # transformer blocks
@@ -186,7 +197,7 @@ class CLIPConfig:
     embed_dim: int = 512  # joint image-text embedding size
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    init_logit_scale: float = 1 / 0.07  # CLIP §2.5: temperature initialised to 0.07
+    init_logit_scale: float = CLIP_INIT_SCALE  # 1/0.07: CLIP's initial temperature (clipforge.loss)
     init_logit_bias: float | None = None  # a learnable logit bias (SigLIP) when set
 
     def __post_init__(self) -> None:
@@ -226,6 +237,15 @@ class CLIPConfig:
     def with_activation(self, act: str) -> CLIPConfig:
         """The same config with both towers' MLP activation set to ``act``."""
         return replace(self, vision=replace(self.vision, act=act), text=replace(self.text, act=act))
+
+
+def check_image_shape(images: Tensor, image_size: int) -> None:
+    """Raise a ValueError unless ``images`` is [B, 3, image_size, image_size] (either image tower's input)."""
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (image_size, image_size):
+        raise ValueError(
+            f"expected images of shape [B, 3, {image_size}, {image_size}], "
+            f"got {list(images.shape)}"
+        )
 
 
 def _openai_text(width: int) -> TextConfig:

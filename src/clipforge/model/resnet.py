@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipforge.model.config import VisionConfig
-from clipforge.model.vision import check_image_shape
+from clipforge.model.config import VisionConfig, check_image_shape
 
 __all__ = ["Bottleneck", "AttentionPool2d", "ModifiedResNet"]
 

@@ -50,10 +50,6 @@ class TextTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
-    def optimize_for_inference(self, enable: bool = True) -> None:
-        """The packed fp32 CPU path (`_inference.py`) for the blocks."""
-        self.transformer.optimize_for_inference(enable)
-
     def forward(self, tokens: Tensor) -> Tensor:
         if tokens.ndim != 2 or tokens.shape[1] == 0:
             raise ValueError(f"expected token ids of shape [B, L], got {list(tokens.shape)}")

@@ -8,29 +8,37 @@ without renaming.  Attention runs through ``F.scaled_dot_product_attention``.
 Both towers read one token out of the last block (the class token, or the end-of-text token),
 so `Transformer.forward_pooled` runs the last block for that token only: keys and values for
 every position, queries and the MLP for one.  The result equals the full forward at that token.
-`Transformer.optimize_for_inference` adds a faster fp32 CPU path for it (`_inference.py`).
+
+A faster path for `forward_pooled` can be plugged in from outside: anything with the
+`PooledPath` interface, held in ``Transformer._packed``.  `CLIP.optimize_for_inference` fills it
+with ``_inference.PackedTransformer`` (fp32 on the CPU); this module does not know that kind.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from clipforge.model import _inference
+__all__ = [
+    "QUICK_GELU_SCALE", "QuickGELU", "make_activation", "Attention", "MLP", "ResidualAttentionBlock", "PooledPath",
+    "Transformer",
+]
 
-__all__ = ["QuickGELU", "make_activation", "Attention", "ResidualAttentionBlock", "Transformer"]
+# GELU(x) ~ x * sigmoid(1.702 x) (Hendrycks & Gimpel, 2016, section 2); OpenAI's CLIP trained with it
+# (``QuickGELU`` in clip/model.py).
+QUICK_GELU_SCALE = 1.702
 
 
 class QuickGELU(nn.Module):
-    """OpenAI's GELU approximation x * sigmoid(1.702 x) (Hendrycks & Gimpel, 2016, §2)."""
+    """OpenAI's GELU approximation x * sigmoid(1.702 x)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return x * torch.sigmoid(QUICK_GELU_SCALE * x)
 
 
 def make_activation(name: str) -> nn.Module:
@@ -87,12 +95,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Sequential):
-    """c_fc -> activation -> c_proj, named as in OpenAI's checkpoints."""
+    """c_fc -> act -> c_proj, named as in OpenAI's checkpoints (``act`` holds no parameters)."""
 
     def __init__(self, width: int, hidden: int, act: str) -> None:
         super().__init__()
         self.c_fc = nn.Linear(width, hidden)
-        self.gelu = make_activation(act)
+        self.act = make_activation(act)
         self.c_proj = nn.Linear(hidden, width)
 
 
@@ -120,6 +128,18 @@ class ResidualAttentionBlock(nn.Module):
         return y.squeeze(1)  # [B, D]
 
 
+class PooledPath(Protocol):
+    """Another way to compute `Transformer.forward_pooled`, used for the inputs it applies to."""
+
+    def applies(self, x: Tensor) -> bool:
+        """Whether ``forward_pooled(x, ...)`` here equals the plain modules' result."""
+        ...
+
+    def forward_pooled(self, x: Tensor, index: Tensor, *, causal: bool) -> Tensor:
+        """[B, L, D] -> [B, D], as `Transformer.forward_pooled`."""
+        ...
+
+
 class Transformer(nn.Module):
     """A stack of pre-LN residual attention blocks (``resblocks``)."""
 
@@ -131,7 +151,7 @@ class Transformer(nn.Module):
             for _ in range(layers)
         )
         self.grad_checkpointing = False
-        self._packed: _inference.PackedTransformer | None = None  # see optimize_for_inference
+        self._packed: PooledPath | None = None  # a faster forward_pooled, installed from outside
         self.init_weights()
 
     @classmethod
@@ -166,11 +186,6 @@ class Transformer(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def optimize_for_inference(self, enable: bool = True) -> None:
-        """Run `forward_pooled` through oneDNN-packed linear layers where that is exact (fp32 on
-        the CPU, gradients off, no autocast; `_inference.py`); ``enable=False`` drops them."""
-        self._packed = _inference.PackedTransformer(self) if enable else None
-
     def forward(self, x: Tensor, *, causal: bool = False) -> Tensor:
         """Every position through every block: [B, L, D] -> [B, L, D]."""
         for block in self.resblocks:
@@ -180,9 +195,10 @@ class Transformer(nn.Module):
     def forward_pooled(self, x: Tensor, index: Tensor, *, causal: bool = False) -> Tensor:
         """The output at position ``index[b]`` of each sequence: [B, L, D] -> [B, D].
 
-        Equals ``forward(x)[arange(B), index]``; the last block computes that row only.
+        Equals ``forward(x)[arange(B), index]``; the last block computes that row only.  Runs
+        through ``self._packed`` when one is installed and applies to ``x``.
         """
-        if self._packed is not None and _inference.applies(x):
+        if self._packed is not None and self._packed.applies(x):
             return self._packed.forward_pooled(x, index, causal=causal)
         *blocks, last = self.resblocks
         for block in blocks:

@@ -3,27 +3,35 @@
 The ViT follows OpenAI's ``VisionTransformer`` (``clip/model.py``) and keeps its parameter
 names: a bias-free patch convolution ``conv1``, ``class_embedding``, ``positional_embedding``,
 ``ln_pre``, the pre-LN ``transformer``, ``ln_post`` on the class token and ``proj``.
+
+A faster patch embedding can be plugged in from outside, as the `Transformer`'s pooled path
+can: anything with the `PatchPath` interface, held in ``VisionTransformer._packed_patches``
+(`CLIP.optimize_for_inference` fills it).
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor, nn
 
-from clipforge.model import _inference
-from clipforge.model.config import VisionConfig
+from clipforge.model.config import VisionConfig, check_image_shape
 from clipforge.model.transformer import Transformer
 
-__all__ = ["VisionTransformer", "check_image_shape"]
+__all__ = ["PatchPath", "VisionTransformer"]
 
 
-def check_image_shape(images: Tensor, image_size: int) -> None:
-    """Raise a ValueError unless ``images`` is [B, 3, image_size, image_size]."""
-    if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (image_size, image_size):
-        raise ValueError(
-            f"expected images of shape [B, 3, {image_size}, {image_size}], "
-            f"got {list(images.shape)}"
-        )
+class PatchPath(Protocol):
+    """Another way to compute the patch embedding, used for the inputs it applies to."""
+
+    def applies(self, images: Tensor) -> bool:
+        """Whether the result here equals the plain convolution's for ``images``."""
+        ...
+
+    def __call__(self, images: Tensor) -> Tensor:
+        """Images [B, 3, S, S] -> patch features [B, (S/P)^2, D], as conv1 + flatten + transpose."""
+        ...
 
 
 class VisionTransformer(nn.Module):
@@ -44,19 +52,14 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer.from_config(config)
         self.ln_post = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
-        self._packed_patches: _inference.PackedPatchEmbedding | None = None  # optimize_for_inference
+        self._packed_patches: PatchPath | None = None  # a faster conv1, installed from outside
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
-    def optimize_for_inference(self, enable: bool = True) -> None:
-        """The packed fp32 CPU path (`_inference.py`) for the blocks and the patch convolution."""
-        self.transformer.optimize_for_inference(enable)
-        self._packed_patches = _inference.PackedPatchEmbedding(self) if enable else None
-
     def forward(self, images: Tensor) -> Tensor:
         check_image_shape(images, self.image_size)
-        if self._packed_patches is not None and _inference.applies(images):
+        if self._packed_patches is not None and self._packed_patches.applies(images):
             x = self._packed_patches(images)  # [B, grid*grid, width], one matrix multiply
         else:
             x = self.conv1(images)  # [B, width, grid, grid]
@@ -70,4 +73,3 @@ class VisionTransformer(nn.Module):
         x = self.transformer.forward_pooled(x, index)  # [B, width]
         x = self.ln_post(x)
         return x @ self.proj  # [B, output_dim]
-
