@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from _one_thread import one_thread  # noqa: F401  (autouse)
 from _search_helpers import collection
 from clipforge.checkpoints import load
 from clipforge.cli import main

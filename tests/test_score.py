@@ -15,7 +15,6 @@ import pytest
 import torch
 from torch import nn
 
-from _one_thread import one_thread  # noqa: F401  (autouse)
 from _search_helpers import collection, write_pairs
 from clipforge.checkpoints import load
 from clipforge.cli import main
@@ -147,9 +146,10 @@ def test_model_level_scores_equal_the_hand_values():
     assert scores.kept == [0, 1, 2]
     assert scores.clip_score.tolist() == pytest.approx(clip, abs=1e-6)
     assert scores.ref_cosine.tolist() == pytest.approx(best, abs=1e-6)
-    assert scores.ref_clip_score.tolist() == pytest.approx([2 * c * b / (c + b) if c + b else 0 for c, b in zip(clip, best)],
-                                                           abs=1e-6)
-    assert scores.mean == pytest.approx(sum(clip) / 3) and scores.ref_mean == pytest.approx(float(scores.ref_clip_score.mean()))
+    harmonic = [2 * c * b / (c + b) if c + b else 0 for c, b in zip(clip, best)]
+    assert scores.ref_clip_score.tolist() == pytest.approx(harmonic, abs=1e-6)
+    assert scores.mean == pytest.approx(sum(clip) / 3)
+    assert scores.ref_mean == pytest.approx(float(scores.ref_clip_score.mean()))
     plain = clip_score(ToyModel(), images, texts, tokenizer=toy_tokenizer, w=100, progress=False)
     assert plain.clip_score.tolist() == pytest.approx([100 * c / 2.5 for c in clip], abs=1e-4)
     assert plain.ref_clip_score is None and plain.ref_mean is None
@@ -194,7 +194,8 @@ def workspace(tmp_path_factory) -> dict:
     lines = ["image\tcaption", "# one candidate caption per image", ""]
     lines += [f"{name}\t{shapes[name]}" for name in NAMES] + ["corrupt.png\ta red circle"]
     (root / "captions.tsv").write_text("\n".join(lines) + "\n")
-    refs = [f"{name}\t{text}" for name in [*NAMES, "corrupt.png"] for text in ("a picture of a shape", shapes.get(name, "x"))]
+    refs = [f"{name}\t{text}" for name in [*NAMES, "corrupt.png"]
+            for text in ("a picture of a shape", shapes.get(name, "x"))]
     (root / "refs.tsv").write_text("\n".join(refs) + "\n")
     return {"root": root, "images": root / "images", "model": c.model, "captions": shapes, "colours": colours}
 

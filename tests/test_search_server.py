@@ -151,7 +151,8 @@ def test_hostile_uploads_get_4xx(service):
         for _ in range(20):
             yield b"\0" * 8192
 
-    chunked = client.post("/search/image", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+    chunked = client.post("/search/image", content=chunks(),
+                          headers={"content-type": "multipart/form-data; boundary=b"})
     assert chunked.status_code == 413
     assert client.get("/search", params={"q": "still serving"}).status_code == 200
 

@@ -19,6 +19,7 @@ import html
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -322,10 +323,12 @@ def train_tokenizer_cli(
     min_frequency: int = 2,
     context_length: int = DEFAULT_CONTEXT_LENGTH,
 ) -> Tokenizer:
-    """``clipforge tokenizer train CORPUS OUT_DIR --vocab-size N``: prints the size and the directory.
+    """``clipforge tokenizer train CORPUS OUT_DIR --vocab-size N``: prints the size and the directory,
+    and a line on stderr when the corpus could not fill N ids.
 
     Trains with `train_bpe` and saves with `Tokenizer.save`.  ``corpus_path`` is a UTF-8 text file
-    with one caption per line; blank lines are skipped.
+    with one caption per line; blank lines are skipped.  A small corpus runs out of pairs seen
+    ``min_frequency`` times before reaching ``vocab_size``; the vocabulary is then smaller.
     """
     with open(corpus_path, encoding="utf-8") as corpus:
         tokenizer = train_bpe(
@@ -335,5 +338,9 @@ def train_tokenizer_cli(
             context_length=context_length,
         )
     saved = tokenizer.save(out_dir)
+    if tokenizer.vocab_size < vocab_size:
+        print(f"note: the corpus filled {tokenizer.vocab_size} of the {vocab_size} ids asked: it has no more pairs "
+              f"seen at least {min_frequency} times (a larger corpus, or a lower --min-frequency, gives more)",
+              file=sys.stderr)
     print(f"trained a BPE vocabulary of {tokenizer.vocab_size} ids; saved to {saved}")
     return tokenizer

@@ -16,7 +16,8 @@ def add_parser(subparsers: Any) -> None:
     convert = subparsers.add_parser(
         "convert", help="rewrite a checkpoint as clipforge, Hugging Face or OpenCLIP files (lossless)"
     )
-    convert.add_argument("src", help="a checkpoint: OpenAI .pt, OpenCLIP file or directory, HF directory, clipforge directory")
+    convert.add_argument("src", help="a checkpoint: OpenAI .pt, OpenCLIP file or directory, HF directory, "
+                         "clipforge directory")
     convert.add_argument("dst", help="output directory (or a .safetensors/.pt/.bin file for --to openclip)")
     convert.add_argument("--to", required=True, choices=("clipforge", "hf", "openclip"), help="output format")
     convert.add_argument("--act", choices=("gelu", "quick_gelu"),
@@ -35,6 +36,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _run_convert(args: Any) -> int:
+    """``clipforge convert SRC DST --to FORMAT``: writes the checkpoint in that format; prints the written path."""
     from clipforge.checkpoints import convert
 
     out = convert(args.src, args.dst, to=args.to, act=args.act)
@@ -43,6 +45,8 @@ def _run_convert(args: Any) -> int:
 
 
 def _run_tokenizer_train(args: Any) -> int:
+    """``clipforge tokenizer train CORPUS OUT --vocab-size N``: trains and saves the vocabulary; prints its
+    size and folder (and says on stderr when the corpus holds too few pairs to reach N)."""
     from clipforge.tokenizer import train_tokenizer_cli
 
     train_tokenizer_cli(

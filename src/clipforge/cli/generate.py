@@ -14,7 +14,17 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from clipforge.cli._common import CommandError
+from clipforge.cli._common import (
+    CommandError,
+    device_option,
+    load_model,
+    load_model_for_command,
+    model_option,
+    quiet_option,
+    table,
+    tokenizer_option,
+    write_json,
+)
 
 __all__ = ["add_parser", "run_generate"]
 
@@ -26,14 +36,16 @@ def add_parser(subparsers: Any) -> None:
     default = GenerateConfig()
     parser = subparsers.add_parser("generate", help="make an image for a prompt by optimising it against CLIP")
     parser.add_argument("prompt", help="the text the image should show")
-    parser.add_argument("--model", required=True, help="the model to optimise against: a preset or a checkpoint")
+    model_option(parser, help="the model to optimise against: a preset or a checkpoint")
     parser.add_argument("--out", required=True, metavar="FILE", help="the image to write (PNG)")
-    parser.add_argument("--judge", metavar="MODEL", help="a second, independently trained model that scores the result")
-    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder, for checkpoints saved without one")
-    parser.add_argument("--judge-tokenizer", metavar="DIR", help="the judge's tokenizer folder, if it has none")
+    model_option(parser, flag="--judge", required=False, metavar="MODEL",
+                 help="a second, independently trained model that scores the result")
+    tokenizer_option(parser)
+    tokenizer_option(parser, flag="--judge-tokenizer", help="the judge's tokenizer folder, if it has none")
     parser.add_argument("--steps", type=int, default=default.steps, help=f"Adam steps (default: {default.steps})")
     parser.add_argument("--lr", type=float, default=default.lr, help=f"learning rate (default: {default.lr})")
-    parser.add_argument("--size", type=int, default=default.size, help="image side in pixels (default: the model's input size)")
+    parser.add_argument("--size", type=int, default=default.size,
+                        help="image side in pixels (default: the model's input size)")
     parser.add_argument("--cutouts", type=int, default=default.cutouts,
                         help=f"random crops per step (default: {default.cutouts})")
     parser.add_argument("--cut-scale", type=float, nargs=2, metavar=("LOW", "HIGH"), default=default.cut_scale,
@@ -46,7 +58,8 @@ def add_parser(subparsers: Any) -> None:
                         help="brightness/contrast jitter of the crops (default: 0; it moves colours)")
     parser.add_argument("--tv", type=float, default=default.tv, help="total-variation weight (default: 0)")
     parser.add_argument("--decay", type=float, default=default.decay,
-                        help=f"the spectrum is scaled by 1/frequency^DECAY; higher is smoother (default: {default.decay})")
+                        help="the spectrum is scaled by 1/frequency^DECAY; higher is smoother "
+                             f"(default: {default.decay})")
     parser.add_argument("--seed", type=int, default=default.seed, help="random seed (default: 0)")
     parser.add_argument("--best-of", type=int, default=default.best_of, metavar="N",
                         help="optimise from N starts (seeds SEED, SEED+1, ...) and keep the image the model "
@@ -65,13 +78,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--frame-every", type=int, default=default.frame_every,
                         help=f"steps between frames (default: {default.frame_every})")
     parser.add_argument("--json", metavar="FILE", help="write the settings and both scores as JSON")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    device_option(parser)
+    quiet_option(parser)
+    # The image is optimised in fp32: no --precision.
     parser.set_defaults(func=run_generate, precision="fp32")
-
-
-def _judge_args(args: argparse.Namespace) -> argparse.Namespace:
-    return argparse.Namespace(model=args.judge, tokenizer=args.judge_tokenizer, device=args.device, precision="fp32")
 
 
 def _read_negatives(path: str) -> list[str]:
@@ -89,7 +99,6 @@ def _read_negatives(path: str) -> list[str]:
 def run_generate(args: argparse.Namespace) -> int:
     """``clipforge generate --model M PROMPT --out FILE [--judge M2]``: writes the image and prints
     its CLIP-S under the model and under the judge."""
-    from clipforge.cli._common import load_model_for_command, table, write_json
     from clipforge.data.images import read_rgb
     from clipforge.generate import GenerateConfig, generate
     from clipforge.score import clip_score
@@ -120,7 +129,7 @@ def run_generate(args: argparse.Namespace) -> int:
             raise CommandError(f"--init {args.init}: cannot read the image ({err})") from err
 
     model, preprocess, tokenizer, setup = load_model_for_command(args)
-    judge = load_model_for_command(_judge_args(args)) if args.judge else None
+    judge = load_model(args.judge, tokenizer=args.judge_tokenizer, device=args.device) if args.judge else None
     result = generate(model, tokenizer, args.prompt, config=config, init=init, frames=args.frames,
                       progress=not args.quiet)
     out = Path(args.out)
@@ -148,12 +157,13 @@ def run_generate(args: argparse.Namespace) -> int:
           + (f"; {len(result.frames)} frames in {args.frames}" if args.frames else ""))
     if result.losses:
         print(f"loss {result.losses[0]:.4f} → {result.losses[-1]:.4f}")
-    print(table(["scored by", "model", "cos", "CLIP-S"],
-                 [[role, s["pretrained"], f"{s['cosine']:.4f}", f"{s['clip_score']:.4f}"] for role, s in scores.items()]))
+    rows = [[role, s["pretrained"], f"{s['cosine']:.4f}", f"{s['clip_score']:.4f}"] for role, s in scores.items()]
+    print(table(["scored by", "model", "cos", "CLIP-S"], rows))
     if args.json:
         write_json(args.json, {"prompt": args.prompt, "out": str(out), "init": args.init, "config": config.to_dict(),
-                           "steps_run": result.steps, "seed_kept": result.seed,
-                           "start_cosines": [round(c, 6) for c in result.cosines], "losses": [round(x, 6) for x in result.losses],
-                           "frames": [str(p) for p in result.frames], "score": scores["model"],
-                           "judge_score": scores.get("judge")})
+                               "steps_run": result.steps, "seed_kept": result.seed,
+                               "start_cosines": [round(c, 6) for c in result.cosines],
+                               "losses": [round(x, 6) for x in result.losses],
+                               "frames": [str(p) for p in result.frames], "score": scores["model"],
+                               "judge_score": scores.get("judge")})
     return 0

@@ -17,7 +17,15 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from clipforge.cli._common import CommandError, model_options
+from clipforge.cli._common import (
+    CommandError,
+    fmt,
+    load_model_for_command,
+    model_options,
+    skipped_report,
+    table,
+    write_json,
+)
 
 __all__ = ["add_parser", "read_pairs", "run_rerank", "run_score"]
 
@@ -35,7 +43,8 @@ def add_parser(subparsers: Any) -> None:
     score.add_argument("--refs", metavar="FILE", help="IMAGE<TAB>REFERENCE lines, one or more per image: "
                        "adds RefCLIPScore")
     score.add_argument("--w", type=float, default=CLIP_SCORE_W,
-                       help=f"CLIP-S weight: {CLIP_SCORE_W:g} as in Hessel et al. (default), 100 for torchmetrics' scale")
+                       help=f"CLIP-S weight: {CLIP_SCORE_W:g} as in Hessel et al. (default), "
+                            "100 for torchmetrics' scale")
     score.add_argument("--out", metavar="FILE", help="write per-image scores: .csv or .json")
     score.set_defaults(func=run_score)
 
@@ -105,8 +114,6 @@ def _run_options(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, A
 
 def _write_scores(path: str, result: dict[str, Any]) -> None:
     """The per-image rows as CSV, or everything as JSON (`run_score` has checked the suffix)."""
-    from clipforge.cli._common import write_json
-
     if not path.lower().endswith(".csv"):
         write_json(path, result)
         return
@@ -123,7 +130,6 @@ def _write_scores(path: str, result: dict[str, Any]) -> None:
 def run_score(args: argparse.Namespace) -> int:
     """``clipforge score --model M --images DIR --captions FILE [--refs FILE] [--out FILE]``:
     prints the mean CLIPScore (and RefCLIPScore), then each image's scores."""
-    from clipforge.cli._common import fmt, load_model_for_command, skipped_report, table
     from clipforge.data.images import ImageLoader, describe_skipped
     from clipforge.score import clip_score, ref_clip_score
 
@@ -190,7 +196,6 @@ def run_score(args: argparse.Namespace) -> int:
 def run_rerank(args: argparse.Namespace) -> int:
     """``clipforge rerank --model M --prompt TEXT --images DIR [-k N] [--out FILE]``: prints the
     images best first with their cosine and CLIP-S for the prompt."""
-    from clipforge.cli._common import load_model_for_command, skipped_report, table, write_json
     from clipforge.data.images import ImageLoader, describe_skipped
     from clipforge.score import CLIP_SCORE_W, rerank
 
@@ -211,6 +216,6 @@ def run_rerank(args: argparse.Namespace) -> int:
                  [[str(r["rank"]), r["image"], f"{r['cosine']:.4f}", f"{r['clip_score']:.4f}"] for r in rows]))
     if args.out:
         write_json(args.out, {"prompt": args.prompt, "model": setup["model"], "pretrained": setup["pretrained"],
-                          "images": args.images, "images_ranked": len(loader.kept), **skipped_report(loader),
-                          "ranking": rows})
+                              "images": args.images, "images_ranked": len(loader.kept), **skipped_report(loader),
+                              "ranking": rows})
     return 0

@@ -17,11 +17,21 @@ import json
 import sys
 from typing import Any
 
-from clipforge.cli._common import CommandError
+from clipforge.cli._common import (
+    CommandError,
+    batch_size_option,
+    device_option,
+    model_option,
+    precision_option,
+    quiet_option,
+    tokenizer_option,
+    workers_option,
+)
 
 __all__ = ["add_parser", "run_add", "run_build", "run_search", "run_serve"]
 
 SKIPPED_SHOWN = 10
+INDEX_MODEL_HELP = "the index's model, checked against it (default: the one recorded)"
 
 
 def add_parser(subparsers: Any) -> None:
@@ -30,14 +40,13 @@ def add_parser(subparsers: Any) -> None:
     actions = index.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     build = actions.add_parser("build", help="embed every image of a data source and build its faiss index")
-    build.add_argument("--model", required=True, help="a checkpoint file or folder (not a random preset)")
+    model_option(build, help="a checkpoint file or folder (not a random preset)")
     build.add_argument("--data", required=True,
                        help="imagefolder:DIR, csv:FILE, jsonl:FILE, pairs:DIR, or any other data URI")
     build.add_argument("--out", required=True, metavar="INDEX_DIR",
                        help="index directory; an interrupted build there is continued")
     _embed_options(build)
-    build.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                       help="fp32, or bf16 autocast over fp32 weights (default: fp32)")
+    precision_option(build)
     build.add_argument("--memory-budget", default="4G",
                        help="memory the faiss index may use; it decides the index type (default: 4G)")
     build.add_argument("--index-type", choices=("auto", "flat", "ivfpq", "hnsw"), default="auto",
@@ -49,7 +58,7 @@ def add_parser(subparsers: Any) -> None:
     add = actions.add_parser("add", help="add the images of a data source that are not in the index yet")
     add.add_argument("index_dir", metavar="INDEX_DIR")
     add.add_argument("--data", required=True, help="a data URI, as for index build")
-    add.add_argument("--model", help="the index's model, checked against it (default: the one recorded)")
+    model_option(add, required=False, help=INDEX_MODEL_HELP)
     _embed_options(add)
     add.add_argument("--reindex", action="store_true",
                      help="rebuild the faiss index from all embeddings, choosing its type for the new size")
@@ -61,8 +70,8 @@ def add_parser(subparsers: Any) -> None:
     search.add_argument("--image", metavar="FILE", help="search by this image instead of a text")
     search.add_argument("-k", type=int, default=10, help="results (default: 10)")
     search.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    search.add_argument("--model", help="the index's model, checked against it (default: the one recorded)")
-    search.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    model_option(search, required=False, help=INDEX_MODEL_HELP)
+    device_option(search)
     search.set_defaults(func=run_search)
 
     serve = subparsers.add_parser("serve", help="a web page and JSON API to search an index")
@@ -70,20 +79,21 @@ def add_parser(subparsers: Any) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest query image (default: 10)")
-    serve.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    device_option(serve)
     serve.add_argument("--threads", type=int, default=1,
                        help="PyTorch threads per query (default: 1; concurrent requests run in parallel instead)")
     serve.set_defaults(func=run_serve)
 
 
 def _embed_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder, for checkpoints saved without one")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    parser.add_argument("--workers", type=int, default=2, help="image decoding processes (default: 2)")
+    """The options of ``index build`` and ``index add`` that say how the images are embedded."""
+    tokenizer_option(parser)
+    batch_size_option(parser, default=64, what="images")
+    workers_option(parser, default=2)
     parser.add_argument("--chunk-size", type=int, default=10_000,
                         help="embeddings per file; an interruption loses at most one (default: 10000)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    device_option(parser)
+    quiet_option(parser)
 
 
 def _guard(call: Any) -> Any:
@@ -121,7 +131,8 @@ def _report(report: Any, what: str) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    """``clipforge index build --model M --data URI --out DIR``: embeds, indexes, prints a summary."""
+    """``clipforge index build --model M --data URI --out DIR``: embeds and indexes the images; prints
+    how many were embedded and skipped, the faiss index chosen, its recall@10 and the time taken."""
     from clipforge.search.build import build_index
 
     def call() -> Any:
@@ -135,7 +146,8 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    """``clipforge index add DIR --data URI``: embeds the new images, adds them, prints a summary."""
+    """``clipforge index add DIR --data URI``: embeds the images not in the index yet and adds them;
+    prints how many were embedded, already there and skipped, and the index's size and recall@10."""
     from clipforge.search.build import add_to_index
 
     def call() -> Any:
@@ -174,7 +186,8 @@ def run_search(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """``clipforge serve DIR [--host H] [--port P]``: serves the search page until interrupted."""
+    """``clipforge serve DIR [--host H] [--port P]``: prints the address, then serves the search page
+    and its JSON API until interrupted (with a warning on stderr for an address other machines reach)."""
     from clipforge.search.index import Index
 
     try:
@@ -183,11 +196,13 @@ def run_serve(args: argparse.Namespace) -> int:
         from clipforge.search.server import create_app
     except ImportError as err:
         raise CommandError(f"clipforge serve needs the search extra: pip install 'clipforge[search]' ({err})") from err
+    if args.threads < 1:
+        raise CommandError(f"--threads must be positive, got {args.threads}")
+    if not args.max_upload_mb > 0:
+        raise CommandError(f"--max-upload-mb must be positive, got {args.max_upload_mb:g}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host}: anyone who can reach this address can search the index and "
               f"see its images", file=sys.stderr)
-    if args.threads < 1:
-        raise CommandError(f"--threads must be positive, got {args.threads}")
     import torch
 
     # Requests are served by a thread pool; each query's forward pass on several intra-op

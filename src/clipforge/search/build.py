@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from clipforge.checkpoints import PRECISIONS, is_preset, load_for_inference
 from clipforge.data import open_data
 from clipforge.search import ann
 from clipforge.search._items import Decoded, Item, decoded_batches, items_of
@@ -61,33 +62,23 @@ class Model:
 
 def load_search_model(source: str | os.PathLike[str], *, tokenizer: str | os.PathLike[str] | None = None,
                       device: str | None = None, precision: str = "fp32") -> Model:
-    """The model of a checkpoint (file or folder) with its tokenizer (``tokenizer`` overrides it)."""
-    from clipforge.checkpoints import load
-    from clipforge.model import list_presets
-
-    if precision not in ("fp32", "bf16"):
+    """The model of a checkpoint (file or folder) with its tokenizer (``tokenizer`` overrides it),
+    loaded by `clipforge.checkpoints.load_for_inference`.  An IndexDirError for a preset (random
+    weights) or a missing path; a CheckpointError when no tokenizer comes with the model."""
+    if precision not in PRECISIONS:
         raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
-    path = Path(source)
-    if not path.exists() and str(source).removesuffix("-quickgelu") in list_presets():
+    if is_preset(source):
         raise IndexDirError(f"{source!r} is a preset with random weights, different each time it loads: an index "
                             f"must be queried with the model that built it, so give a checkpoint "
                             f"(clipforge.save writes one)")
+    path = Path(source)
     if not path.exists():
         raise IndexDirError(f"{source!r}: no checkpoint file or folder there")
-    run_on = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, preprocess, tok = load(path, device=run_on)
-    if tokenizer is not None:
-        from clipforge.tokenizer import Tokenizer
-
-        tok = Tokenizer.from_dir(tokenizer, context_length=model.context_length)
-    if tok is None:
-        raise IndexDirError(f"{source}: no tokenizer comes with this model (its vocabulary is not OpenAI's); "
-                            f"pass a tokenizer folder")
-    identity = model_identity(model, tok, source=str(path.resolve()))
+    loaded = load_for_inference(path, tokenizer=tokenizer, device=device, precision=precision)
+    identity = model_identity(loaded.model, loaded.tokenizer, source=str(path.resolve()))
     if tokenizer is not None:
         identity["tokenizer"] = str(Path(tokenizer).resolve())
-    autocast = torch.bfloat16 if precision == "bf16" else None
-    return Model(model, preprocess, tok, identity, run_on, autocast)
+    return Model(loaded.model, loaded.preprocess, loaded.tokenizer, identity, loaded.device, loaded.autocast_dtype)
 
 
 def index_model(store: Store, model: str | os.PathLike[str] | Model | None = None, *,
