@@ -165,6 +165,12 @@ def test_preset_model_with_a_tokenizer_folder(workspace, tmp_path, capsys):
         (["retrieval", "--model", "{root}/nothing", "--data", "csv:{captions}"], "neither an existing file"),
         (["retrieval", "--model", "{model}", "--data", "csv:{captions}", "--caption-key", "text"],
          "no caption column 'text'"),
+        (["zeroshot", "--model", "{model}", "--data", "shards:{root}/x.tar"], "no evaluation source"),
+        (["retrieval", "--model", "{model}", "--data", "shards:{root}/x.tar"], "no evaluation source"),
+        (["zeroshot", "--model", "{model}", "--data", "shapes://?split=train&n=4"], "split=train has no class labels"),
+        (["retrieval", "--model", "{model}", "--data", "imagefolder:{folder}"], "has no captions"),
+        (["retrieval", "--model", "{model}", "--data", "shapes://?split=val", "--image-key", "x"],
+         "does not take these options"),
     ],
 )
 def test_input_errors_print_one_line_and_return_2(workspace, capsys, argv, message):
@@ -185,3 +191,66 @@ def test_classnames_file_renames_the_classes(workspace, tmp_path):
     assert result["clipforge"]["classes"] == ["small bird", "house cat", "dog"]
     assert result["clipforge"]["prompts"] == 3
     assert set(result["metrics"]) == {"acc1", "acc2", "mean_per_class_recall"}
+
+
+# ----------------------------------------------------------------------------- generated and pairs: sources
+
+
+def test_zeroshot_on_generated_shapes_uses_their_classes_and_prompts(workspace, tmp_path):
+    from clipforge.data.shapes import ShapesDataset, class_names
+
+    out = tmp_path / "shapes.json"
+    uri = "shapes://?split=heldout&n=40&size=32"
+    assert run("zeroshot", "--model", str(workspace["model"]), "--data", uri, "--limit", "24", "--out", str(out)) == 0
+    result = json.loads(out.read_text())
+    extra = result["clipforge"]
+    assert extra["classes"] == class_names() and extra["templates"] == "the data's own"
+    assert extra["prompts"] == 64 * len(ShapesDataset.templates)
+    assert (extra["images"], extra["images_evaluated"], extra["skipped_images"]) == (24, 24, 0)
+
+    model, preprocess, tokenizer = load(workspace["model"])
+    shapes = ShapesDataset(split="heldout", n=40, size=32)
+    images = torch.stack([preprocess(shapes[k][0]) for k in range(24)])
+    classifier = build_zeroshot_classifier(model, tokenizer, class_names(), list(ShapesDataset.templates))
+    features = embed_images(model, images, batch_size=4, progress=False)
+    expected = classification_metrics(zeroshot_logits(features, classifier), [shapes.label(k) for k in range(24)])
+    assert_close_dict(result["metrics"], {k: expected[k] for k in ("acc1", "acc5", "mean_per_class_recall")})
+    assert extra["metrics"]["confusion_matrix"] == expected["confusion_matrix"]
+
+
+def test_zeroshot_on_digits_with_a_template_set(workspace, tmp_path):
+    out = tmp_path / "digits.json"
+    assert run("zeroshot", "--model", str(workspace["model"]), "--data", "digits://?split=test&size=16",
+               "--limit", "20", "--templates", "single", "--out", str(out)) == 0
+    extra = json.loads(out.read_text())["clipforge"]
+    assert extra["classes"][:3] == ["zero", "one", "two"] and extra["prompts"] == 10 and extra["templates"] == "single"
+    assert extra["images_evaluated"] == 20 and sum(map(sum, extra["metrics"]["confusion_matrix"])) == 20
+
+
+@pytest.mark.parametrize("kind", ["pairs", "shapes"])
+def test_retrieval_on_pairs_and_generated_shapes(workspace, tmp_path, kind):
+    from clipforge.data.shapes import ShapesDataset
+
+    if kind == "pairs":
+        folder = tmp_path / "pairs"
+        for seed, (name, captions) in enumerate(CAPTIONS.items()):
+            write_png(folder / name, seed)
+            (folder / name).with_suffix(".txt").write_text(captions[0])
+        uri = f"pairs:{folder}"
+        images = [Image.open(folder / name).convert("RGB") for name in sorted(CAPTIONS)]
+        captions = [CAPTIONS[name][0] for name in sorted(CAPTIONS)]
+    else:
+        uri = "shapes://?split=val&n=12&size=32"
+        shapes = ShapesDataset(split="val", n=12, size=32)
+        images, captions = [shapes[k][0] for k in range(12)], [shapes[k][1] for k in range(12)]
+    out = tmp_path / "r.json"
+    assert run("retrieval", "--model", str(workspace["model"]), "--data", uri, "--recall-k", "1", "3",
+               "--out", str(out)) == 0
+    extra = json.loads(out.read_text())["clipforge"]
+    assert extra["images_evaluated"] == extra["captions_evaluated"] == len(images)
+
+    model, preprocess, tokenizer = load(workspace["model"])
+    image_features = embed_images(model, torch.stack([preprocess(im) for im in images]), progress=False)
+    text_features = embed_texts(model, tokenizer, captions, progress=False)
+    expected = retrieval_metrics(image_features, text_features, list(range(len(images))), ks=(1, 3))
+    assert_close_dict(extra["metrics"], expected)

@@ -24,7 +24,7 @@ def make_folder(root):
 def test_pairs_are_found_sorted_and_read(tmp_path):
     make_folder(tmp_path)
     source = open_data(f"pairs:{tmp_path}")
-    assert [p.name for p in source.images] == ["0.png", "1.png", "2.png", "w.jpg"]
+    assert [p.name for p in source.image_paths] == ["0.png", "1.png", "2.png", "w.jpg"]
     assert source.missing_captions == 1
     image, caption = source[1]
     assert caption == "a green square" and image.getpixel((0, 0)) == (0, 128, 0)

@@ -1,5 +1,6 @@
 """``clipforge eval zeroshot|retrieval``: benchmarks whose JSON follows CLIP_benchmark's result schema.
 
+The work is `clipforge.evaluate`'s, the one evaluation path the trainer's evaluation runs too.
 The JSON written by ``--out`` is CLIP_benchmark's (``clip_benchmark/cli.py``)::
 
     {"dataset": ..., "model": ..., "pretrained": ..., "task": "zeroshot_classification",
@@ -19,8 +20,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from clipforge.cli._common import (
     Clock,
     CommandError,
@@ -32,31 +31,35 @@ from clipforge.cli._common import (
     write_json,
 )
 
-__all__ = ["add_parser", "model_options", "run_retrieval", "run_zeroshot"]
+__all__ = ["add_parser", "run_retrieval", "run_zeroshot"]
+
 
 def add_parser(subparsers: Any) -> None:
     """Registers ``eval zeroshot`` and ``eval retrieval``."""
     parser = subparsers.add_parser("eval", help="zero-shot classification and retrieval benchmarks")
     tasks = parser.add_subparsers(dest="task", metavar="TASK", required=True)
 
-    zeroshot = tasks.add_parser("zeroshot", help="zero-shot classification of a labelled image folder")
-    _common_options(zeroshot, data_help="imagefolder:DIR (one sub-folder per class)")
+    zeroshot = tasks.add_parser("zeroshot", help="zero-shot classification of labelled images")
+    _common_options(zeroshot, data_help="labelled images: imagefolder:DIR (one sub-folder per class), "
+                    "shapes://?split=seen|heldout, digits://?split=test")
     zeroshot.add_argument("--classnames", metavar="FILE", help="class names: a JSON list in class-index order, "
-                          "a JSON object folder name → class name, or a text file with one name per line "
-                          "(default: the folder names)")
-    zeroshot.add_argument("--templates", metavar="NAME|FILE", default="default",
-                          help="a shipped template set (default, single) or a JSON template file (default: default)")
+                          "a JSON object class (folder) name → class name, or a text file with one name per line "
+                          "(default: the data's, e.g. the folder names)")
+    zeroshot.add_argument("--templates", metavar="NAME|FILE",
+                          help="a shipped template set (default, single) or a JSON template file "
+                          "(default: the data's own prompts, as shapes:// and digits:// have; else default)")
     zeroshot.add_argument("--topk", metavar="K", type=int, nargs="+", default=[1, 5],
                           help="top-k accuracies (default: 1 5)")
     zeroshot.set_defaults(func=run_zeroshot)
 
     retrieval = tasks.add_parser("retrieval", help="image→text and text→image retrieval over captioned images")
-    _common_options(retrieval, data_help="csv:FILE or jsonl:FILE (image path and caption per row)")
+    _common_options(retrieval, data_help="captioned images: csv:FILE or jsonl:FILE (image path and caption per "
+                    "row), pairs:DIR (name.jpg + name.txt), shapes://?split=val, digits://?split=test")
     retrieval.add_argument("--recall-k", metavar="K", type=int, nargs="+", default=[1, 5, 10],
                            help="k of each recall@k (default: 1 5 10)")
     retrieval.add_argument("--block-size", type=int, default=4096, help="score tile side (default: 4096)")
-    retrieval.add_argument("--image-key", help="image path column (default: filepath, image, ...)")
-    retrieval.add_argument("--caption-key", help="caption column (default: title, caption, ...)")
+    retrieval.add_argument("--image-key", help="csv/jsonl: image path column (default: filepath, image, ...)")
+    retrieval.add_argument("--caption-key", help="csv/jsonl: caption column (default: title, caption, ...)")
     retrieval.add_argument("--csv-separator",
                            help="CSV separator: tab, comma or one character (default: tab if the header has one)")
     retrieval.set_defaults(func=run_retrieval)
@@ -65,17 +68,10 @@ def add_parser(subparsers: Any) -> None:
 def _common_options(parser: argparse.ArgumentParser, *, data_help: str) -> None:
     parser.add_argument("--data", required=True, help=data_help)
     model_options(parser, workers=4)
+    parser.add_argument("--limit", metavar="N", type=int,
+                        help="evaluate the first N images only (default: all); the trainer's eval_samples")
     parser.add_argument("--dataset-name", help="the JSON's dataset field (default: the --data value)")
     parser.add_argument("--out", metavar="FILE", help="write the results as JSON (CLIP_benchmark's schema)")
-
-
-def _open(uri: str, kind: type, task: str, **options: Any) -> Any:
-    from clipforge.data import open_data
-
-    source = open_data(uri, **options)
-    if not isinstance(source, kind):
-        raise CommandError(f"eval {task} cannot use {uri!r}: it gives a {type(source).__name__}, not a {kind.__name__}")
-    return source
 
 
 def _result(args: argparse.Namespace, setup: dict[str, Any], task: str, metrics: dict, extra: dict) -> dict[str, Any]:
@@ -99,11 +95,16 @@ def _headline(task: str, args: argparse.Namespace, setup: dict[str, Any]) -> str
     return f"eval {task}  {args.data}  {model}  {setup['device']} {setup['precision']}"
 
 
+def _run_options(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
+    return {"limit": args.limit, "batch_size": args.batch_size, "device": setup["device"],
+            "autocast_dtype": setup["autocast_dtype"], "workers": args.workers, "progress": not args.quiet}
+
+
 # ----------------------------------------------------------------------------- zero-shot
 
 
-def _read_classnames(path: str, folders: list[str]) -> list[str]:
-    """Class names from --classnames, checked against the folder's classes."""
+def _read_classnames(path: str, classes: list[str], *, what: str) -> list[str]:
+    """Class names from --classnames, checked against the data's ``classes`` (``what`` they are)."""
     text = Path(path).read_text(encoding="utf-8")
     if path.endswith(".json"):
         try:
@@ -111,10 +112,10 @@ def _read_classnames(path: str, folders: list[str]) -> list[str]:
         except json.JSONDecodeError as err:
             raise CommandError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
         if isinstance(data, dict):
-            missing = [f for f in folders if f not in data]
+            missing = [c for c in classes if c not in data]
             if missing:
-                raise CommandError(f"{path}: no class name for folder(s) {missing[:5]}")
-            names = [data[f] for f in folders]
+                raise CommandError(f"{path}: no class name for {what}(s) {missing[:5]}")
+            names = [data[c] for c in classes]
         elif isinstance(data, list):
             names = data
         else:
@@ -124,55 +125,47 @@ def _read_classnames(path: str, folders: list[str]) -> list[str]:
     bad = [i for i, n in enumerate(names) if not isinstance(n, str) or not n.strip()]
     if bad:
         raise CommandError(f"{path}: class name {bad[0]} is empty or not a string ({names[bad[0]]!r})")
-    if len(names) != len(folders):
-        raise CommandError(f"{path}: {len(names)} class names for {len(folders)} class folders")
+    if len(names) != len(classes):
+        raise CommandError(f"{path}: {len(names)} class names for {len(classes)} {what}s")
     return names
 
 
 def run_zeroshot(args: argparse.Namespace) -> int:
-    """``clipforge eval zeroshot --model M --data imagefolder:DIR [--out FILE]``: prints a table
-    of top-k accuracies and mean per-class recall, with the number of images skipped."""
+    """``clipforge eval zeroshot --model M --data imagefolder:DIR|shapes://?split=heldout [--out FILE]``:
+    prints a table of top-k accuracies and mean per-class recall, with the number of images skipped."""
     from clipforge.data import ImageFolder
     from clipforge.data.images import describe_skipped
-    from clipforge.embed import embed_images
+    from clipforge.evaluate import evaluate_zeroshot, open_eval_source
     from clipforge.templates import load_templates
-    from clipforge.zeroshot import (
-        build_zeroshot_classifier,
-        classification_metrics,
-        expand_prompts,
-        zeroshot_logits,
-    )
+    from clipforge.zeroshot import expand_prompts
 
     clock = Clock()
     model, preprocess, tokenizer, setup = load_model_for_command(args)
-    folder = _open(args.data, ImageFolder, "zeroshot")
-    classnames = _read_classnames(args.classnames, folder.classes) if args.classnames else folder.classes
+    source = open_eval_source(args.data, "zeroshot")
+    what = "class folder" if isinstance(source, ImageFolder) else "class"
+    classnames = _read_classnames(args.classnames, list(source.classnames), what=what) if args.classnames else None
     try:
-        templates = load_templates(args.templates)
-        prompts, _ = expand_prompts(classnames, templates)
+        templates = load_templates(args.templates) if args.templates else None
+        if templates is not None:  # a mapping may lack a class: say so before loading any image
+            expand_prompts(classnames or list(source.classnames), templates)
     except ValueError as err:
         raise CommandError(str(err)) from err
     clock.lap("load")
-    options = {"batch_size": args.batch_size, "device": setup["device"], "autocast_dtype": setup["autocast_dtype"],
-               "progress": not args.quiet}
-    classifier = build_zeroshot_classifier(model, tokenizer, classnames, templates, **options)
-    clock.lap("classifier")
-    loader = folder.images(preprocess, batch_size=args.batch_size, num_workers=args.workers)
-    features = embed_images(model, loader, **options)
-    clock.lap("images")
-    targets = torch.tensor([folder.targets[i] for i in loader.kept])
-    metrics = classification_metrics(zeroshot_logits(features, classifier), targets, ks=args.topk)
-    clock.lap("metrics")
+    result = evaluate_zeroshot(model, preprocess, tokenizer, source, templates=templates, classnames=classnames,
+                               ks=args.topk, **_run_options(args, setup))
+    clock.laps.update(result.timings_s)
 
+    metrics = result.metrics
     topk = {f"acc{k}": metrics[f"acc{k}"] for k in args.topk}
     benchmark = {**topk, "mean_per_class_recall": metrics["mean_per_class_recall"]}
-    full = {**metrics, "per_class_accuracy": dict(zip(classnames, metrics["per_class_accuracy"]))}
-    extra = {"images": len(folder), "images_evaluated": len(loader.kept), **skipped_report(loader),
-             "classes": classnames, "templates": args.templates, "prompts": len(prompts),
+    full = {**metrics, "per_class_accuracy": dict(zip(result.classnames, metrics["per_class_accuracy"]))}
+    template_name = args.templates or ("default" if source.templates is None else "the data's own")
+    extra = {"images": result.images, "images_evaluated": result.images_evaluated, **skipped_report(result),
+             "classes": result.classnames, "templates": template_name, "prompts": result.prompts,
              "metrics": full, "timings_s": clock.timings()}
     print(_headline("zeroshot", args, setup))
-    print(f"{len(loader.kept)} of {len(folder)} images, {len(classnames)} classes, {len(prompts)} prompts; "
-          f"{describe_skipped(loader.skipped)}")
+    print(f"{result.images_evaluated} of {result.images} images, {len(result.classnames)} classes, "
+          f"{result.prompts} prompts; {describe_skipped(result.skipped)}")
     print(table(["metric", "value"], [[k, fmt(v)] for k, v in benchmark.items()]))
     print(f"time {clock.timings()['total']:.1f}s")
     write_json(args.out, _result(args, setup, "zeroshot_classification", benchmark, extra))
@@ -183,42 +176,31 @@ def run_zeroshot(args: argparse.Namespace) -> int:
 
 
 def run_retrieval(args: argparse.Namespace) -> int:
-    """``clipforge eval retrieval --model M --data csv:FILE|jsonl:FILE [--out FILE]``: prints a
-    table of recall@k, mean and median rank in both directions, with the images skipped."""
-    from clipforge.data import CaptionSet
+    """``clipforge eval retrieval --model M --data csv:FILE|jsonl:FILE|pairs:DIR|shapes://?split=val [--out FILE]``:
+    prints a table of recall@k, mean and median rank in both directions, with the images skipped."""
     from clipforge.data.images import describe_skipped
-    from clipforge.embed import embed_images, embed_texts
-    from clipforge.retrieval import retrieval_metrics
+    from clipforge.evaluate import evaluate_retrieval, open_eval_source
 
     clock = Clock()
     model, preprocess, tokenizer, setup = load_model_for_command(args)
-    options = {"image_key": args.image_key, "caption_key": args.caption_key}
-    if args.csv_separator is not None:
-        options["sep"] = args.csv_separator
-    pairs = _open(args.data, CaptionSet, "retrieval", **options)
+    options = {"image_key": args.image_key, "caption_key": args.caption_key, "sep": args.csv_separator}
+    source = open_eval_source(args.data, "retrieval", **options)  # None options are left out
     clock.lap("load")
-    run = {"batch_size": args.batch_size, "device": setup["device"], "autocast_dtype": setup["autocast_dtype"],
-           "progress": not args.quiet}
-    loader = pairs.images(preprocess, batch_size=args.batch_size, num_workers=args.workers)
-    image_features = embed_images(model, loader, **run)
-    kept = pairs.select_images(loader.kept)  # captions of unreadable images go with them
-    clock.lap("images")
-    text_features = embed_texts(model, tokenizer, kept.captions, **run)
-    clock.lap("texts")
-    metrics = retrieval_metrics(image_features, text_features, kept.text_to_image, ks=args.recall_k,
-                                block_size=args.block_size)
-    clock.lap("metrics")
+    result = evaluate_retrieval(model, preprocess, tokenizer, source, ks=args.recall_k, block_size=args.block_size,
+                                **_run_options(args, setup))
+    clock.laps.update(result.timings_s)
 
+    metrics = result.metrics
     benchmark: dict[str, float | None] = {}
     for k in args.recall_k:  # CLIP_benchmark's names: "image retrieval" is text→image
         benchmark[f"image_retrieval_recall@{k}"] = metrics[f"text_to_image_R@{k}"]
         benchmark[f"text_retrieval_recall@{k}"] = metrics[f"image_to_text_R@{k}"]
-    extra = {"images": len(pairs.image_paths), "images_evaluated": len(kept.image_paths), **skipped_report(loader),
-             "captions": len(pairs.captions), "captions_evaluated": len(kept.captions),
-             "empty_captions_skipped": pairs.empty_captions, "metrics": metrics, "timings_s": clock.timings()}
+    extra = {"images": result.images, "images_evaluated": result.images_evaluated, **skipped_report(result),
+             "captions": result.captions, "captions_evaluated": result.captions_evaluated,
+             "empty_captions_skipped": result.captions_skipped, "metrics": metrics, "timings_s": clock.timings()}
     print(_headline("retrieval", args, setup))
-    print(f"{len(kept.image_paths)} of {len(pairs.image_paths)} images, {len(kept.captions)} captions; "
-          f"{describe_skipped(loader.skipped)}; {pairs.empty_captions} empty caption(s) skipped")
+    print(f"{result.images_evaluated} of {result.images} images, {result.captions_evaluated} captions; "
+          f"{describe_skipped(result.skipped)}; {result.captions_skipped} empty caption(s) skipped")
     directions = ("text_to_image", "image_to_text")
     rows = [[f"R@{k}", *(fmt(metrics[f"{d}_R@{k}"]) for d in directions)] for k in args.recall_k]
     for name in ("mean_rank", "median_rank"):

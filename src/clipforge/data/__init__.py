@@ -7,15 +7,21 @@
 A URI is ``scheme:location`` (``scheme://location`` works too), optionally followed by
 ``?key=value&key=value`` options passed to the scheme's opener as keyword arguments.  Schemes:
 
-| scheme | location | gives |
-|---|---|---|
-| ``imagefolder`` | a folder of class sub-folders, torchvision's ImageFolder layout | `ImageFolder` |
-| ``csv`` | a CSV/TSV file with an image path and a caption column | `CaptionSet` |
-| ``jsonl`` | a JSON Lines file, one object per image or caption | `CaptionSet` |
-| ``pairs`` | a folder of ``name.jpg`` + ``name.txt`` caption files | `CaptionedFolder` |
-| ``shapes`` | none: ``shapes://?split=train&size=64`` | `ShapesDataset` (generated) |
-| ``digits`` | none: ``digits://?split=test`` | `DigitsDataset` |
-| ``shards`` | webdataset tar shards: ``shards:/d/{000..099}.tar``, ``shards:pipe:CMD`` | `ShardSource` (streamed) |
+| scheme | location | gives | evaluation |
+|---|---|---|---|
+| ``imagefolder`` | a folder of class sub-folders, torchvision's ImageFolder layout | `ImageFolder` | labelled |
+| ``csv`` | a CSV/TSV file with an image path and a caption column | `CaptionSet` | captioned |
+| ``jsonl`` | a JSON Lines file, one object per image or caption | `CaptionSet` | captioned |
+| ``pairs`` | a folder of ``name.jpg`` + ``name.txt`` caption files | `CaptionedFolder` | captioned |
+| ``shapes`` | none: ``shapes://?split=train&size=64`` | `ShapesDataset` (generated) | both¹ |
+| ``digits`` | none: ``digits://?split=test`` | `DigitsDataset` | both |
+| ``shards`` | tar shards: ``shards:/d/{000..099}.tar``, ``shards:pipe:CMD`` | `ShardSource` (streamed) | none |
+
+Every source but ``shards:`` is an evaluation source: it implements `LabelledSource` (images with
+class labels, for zero-shot classification), `CaptionedSource` (images with captions, for
+retrieval) or both (see `clipforge.data.protocols`).  Shards are streamed, for training only:
+they have no first N images to come back to at every evaluation.  ¹ shapes' labels exist for
+the ``seen`` and ``heldout`` splits.
 
 Another module adds a scheme with `register_scheme`; its opener receives the `DataURI`'s
 location and options.
@@ -33,12 +39,16 @@ from urllib.parse import parse_qsl
 from clipforge.data._errors import DataError
 from clipforge.data.captions import CaptionSet, read_captions
 from clipforge.data.imagefolder import ImageFolder, scan_image_folder
+from clipforge.data.protocols import CaptionedSource, CaptionIndex, LabelledSource
 
 __all__ = [
+    "CaptionIndex",
     "CaptionSet",
+    "CaptionedSource",
     "DataError",
     "DataURI",
     "ImageFolder",
+    "LabelledSource",
     "open_data",
     "parse_data_uri",
     "read_captions",

@@ -9,7 +9,11 @@ so the ranks' rows concatenated in rank order are the single-process batch.
 
 Bad samples — unreadable or truncated images, missing files, empty or non-UTF-8 captions —
 are skipped and counted; `BatchStream.check_bad` stops the run with a DataError naming
-examples once more than a set fraction of what was read is bad.
+examples once more than a set fraction of what was read is bad.  Only reading and decoding
+a sample can make it bad: an error raised by the transform is a bug and propagates.
+
+Rows of a caption file that show the same image carry that image's index
+(`MicroBatch.groups`, from `image_groups`), which the loss takes as group labels.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -26,8 +30,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from clipforge.data._errors import DataError
+from clipforge.data.captions import CaptionSet
+from clipforge.data.images import READ_ERRORS
 
-__all__ = ["BatchPlan", "BatchStream", "Bad", "MicroBatch", "StreamBatchStream"]
+__all__ = ["BatchPlan", "BatchStream", "Bad", "MicroBatch", "StreamBatchStream", "image_groups"]
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,9 @@ class BatchPlan:
         return step * self.batch_size / self.size
 
 
-_BAD_DATA = (OSError, ValueError, TypeError, UnicodeDecodeError, SyntaxError, IndexError, Image.DecompressionBombError)
+# What reading and decoding a sample raise for bad data (a non-UTF-8 caption is a ValueError).
+# Errors raised by the transform are bugs, not bad data: they are not caught.
+_BAD_DATA = READ_ERRORS
 
 
 class _Prepare:
@@ -109,18 +117,20 @@ class _Prepare:
             image, caption = fetch()
             if isinstance(caption, bytes):
                 caption = caption.decode("utf-8")
-            caption = caption.strip()
-            if not caption:
-                return Bad(index, f"{where}empty caption")
-            if self.augment:
-                pixels = self.preprocess(image, generator=self._generator(f"{self.seed}/{step}/{index}"))
-            else:
-                pixels = self.preprocess(image)
-            if self.noise is not None:
-                draw = torch.randn(pixels.shape, generator=self._generator(f"{self.seed}/{step}/{index}/noise"))
-                pixels = pixels + draw.to(pixels.dtype) * self.noise.to(pixels.dtype)
+            if isinstance(image, Image.Image):
+                image.load()  # a lazily opened image decodes here, not inside the transform
         except _BAD_DATA as err:
             return Bad(index, f"{where}{type(err).__name__}: {err}"[:300])
+        caption = caption.strip()
+        if not caption:
+            return Bad(index, f"{where}empty caption")
+        if self.augment:
+            pixels = self.preprocess(image, generator=self._generator(f"{self.seed}/{step}/{index}"))
+        else:
+            pixels = self.preprocess(image)
+        if self.noise is not None:
+            draw = torch.randn(pixels.shape, generator=self._generator(f"{self.seed}/{step}/{index}/noise"))
+            pixels = pixels + draw.to(pixels.dtype) * self.noise.to(pixels.dtype)
         return index, pixels, caption
 
 
@@ -142,11 +152,28 @@ class _Samples(Dataset):
 class MicroBatch:
     images: Tensor  # [b, 3, H, W]
     tokens: Tensor  # [b, L]
-    indices: list[int]
+    indices: list[int]  # the data set index of each row
     bad: list[Bad] = field(default_factory=list)
+    groups: Tensor | None = None  # [b] the image each row shows (`image_groups`); None: each row its own
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def to(self, device: torch.device) -> MicroBatch:
+        """The tensors on ``device``."""
+        groups = None if self.groups is None else self.groups.to(device)
+        return replace(self, images=self.images.to(device, non_blocking=True), tokens=self.tokens.to(device),
+                       groups=groups)
+
+
+def image_groups(source: Any) -> Tensor | None:
+    """For each item of ``source``, the index of the image it shows, when items share images (a
+    caption file with several captions per image, as COCO has); None when every item is its
+    own image.  Training passes these as the loss's labels, so that two captions of one image
+    in a batch are positives of each other, not negatives."""
+    if isinstance(source, CaptionSet) and len(source.image_paths) < len(source.captions):
+        return torch.tensor(source.text_to_image, dtype=torch.long)
+    return None
 
 
 class _Collate:
@@ -186,9 +213,10 @@ class BatchStream:
         source_name: str = "data",
     ) -> None:
         self.plan = plan
-        self._setup(preprocess, tokenizer, seed=plan.seed, accum=plan.accum, augment=augment, noise=noise, workers=workers,
-                    max_bad_fraction=max_bad_fraction, source_name=source_name)
+        self._setup(preprocess, tokenizer, seed=plan.seed, accum=plan.accum, augment=augment, noise=noise,
+                    workers=workers, max_bad_fraction=max_bad_fraction, source_name=source_name)
         self.samples = _Samples(source, self.prepare)
+        self.groups = image_groups(source)
 
     def _setup(self, preprocess: Callable, tokenizer: Callable[[list[str]], Tensor], *, seed: int, accum: int,
                augment: bool, noise: tuple[float, ...], workers: int, max_bad_fraction: float,
@@ -201,6 +229,7 @@ class BatchStream:
         self.seen = 0  # samples read, bad ones included
         self.bad: list[Bad] = []  # the first 20 bad samples, for messages
         self.bad_count = 0
+        self.groups: Tensor | None = None  # `image_groups` of the source
 
     def epoch(self, step: int) -> float | None:
         """Epochs read by the end of ``step`` steps."""
@@ -212,6 +241,8 @@ class BatchStream:
         group: list[MicroBatch] = []
         for micro in self._micro_batches(start, stop):
             self._count(micro)
+            if self.groups is not None:
+                micro.groups = self.groups[torch.tensor(micro.indices, dtype=torch.long)]
             group.append(micro)
             if len(group) == self.accum:
                 yield group

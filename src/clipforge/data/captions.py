@@ -17,6 +17,9 @@
   image path, a caption that is not a string) raises a DataError naming the file and line.
   An empty caption is a data-level gap: the row is skipped and counted in ``empty_captions``.
   Blank lines are ignored.  Unreadable images are found later, when the images are read.
+
+A `CaptionSet` is a `CaptionedSource`: its first N images are the first N distinct image paths,
+each with all of its captions.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from torch import Tensor
 
 from clipforge.data._errors import DataError
 from clipforge.data.images import ImageLoader, read_rgb
+from clipforge.data.protocols import CaptionIndex, first_n
 
 __all__ = ["CAPTION_KEYS", "IMAGE_KEYS", "CaptionSet", "open_csv", "open_jsonl", "read_captions"]
 
@@ -64,12 +68,24 @@ class CaptionSet:
         return self.captions[index]
 
     def images(
-        self, transform: Callable[[Image.Image], Tensor], *, batch_size: int = 256, num_workers: int = 0
+        self,
+        transform: Callable[[Image.Image], Tensor],
+        *,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        limit: int | None = None,
     ) -> ImageLoader:
-        """The images as batches, unreadable files skipped (see `ImageLoader`)."""
-        return ImageLoader(
-            self.image_paths, transform, batch_size=batch_size, num_workers=num_workers, source=self.source
-        )
+        """The first ``limit`` images (all when None) as batches, unreadable files skipped (see `ImageLoader`)."""
+        paths = self.image_paths[: first_n(len(self.image_paths), limit)]
+        return ImageLoader(paths, transform, batch_size=batch_size, num_workers=num_workers, source=self.source)
+
+    def caption_index(self, limit: int | None = None) -> CaptionIndex:
+        """The captions of the first ``limit`` images, in the file's order; ``skipped`` counts the
+        file's empty captions."""
+        n = first_n(len(self.image_paths), limit)
+        keep = [j for j, i in enumerate(self.text_to_image) if i < n]
+        captions = [self.captions[j] for j in keep]
+        return CaptionIndex(captions, [self.text_to_image[j] for j in keep], self.empty_captions)
 
     def select_images(self, kept: Sequence[int]) -> CaptionSet:
         """The set restricted to the images ``kept`` (indices, e.g. `ImageLoader.kept`) and

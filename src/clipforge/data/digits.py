@@ -9,14 +9,22 @@ The split is fixed: a seeded permutation (seed 1797) puts 1,438 images (80 %) in
 and 359 in ``test``, the same on every machine.  ``label(k)`` is the digit.
 
 URI form: ``digits://?split=train&size=64`` (both optional).
+
+Evaluation: both splits are a `LabelledSource` (zero-shot classification over the ten digit
+names, with the prompts in `DigitsDataset.templates`) and a `CaptionedSource` (retrieval).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
+from torch import Tensor
+
+from clipforge.data.images import ImageLoader
+from clipforge.data.protocols import CaptionIndex, first_n
 
 __all__ = ["DigitsDataset", "open_digits", "DIGIT_WORDS", "class_names"]
 
@@ -97,8 +105,27 @@ class DigitsDataset:
     def labels(self) -> np.ndarray:
         return self._targets.copy()
 
+    def images(
+        self,
+        transform: Callable[[Image.Image], Tensor],
+        *,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        limit: int | None = None,
+    ) -> ImageLoader:
+        """The first ``limit`` images (all when None) as batches."""
+        return ImageLoader(range(first_n(len(self), limit)), transform, batch_size=batch_size, num_workers=num_workers,
+                           source=f"digits://?split={self.split}", read=self.image, read_errors=())
 
-def open_digits(location: str = "", *, split: str = "train", size: str | int = 64, seed: str | int = 0) -> DigitsDataset:
+    def caption_index(self, limit: int | None = None) -> CaptionIndex:
+        """The caption of each of the first ``limit`` images (all when None): one per image."""
+        n = first_n(len(self), limit)
+        return CaptionIndex([self.caption(k) for k in range(n)], list(range(n)))
+
+
+def open_digits(
+    location: str = "", *, split: str = "train", size: str | int = 64, seed: str | int = 0
+) -> DigitsDataset:
     """Opener of ``digits://?split=…&size=…`` URIs (see `clipforge.data.open_data`)."""
     if location.strip("/"):
         raise ValueError(f"digits:// takes no location, only options (got {location!r})")

@@ -6,6 +6,8 @@ Class names are the sub-folder names sorted, indices follow that order, and file
 as torchvision's ``make_dataset`` finds them (recursively, links followed, sorted, known image
 extensions in any case), so indices agree with a torchvision ``ImageFolder`` of the same folder.
 A class folder without images stays a class (it takes part in zero-shot classification).
+An `ImageFolder` is a `LabelledSource`: the class names are the folder names, and it has no
+prompts of its own (zero-shot evaluation then uses the caller's, or the shipped ``default`` set).
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from PIL import Image
 from torch import Tensor
 
 from clipforge.data._errors import DataError
 from clipforge.data.images import ImageLoader
+from clipforge.data.protocols import first_n
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "open_imagefolder", "scan_image_folder"]
 
@@ -43,15 +47,32 @@ class ImageFolder:
     def targets(self) -> list[int]:
         return [label for _, label in self.samples]
 
+    # No prompts of its own: zero-shot evaluation takes the caller's templates.
+    templates: ClassVar[None] = None
+
+    @property
+    def classnames(self) -> list[str]:
+        """The class names: the sub-folder names, in label order."""
+        return list(self.classes)
+
     def __len__(self) -> int:
         return len(self.samples)
 
+    def label(self, index: int) -> int:
+        return self.samples[index][1]
+
     def images(
-        self, transform: Callable[[Image.Image], Tensor], *, batch_size: int = 256, num_workers: int = 0
+        self,
+        transform: Callable[[Image.Image], Tensor],
+        *,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        limit: int | None = None,
     ) -> ImageLoader:
-        """The images as batches, unreadable files skipped (see `ImageLoader`)."""
+        """The first ``limit`` images (all when None) as batches, unreadable files skipped (see `ImageLoader`)."""
+        paths = self.paths[: first_n(len(self), limit)]
         return ImageLoader(
-            self.paths, transform, batch_size=batch_size, num_workers=num_workers, source=f"imagefolder:{self.root}"
+            paths, transform, batch_size=batch_size, num_workers=num_workers, source=f"imagefolder:{self.root}"
         )
 
 

@@ -3,7 +3,8 @@
 A file is unreadable when it is missing, is not an image Pillow recognises, or is corrupt or
 truncated (``convert("RGB")`` decodes the whole file, so a truncated one fails there; Pillow's
 ``LOAD_TRUNCATED_IMAGES`` is left off).  Errors raised by the transform are not caught: they are
-bugs, not bad data.
+bugs, not bad data.  `ImageLoader` also serves generated images (``read`` draws item k), where
+nothing is unreadable and every error is a bug (``read_errors=()``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from clipforge.data._errors import DataError
 
-__all__ = ["ImageLoader", "Skipped", "read_rgb", "describe_skipped"]
+__all__ = ["READ_ERRORS", "ImageLoader", "Skipped", "describe_skipped", "read_rgb", "skip_reason"]
 
 # Decoding failures that mean "bad data"; Pillow raises OSError for truncated or corrupt files.
 READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -41,6 +42,7 @@ def read_rgb(path: str | os.PathLike[str]) -> Image.Image:
 
 
 def skip_reason(err: BaseException) -> str:
+    """Why a file could not be read, in a few words."""
     if isinstance(err, FileNotFoundError):
         return "file not found"
     if isinstance(err, IsADirectoryError):
@@ -50,19 +52,25 @@ def skip_reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-class _ImageFiles(Dataset):
-    def __init__(self, paths: Sequence[str | os.PathLike[str]], transform: Callable[[Image.Image], Tensor]) -> None:
-        self.paths, self.transform = paths, transform
+class _Images(Dataset):
+    def __init__(
+        self,
+        items: Sequence[Any],
+        transform: Callable[[Image.Image], Tensor],
+        read: Callable[[Any], Image.Image],
+        read_errors: tuple[type[BaseException], ...],
+    ) -> None:
+        self.items, self.transform, self.read, self.read_errors = items, transform, read, read_errors
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[int, Tensor | None, Skipped | None]:
-        path = self.paths[index]
+        item = self.items[index]
         try:
-            image = read_rgb(path)
-        except READ_ERRORS as err:
-            return index, None, Skipped(str(path), skip_reason(err))
+            image = self.read(item)
+        except self.read_errors as err:
+            return index, None, Skipped(str(item), skip_reason(err))
         return index, self.transform(image), None
 
 
@@ -84,27 +92,36 @@ class ImageLoader:
 
     After a full pass, ``kept`` lists the indices (into ``paths``) of the images yielded and
     ``skipped`` the unreadable files.  A pass that finds no readable image raises a DataError
-    naming ``source``.  ``len()`` is the number of paths, for progress bars.
+    naming ``source``.  ``len()`` is the number of paths, for progress bars.  A pass leaves
+    torch's global random state as it was: the loader draws its worker seeds from a generator of
+    its own, so evaluating in the middle of a training run does not change the run.
 
     Args:
-        paths: image files.
+        paths: image files, or whatever ``read`` takes (item indices of a generated source).
         transform: PIL image -> tensor [3, H, W], e.g. the ``preprocess`` of `clipforge.checkpoints.load`.
         batch_size: images per batch.
-        num_workers: decoding processes (0 decodes in this one), as in `torch.utils.data.DataLoader`.
+        num_workers: decoding processes (0 decodes in this one), as in `torch.utils.data.DataLoader`;
+            ``read`` and ``transform`` must then be picklable.
         source: how messages name the data, e.g. "imagefolder:val/".
+        read: an item of ``paths`` -> PIL image; `read_rgb` by default.
+        read_errors: the errors of ``read`` that mean an unreadable item, skipped and recorded;
+            any other error propagates.
     """
 
     def __init__(
         self,
-        paths: Sequence[str | os.PathLike[str]],
+        paths: Sequence[Any],
         transform: Callable[[Image.Image], Tensor],
         *,
         batch_size: int = 256,
         num_workers: int = 0,
         source: str = "images",
+        read: Callable[[Any], Image.Image] = read_rgb,
+        read_errors: tuple[type[BaseException], ...] = READ_ERRORS,
     ) -> None:
         self.paths, self.transform = list(paths), transform
         self.batch_size, self.num_workers, self.source = batch_size, num_workers, source
+        self.read, self.read_errors = read, read_errors
         self.kept: list[int] = []
         self.skipped: list[Skipped] = []
 
@@ -116,11 +133,12 @@ class ImageLoader:
         if not self.paths:
             raise DataError(f"{self.source}: no image files")
         loader: Any = DataLoader(
-            _ImageFiles(self.paths, self.transform),
+            _Images(self.paths, self.transform, self.read, self.read_errors),
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
             collate_fn=_collate,
+            generator=torch.Generator(),  # DataLoader would otherwise draw its base seed from the global one
         )
         for indices, batch, skipped in loader:
             self.kept += indices

@@ -6,19 +6,25 @@
 Files are found recursively and sorted by path, so indices are stable.  An image without
 a ``.txt`` beside it is left out and counted (``missing_captions``); a caption file that is
 not UTF-8, or is empty, surfaces when the sample is read (training skips and counts it).
+
+A `CaptionedFolder` is a `CaptionedSource`: in retrieval evaluation an image whose caption is
+empty or not UTF-8 stays as a distractor without a caption, and the caption is counted as skipped.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+from torch import Tensor
 
 from clipforge.data._errors import DataError
 from clipforge.data.imagefolder import IMAGE_EXTENSIONS
-from clipforge.data.images import read_rgb
+from clipforge.data.images import ImageLoader, read_rgb
+from clipforge.data.protocols import CaptionIndex, first_n
 
 __all__ = ["CaptionedFolder", "open_pairs"]
 
@@ -28,18 +34,46 @@ class CaptionedFolder:
     """Image files and the caption files beside them; ``ds[k] -> (PIL.Image, caption)``."""
 
     root: Path
-    images: list[Path]
-    missing_captions: int = 0
+    image_paths: list[Path]  # images with a caption file beside them, sorted by path
+    missing_captions: int = 0  # images left out for having none
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.image_paths)
 
     def caption(self, index: int) -> str:
         """The caption of sample ``index``; UnicodeDecodeError when it is not UTF-8."""
-        return self.images[index].with_suffix(".txt").read_bytes().decode("utf-8").strip()
+        return self.image_paths[index].with_suffix(".txt").read_bytes().decode("utf-8").strip()
 
     def __getitem__(self, index: int) -> tuple[Image.Image, str]:
-        return read_rgb(self.images[index]), self.caption(index)
+        return read_rgb(self.image_paths[index]), self.caption(index)
+
+    def images(
+        self,
+        transform: Callable[[Image.Image], Tensor],
+        *,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        limit: int | None = None,
+    ) -> ImageLoader:
+        """The first ``limit`` images (all when None) as batches, unreadable files skipped (see `ImageLoader`)."""
+        paths = self.image_paths[: first_n(len(self), limit)]
+        source = f"pairs:{self.root}"
+        return ImageLoader(paths, transform, batch_size=batch_size, num_workers=num_workers, source=source)
+
+    def caption_index(self, limit: int | None = None) -> CaptionIndex:
+        """One caption per image of the first ``limit``; empty and non-UTF-8 ones are skipped and counted."""
+        captions, owners, skipped = [], [], 0
+        for k in range(first_n(len(self), limit)):
+            try:
+                text = self.caption(k)
+            except UnicodeDecodeError:
+                text = ""
+            if text:
+                captions.append(text)
+                owners.append(k)
+            else:
+                skipped += 1
+        return CaptionIndex(captions, owners, skipped)
 
 
 def open_pairs(location: str) -> CaptionedFolder:

@@ -18,17 +18,26 @@ shape it only learned apart.
 URI form: ``shapes://?split=train&size=64&seed=0&n=100000`` (all optional; ``split`` is
 ``train``, ``val`` (the training distribution, other samples), ``seen`` or ``heldout``; ``n``
 the number of samples, default 100,000 for train and 1,024 for the others).
+
+Evaluation: every split is a `CaptionedSource` (retrieval: ``shapes://?split=val``); the
+``seen`` and ``heldout`` splits are also a `LabelledSource` (zero-shot classification over
+`class_names`, with the prompts in `ShapesDataset.templates`).
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from torch import Tensor
+
+from clipforge.data._errors import DataError
+from clipforge.data.images import ImageLoader
+from clipforge.data.protocols import CaptionIndex, first_n
 
 __all__ = [
     "COLOURLESS",
@@ -81,7 +90,8 @@ class Obj:
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
     """Vertices of a shape of radius r at (cx, cy); None for the circle."""
     def ring(k: int, radius: float, phase: float = -math.pi / 2) -> list[tuple[float, float]]:
-        return [(cx + radius * math.cos(phase + 2 * math.pi * t / k), cy + radius * math.sin(phase + 2 * math.pi * t / k)) for t in range(k)]
+        angles = [phase + 2 * math.pi * t / k for t in range(k)]
+        return [(cx + radius * math.cos(a), cy + radius * math.sin(a)) for a in angles]
 
     if shape == "circle":
         return None
@@ -95,8 +105,9 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         return [p for pair in zip(outer, inner) for p in pair]
     if shape == "cross":
         a, b = r * 0.95, r * 0.33
-        return [(cx - b, cy - a), (cx + b, cy - a), (cx + b, cy - b), (cx + a, cy - b), (cx + a, cy + b), (cx + b, cy + b),
-                (cx + b, cy + a), (cx - b, cy + a), (cx - b, cy + b), (cx - a, cy + b), (cx - a, cy - b), (cx - b, cy - b)]
+        return [(cx - b, cy - a), (cx + b, cy - a), (cx + b, cy - b), (cx + a, cy - b), (cx + a, cy + b),
+                (cx + b, cy + b), (cx + b, cy + a), (cx - b, cy + a), (cx - b, cy + b), (cx - a, cy + b),
+                (cx - a, cy - b), (cx - b, cy - b)]
     if shape == "heart":
         pts = []
         for t in range(48):
@@ -157,7 +168,8 @@ def _draw(objs: list[Obj], rng: random.Random, size: int) -> Image.Image:
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=shade)
         else:
             draw.polygon(pts, fill=shade)
-    return canvas.resize((size, size), Image.LANCZOS).filter(ImageFilter.SMOOTH) if size < 48 else canvas.resize((size, size), Image.LANCZOS)
+    small = canvas.resize((size, size), Image.LANCZOS)
+    return small.filter(ImageFilter.SMOOTH) if size < 48 else small
 
 
 # --------------------------------------------------------------------------------------
@@ -165,7 +177,9 @@ def _draw(objs: list[Obj], rng: random.Random, size: int) -> Image.Image:
 # --------------------------------------------------------------------------------------
 
 _SIZE_WORDS = {True: ("big", "large"), False: ("small", "little", "tiny")}
-_SHAPE_SYNONYMS = {"square": ("square", "box"), "circle": ("circle", "disc", "round dot"), "diamond": ("diamond", "rhombus")}
+_SHAPE_SYNONYMS = {
+    "square": ("square", "box"), "circle": ("circle", "disc", "round dot"), "diamond": ("diamond", "rhombus"),
+}
 
 
 # The fraction of objects a training caption names by shape alone ("a star in the top left"):
@@ -277,9 +291,16 @@ class ShapesDataset:
 
     def __getitem__(self, index: int) -> tuple[Image.Image, str]:
         objs = self.objects(index)
+        return self._image(index, objs), self.caption(index, objs)
+
+    def _image(self, index: int, objs: list[Obj]) -> Image.Image:
         rng = self._rng(index)
-        rng.random()  # decouple drawing from the object draw above
-        return _draw(objs, rng, self.size), self.caption(index, objs)
+        rng.random()  # decouple drawing from the object draw in `objects`
+        return _draw(objs, rng, self.size)
+
+    def image(self, index: int) -> Image.Image:
+        """The image of sample ``index``, without its caption."""
+        return self._image(index, self.objects(index))
 
     def caption(self, index: int, objs: list[Obj] | None = None) -> str:
         """The caption of sample ``index``, without drawing its image."""
@@ -297,9 +318,27 @@ class ShapesDataset:
     def label(self, index: int) -> int:
         """Class index (8·colour + shape) of a single-object test image."""
         if self.split not in ("seen", "heldout"):
-            raise ValueError("shapes labels exist for the 'seen' and 'heldout' splits only")
+            raise DataError(f"shapes://?split={self.split} has no class labels: they exist for the "
+                            "'seen' and 'heldout' splits only (one object per image)")
         o = self.objects(index)[0]
         return 8 * COLOURS.index(o.colour) + SHAPES.index(o.shape)
+
+    def images(
+        self,
+        transform: Callable[[Image.Image], Tensor],
+        *,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        limit: int | None = None,
+    ) -> ImageLoader:
+        """The first ``limit`` images (all when None) as batches, drawn as ``ds[k]`` draws them."""
+        return ImageLoader(range(first_n(self.n, limit)), transform, batch_size=batch_size, num_workers=num_workers,
+                           source=f"shapes://?split={self.split}", read=self.image, read_errors=())
+
+    def caption_index(self, limit: int | None = None) -> CaptionIndex:
+        """The caption of each of the first ``limit`` images (all when None): one per image."""
+        n = first_n(self.n, limit)
+        return CaptionIndex([self.caption(k) for k in range(n)], list(range(n)))
 
     def __iter__(self) -> Iterator[tuple[Image.Image, str]]:
         for k in range(self.n):

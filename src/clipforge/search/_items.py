@@ -123,7 +123,7 @@ def items_of(source: Any, uri: str) -> Iterable[Item]:
     if isinstance(source, CaptionedFolder):
         return [
             Item(os.path.abspath(p), os.path.abspath(p), _caption_or_none(source, i))
-            for i, p in enumerate(source.images)
+            for i, p in enumerate(source.image_paths)
         ]
     if getattr(source, "streaming", False) and hasattr(source, "samples"):
         return (_sample_item(record) for record in source.samples())
