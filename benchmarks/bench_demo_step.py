@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from clipforge.data import open_data
     from clipforge.data.batches import MicroBatch
-    from clipforge.train import _Forward, build_model, build_optimizer, train_step
+    from clipforge.train import build_model, build_optimizer, train_step
     from clipforge.train.config import demo_config
 
     config = demo_config()
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, channels_last in (("channels-last", True), ("NCHW", False)):
         twin = copy.deepcopy(model)
         twin.visual.channels_last = channels_last
-        layouts[name] = (twin, _Forward(twin), build_optimizer(twin, config))
+        layouts[name] = (twin, twin, build_optimizer(twin, config))
     with torch.no_grad():
         a, b = (layouts[n][0].eval().encode_image(images) for n in layouts)
         difference = float((a - b).abs().max())

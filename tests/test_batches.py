@@ -172,7 +172,8 @@ def test_bad_samples_are_skipped_counted_and_named():
 
 
 def test_a_micro_batch_of_only_bad_samples_is_empty_not_an_error():
-    s = stream(Source(4, bad={k: "missing" for k in range(4)}), BatchPlan(4, batch_size=4, seed=0), max_bad_fraction=1.0)
+    source = Source(4, bad={k: "missing" for k in range(4)})
+    s = stream(source, BatchPlan(4, batch_size=4, seed=0), max_bad_fraction=1.0)
     (micro,) = next(iter(s.steps(0, 1)))
     assert len(micro) == 0 and len(micro.bad) == 4
 
@@ -183,7 +184,8 @@ def test_too_many_bad_samples_stop_the_stream_once_64_were_read():
     source = Source(32, bad={k: "missing" for k in range(0, 32, 4)})
     s = stream(source, BatchPlan(32, batch_size=8, seed=0), max_bad_fraction=0.1, source_name="toy://")
     seen = []
-    with pytest.raises(DataError, match=r"16 of 64 samples of toy:// are unreadable \(more than 10%\); e\.g\. #\d+: FileNotFoundError"):
+    expected = r"16 of 64 samples of toy:// are unreadable \(more than 10%\); e\.g\. #\d+: FileNotFoundError"
+    with pytest.raises(DataError, match=expected):
         for micro in s.steps(0, 20):
             seen.append(micro)  # noqa: PERF402 - counts what came before the error
     assert len(seen) == 7
@@ -191,3 +193,67 @@ def test_too_many_bad_samples_stop_the_stream_once_64_were_read():
     # max_bad_fraction = 0.25 allows
     s = stream(source, BatchPlan(32, batch_size=32, seed=0), max_bad_fraction=0.25)
     assert len(list(s.steps(0, 5))) == 5 and (s.seen, s.bad_count) == (160, 40)
+
+
+def test_read_errors_are_bad_data_but_transform_errors_propagate(tmp_path):
+    """Only reading a sample makes it bad data.  A truncated PNG that a source opens lazily
+    fails when decoded, before the transform sees it: a bad sample.  An error raised by the
+    transform itself is a bug and stops the stream, whatever its type."""
+    whole = tmp_path / "whole.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(whole)
+    (tmp_path / "cut.png").write_bytes(whole.read_bytes()[:200])
+
+    class Lazy:  # Image.open reads the header only; the pixels are decoded on first use
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, index: int):
+            return Image.open(tmp_path / ("whole.png", "cut.png")[index]), f"sample {index}"
+
+    s = stream(Lazy(), BatchPlan(2, batch_size=2, seed=0), max_bad_fraction=1.0)
+    (micro,) = next(iter(s.steps(0, 1)))
+    assert micro.indices == [0] and [b.index for b in micro.bad] == [1]
+    assert micro.bad[0].reason.startswith("OSError") and "truncated" in micro.bad[0].reason
+
+    for error in (TypeError, IndexError, SyntaxError, ValueError, OSError):
+        def broken(image, error=error):
+            raise error("a bug in the transform")
+
+        s = BatchStream(Source(4), BatchPlan(4, batch_size=4, seed=0), preprocess=broken, tokenizer=tokens,
+                        max_bad_fraction=1.0)
+        with pytest.raises(error, match="a bug in the transform"):
+            next(iter(s.steps(0, 1)))
+    # a transform that does not take augmentation's generator is a bug too, not 4 bad samples
+    def no_generator(image):
+        return torch.zeros(3, 16, 16)
+
+    s = BatchStream(Source(4), BatchPlan(4, batch_size=4, seed=0), preprocess=no_generator, tokenizer=tokens,
+                    augment=True, max_bad_fraction=1.0)
+    with pytest.raises(TypeError, match="generator"):
+        next(iter(s.steps(0, 1)))
+
+
+def test_rows_of_a_caption_file_carry_the_image_they_show(tmp_path):
+    """A caption file with several captions per image gives each row its image's index (the
+    loss's group labels); sources where every item is its own image give none."""
+    from clipforge.data import open_data
+    from clipforge.data.batches import image_groups
+
+    for k in range(3):
+        Source(3)[k][0].save(tmp_path / f"{k}.png")
+    rows = [(0, "a"), (1, "b"), (0, "c"), (2, "d"), (1, "e"), (0, "f")]
+    (tmp_path / "many.csv").write_text("filepath,title\n" + "".join(f"{k}.png,{c}\n" for k, c in rows))
+    (tmp_path / "one.csv").write_text("filepath,title\n" + "".join(f"{k}.png,{c}\n" for k, c in rows[:2] + rows[3:4]))
+    source = open_data(f"csv:{tmp_path / 'many.csv'}")
+    assert image_groups(source).tolist() == [k for k, _ in rows]
+
+    plan = BatchPlan(6, batch_size=4, seed=1, accum=2)
+    for step, micro in enumerate(stream(source, plan).steps(0, 3)):
+        assert [m.indices for m in micro] == plan.micro_batches(step)
+        for m in micro:
+            assert m.groups.tolist() == [rows[i][0] for i in m.indices]
+    for uri in (f"csv:{tmp_path / 'one.csv'}", "shapes://?n=8&size=16"):
+        source = open_data(uri)
+        assert image_groups(source) is None
+        plan = BatchPlan(len(source), batch_size=4, seed=0)
+        assert all(m.groups is None for micro in stream(source, plan).steps(0, 2) for m in micro)

@@ -130,3 +130,94 @@ def test_ranks_get_the_single_process_gradient(run, case):
         assert set(grads) == set(ref_grads)
         for name, g in ref_grads.items():
             torch.testing.assert_close(grads[name], g, rtol=1e-9, atol=1e-12, msg=f"{case} rank {rank} {name}")
+
+
+# --------------------------------------------------------------------------------------
+# The trainer's step under data parallelism: group labels, SigLIP's bias, accumulation
+# --------------------------------------------------------------------------------------
+
+STEP_CASES = [
+    # name, loss, chunk_size, micro-batch sizes of rank 0 and rank 1
+    ("clip-plain", "clip", None, ([4], [3])),
+    ("clip-tiled-accum", "clip", 2, ([2, 2], [2, 1])),
+    ("siglip-plain-accum", "siglip", None, ([1, 3], [2, 1])),
+    ("siglip-tiled", "siglip", "auto", ([4], [3])),
+]
+GROUPS = torch.tensor([0, 1, 0, 2, 1, 0, 3])  # image 0 on both ranks, image 1 too
+
+
+def micro_clip(siglip: bool):
+    from clipforge.model import CLIP, CLIPConfig
+    from clipforge.model.config import TextConfig, VisionConfig
+
+    config = CLIPConfig(
+        embed_dim=8,
+        vision=VisionConfig(image_size=8, patch_size=4, width=16, layers=1, heads=2),
+        text=TextConfig(context_length=6, vocab_size=32, width=16, heads=2, layers=1),
+        init_logit_scale=10.0 if siglip else 1 / 0.07,
+        init_logit_bias=-10.0 if siglip else None,
+    )
+    torch.manual_seed(0)
+    return CLIP(config).double()
+
+
+def step_batch():
+    g = torch.Generator().manual_seed(5)
+    images = torch.randn(7, 3, 8, 8, generator=g, dtype=torch.float64)
+    tokens = torch.randint(1, 31, (7, 6), generator=g)
+    tokens[:, -1] = 31  # the end token, where the text tower reads out
+    return images, tokens
+
+
+def micro_batches(images, tokens, start, sizes):
+    from clipforge.data.batches import MicroBatch
+
+    out = []
+    for size in sizes:
+        rows = slice(start, start + size)
+        out.append(MicroBatch(images[rows], tokens[rows], list(range(start, start + size)), groups=GROUPS[rows]))
+        start += size
+    return out
+
+
+def step_worker(rank, world, port, results):
+    from clipforge.train.step import compute_gradients
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        images, tokens = step_batch()
+        out = {}
+        for name, loss, chunk, sizes in STEP_CASES:
+            model = micro_clip(loss == "siglip")
+            ddp = nn.parallel.DistributedDataParallel(model)
+            start = sum(sizes[0]) if rank else 0
+            stats = compute_gradients(model, micro_batches(images, tokens, start, sizes[rank]), ddp=ddp, loss=loss,
+                                      chunk_size=chunk)
+            out[name] = (stats, grads_of(model))
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_training_step_on_two_ranks_is_the_step_on_one():
+    """Each rank holds its share of a batch whose repeated images straddle the ranks: the loss
+    gathers the group labels with the features, SigLIP's bias (read from the model, outside the
+    DDP wrapper's forward) gets its gradient, and accumulation all-reduces once — every rank
+    reports the single-process loss and holds its gradient."""
+    from clipforge.train.step import compute_gradients
+
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(step_worker, args=(2, free_port(), results), nprocs=2, join=True)
+    images, tokens = step_batch()
+    for name, loss, chunk, _ in STEP_CASES:
+        model = micro_clip(loss == "siglip")
+        ref = compute_gradients(model, micro_batches(images, tokens, 0, [7]), loss=loss, chunk_size=chunk)
+        ref_grads = grads_of(model)
+        assert (loss == "siglip") == ("logit_scale.bias" in ref_grads)
+        for rank in (0, 1):
+            stats, got = results[rank][name]
+            assert stats == pytest.approx(ref, rel=1e-12), (name, rank)
+            for key, g in ref_grads.items():
+                torch.testing.assert_close(got[key], g, rtol=1e-9, atol=1e-12, msg=f"{name} rank {rank} {key}")

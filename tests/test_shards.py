@@ -206,15 +206,7 @@ def test_shards_that_give_nothing_stop_with_an_error(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_training_from_shards_resumes_bit_identically(tmp_path, one_thread):
+def test_training_from_shards_resumes_bit_identically(tmp_path):
     shard_dir = tmp_path / "shards"
     shard_dir.mkdir()
     colours = ["red", "green", "blue", "white"]

@@ -23,23 +23,12 @@ from clipforge.cli import main
 from clipforge.cli.train import config_from_args
 from clipforge.data.batches import MicroBatch
 from clipforge.loss import SIGLIP_INIT_BIAS, SIGLIP_INIT_SCALE, clip_loss, siglip_loss
-from clipforge.model import CLIP, CLIPConfig
+from clipforge.model import CLIP, CLIPConfig, get_config
 from clipforge.model.config import TextConfig, VisionConfig
-from clipforge.train import compute_gradients, lr_factor, train, train_step
+from clipforge.train import build_optimizer, compute_gradients, lr_factor, train, train_step
 from clipforge.train.config import TrainConfig
-from clipforge.train.step import _Forward
 
 VOCAB, CONTEXT, IMAGE = 64, 8, 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared two-core machine, OpenMP threads waiting for each
-    other make these tiny ops fifty times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------------
@@ -73,9 +62,11 @@ def random_rows(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return images, tokens
 
 
-def split(images: torch.Tensor, tokens: torch.Tensor, sizes: list[int]) -> list[MicroBatch]:
+def split(images: torch.Tensor, tokens: torch.Tensor, sizes: list[int], groups: torch.Tensor | None = None
+          ) -> list[MicroBatch]:
     bounds = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
-    return [MicroBatch(images[a:b], tokens[a:b], list(range(a, b))) for a, b in itertools.pairwise(bounds)]
+    return [MicroBatch(images[a:b], tokens[a:b], list(range(a, b)), groups=None if groups is None else groups[a:b])
+            for a, b in itertools.pairwise(bounds)]
 
 
 def grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -109,10 +100,9 @@ def test_accumulation_gives_the_gradient_of_one_batch(loss, eps, sizes, chunk):
     if loss == "siglip":
         assert "logit_scale.bias" in ref
 
-    forward = _Forward(model)
     for micro in (split(images, tokens, [sum(sizes)]), split(images, tokens, sizes)):
         model.zero_grad(set_to_none=True)
-        stats = compute_gradients(forward, micro, loss=loss, label_smoothing=eps, chunk_size=chunk)
+        stats = compute_gradients(model, micro, loss=loss, label_smoothing=eps, chunk_size=chunk)
         assert stats["loss"] == pytest.approx(ref_loss, rel=1e-12)
         got = grads(model)
         assert set(got) == set(ref)
@@ -141,7 +131,7 @@ def test_accumulation_with_batchnorm_normalises_per_micro_batch_and_updates_stat
 
     parts = [reference(mb.images, mb.tokens) for mb in micro]
     clip_loss(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), parts[0][2]).backward()
-    compute_gradients(_Forward(model), micro)
+    compute_gradients(model, micro)
     for name, g_ref in grads(reference).items():
         torch.testing.assert_close(grads(model)[name], g_ref, rtol=1e-10, atol=1e-13, msg=name)
     for name, b_ref in reference.named_buffers():
@@ -183,6 +173,56 @@ def test_replaying_the_loss_per_micro_batch_counts_the_temperature_k_times():
     assert not torch.allclose(naive, ref["logit_scale.log_scale"], rtol=1e-3)
 
 
+def multi_positive_loss(img, txt, scale, bias, groups: list[int], kind: str) -> torch.Tensor:
+    """The loss of a batch whose rows may show the same image, written out pair by pair: CLIP's
+    target for image i (and for caption i) is uniform over the rows showing i's image; SigLIP's
+    positives are the pairs showing one image, every other pair a negative."""
+    n = len(groups)
+    logits = scale * img @ txt.T  # (n, n): image i against caption j
+    total = img.new_zeros(())
+    for i in range(n):
+        same = [j for j in range(n) if groups[j] == groups[i]]
+        if kind == "siglip":
+            for j in range(n):
+                sign = 1.0 if j in same else -1.0
+                total = total - torch.nn.functional.logsigmoid(sign * (logits[i, j] + bias))
+        else:
+            by_image, by_caption = logits[i].log_softmax(0), logits[:, i].log_softmax(0)
+            total = total - sum(by_image[j] + by_caption[j] for j in same) / (2 * len(same))
+    return total / n
+
+
+@pytest.mark.parametrize("sizes", [[7], [3, 4]], ids=["one-batch", "accum-2"])
+@pytest.mark.parametrize("chunk", [None, "auto", 3], ids=["plain", "chunk-auto", "chunk-3"])
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_rows_showing_one_image_are_positives(loss, chunk, sizes):
+    """A batch that holds image 0 three times and image 1 twice (a caption file with several
+    captions per image): the micro-batches' groups make those rows positives of each other.
+
+    The rows' pixels differ, as random crops or noise of one image do: with identical pixels
+    CLIP's softmax loss is the same with or without groups (identical rows make the uniform
+    and the diagonal target sum to the same loss), while SigLIP's is not."""
+    model = micro_clip(siglip=loss == "siglip")
+    images, tokens = random_rows(7)
+    groups = [0, 1, 0, 2, 1, 0, 3]
+    model.zero_grad(set_to_none=True)
+    img, txt, scale = model(images, tokens)
+    ref = multi_positive_loss(img, txt, scale, model.logit_scale.bias, groups, loss)
+    ref.backward()
+    ref_grads = grads(model)
+
+    model.zero_grad(set_to_none=True)
+    micro = split(images, tokens, sizes, torch.tensor(groups))
+    stats = compute_gradients(model, micro, loss=loss, chunk_size=chunk)
+    assert stats["loss"] == pytest.approx(float(ref.detach()), rel=1e-12)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads(model)[name], g, rtol=1e-10, atol=1e-13, msg=name)
+    # without groups the repeated images are negatives of each other: another loss
+    model.zero_grad(set_to_none=True)
+    plain = compute_gradients(model, split(images, tokens, sizes), loss=loss, chunk_size=chunk)
+    assert abs(plain["loss"] - float(ref.detach())) > 1e-3
+
+
 def test_train_step_with_accumulation_takes_the_same_step():
     """One AdamW step (clipping and temperature clamp included) from K=3 micro-batches
     lands on the same parameters as from one batch."""
@@ -192,14 +232,14 @@ def test_train_step_with_accumulation_takes_the_same_step():
     for sizes in ([12], [4, 4, 4]):
         model = micro_clip()
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, eps=config.adam_eps)
-        stats = train_step(_Forward(model), split(images, tokens, sizes), optimizer, config=config)
+        stats = train_step(model, split(images, tokens, sizes), optimizer, config=config)
         assert stats["skipped"] == 0.0 and stats["grad_norm"] > config.grad_clip  # clipping was active
         after.append(dict(model.named_parameters()))
     for name, p in after[0].items():
         torch.testing.assert_close(after[1][name], p, rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_non_finite_loss_skips_the_update():
+def test_nan_features_are_an_error_not_a_step():
     model = micro_clip()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images, tokens = random_rows(4)
@@ -207,14 +247,94 @@ def test_non_finite_loss_skips_the_update():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     config = TrainConfig(batch_size=4, progress=False)
     with pytest.raises(ValueError, match="non-finite"):  # the loss refuses NaN features outright
-        train_step(_Forward(model), split(images, tokens, [4]), optimizer, config=config)
+        train_step(model, split(images, tokens, [4]), optimizer, config=config)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
 
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {id(p): {k: v.clone() for k, v in st.items()} for p, st in optimizer.state.items()}
+    return params, state
+
+
+def assert_unchanged(model: nn.Module, optimizer: torch.optim.Optimizer, before: tuple[dict, dict]) -> None:
+    params, state = before
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), k
+    assert {id(p) for p in optimizer.state} == set(state)
+    for p, st in optimizer.state.items():
+        for k, v in st.items():
+            assert torch.equal(v, state[id(p)][k]), k  # "step" and both moments: the optimiser did not advance
+
+
+@pytest.mark.parametrize("sizes", [[6], [3, 3]], ids=["one-batch", "accum-2"])
+def test_non_finite_loss_skips_the_update(sizes):
+    """A SigLIP bias of 1e308 is finite, so the loss accepts it, but the N² − N negatives' terms
+    (≈ 1e308 each) sum to inf: the step is skipped, nothing moves."""
+    model = micro_clip(siglip=True)
+    config = TrainConfig(batch_size=6, accum_steps=len(sizes), loss="siglip", lr=1e-2, progress=False)
+    optimizer = build_optimizer(model, config)
+    batch = split(*random_rows(6), sizes)
+    assert train_step(model, batch, optimizer, config=config)["skipped"] == 0.0  # an ordinary step first
+    with torch.no_grad():
+        model.logit_scale.bias.fill_(1e308)
+    before = snapshot(model, optimizer)
+    stats = train_step(model, batch, optimizer, config=config)
+    assert stats["skipped"] == 1.0 and not math.isfinite(stats["loss"])
+    assert_unchanged(model, optimizer, before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_non_finite_gradient_skips_the_update():
+    """A finite loss whose gradient overflows in one tensor (here made to by a hook on the text
+    projection's gradient): clipping sees a non-finite norm and the update is skipped."""
+    model = micro_clip()
+    config = TrainConfig(batch_size=6, lr=1e-2, progress=False)
+    optimizer = build_optimizer(model, config)
+    batch = split(*random_rows(6), [6])
+    assert train_step(model, batch, optimizer, config=config)["skipped"] == 0.0
+    model.text.text_projection.register_hook(lambda g: g * math.inf)
+    before = snapshot(model, optimizer)
+    stats = train_step(model, batch, optimizer, config=config)
+    assert stats["skipped"] == 1.0 and math.isfinite(stats["loss"]) and not math.isfinite(stats["grad_norm"])
+    assert_unchanged(model, optimizer, before)
+
+
 # --------------------------------------------------------------------------------------
-# Schedule
+# Optimiser and schedule
 # --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset,loss,lock", [("tiny", "clip", False), ("tiny-vit", "siglip", False),
+                                              ("tiny-vit", "clip", True)])
+def test_weight_decay_falls_on_the_weight_matrices_only(preset, loss, lock):
+    """Decay on what multiplies activations (linear, convolution and attention weights, the
+    towers' projections); none on norms' gains, biases, embeddings, the logit scale and bias;
+    a frozen tower in no group."""
+    config = TrainConfig(model=preset, loss=loss, weight_decay=0.1, lock_image=lock)
+    model = CLIP(get_config(preset))
+    if loss == "siglip":
+        model = CLIP(dataclasses.replace(get_config(preset), init_logit_bias=SIGLIP_INIT_BIAS))
+    if lock:
+        model.visual.requires_grad_(False)
+    optimizer = build_optimizer(model, config)
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    assert set(groups) == {0.1, 0.0}
+
+    multiplies = set()
+    for prefix, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            if (isinstance(module, (nn.Linear, nn.Conv2d)) and name == "weight") or name in (
+                    "in_proj_weight", "proj", "text_projection"):
+                multiplies.add(f"{prefix}.{name}" if prefix else name)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert groups[0.1] == multiplies & trainable
+    assert groups[0.0] == trainable - multiplies
+    assert {"logit_scale.log_scale", "text.token_embedding.weight", "text.positional_embedding"} <= groups[0.0]
+    assert ("logit_scale.bias" in groups[0.0]) == (loss == "siglip")
+    assert any(name.startswith("visual.") for name in groups[0.1] | groups[0.0]) != lock
 
 
 def test_lr_factor_warms_up_linearly_then_decays_by_cosine_to_the_floor():
@@ -233,7 +353,7 @@ def test_train_step_clamps_the_stored_temperature():
     with torch.no_grad():
         model.logit_scale.log_scale.fill_(5.5)  # s = 245, above the cap of 100
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    stats = train_step(_Forward(model), split(*random_rows(4), [4]), optimizer, config=TrainConfig(batch_size=4))
+    stats = train_step(model, split(*random_rows(4), [4]), optimizer, config=TrainConfig(batch_size=4))
     assert stats["logit_scale"] == pytest.approx(100.0)  # the forward used the clamped value
     assert float(model.logit_scale.log_scale.detach()) == pytest.approx(math.log(100.0), abs=1e-12)
 
@@ -274,6 +394,9 @@ def test_unknown_toml_key_is_an_error_naming_it(tmp_path, capsys):
         ({"loss": "triplet"}, "loss"),
         ({"eval_zeroshot": "shapes://"}, "eval_zeroshot"),
         ({"lock_image": True, "lock_text": True}, "lock_text"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"chunk_size": "big"}, "chunk_size"),
+        ({"chunk_size": 2.5}, "chunk_size"),
     ],
 )
 def test_invalid_values_are_errors_naming_the_field(changes, field):
@@ -296,13 +419,39 @@ def test_command_line_overrides_beat_the_file(tmp_path):
         config_from_args(parse("--config", str(path)))
 
 
-def test_help_lists_every_field_with_its_comment(capsys):
+def test_chunk_size_takes_the_loss_functions_meaning(tmp_path):
+    """None (written "none" in TOML and on the command line, which have no null) is the plain
+    formula, "auto" picks the tile (the default), an integer is the tile's edge."""
+    assert TrainConfig().chunk_size == "auto"
+    assert TrainConfig(chunk_size=None).chunk_size is None and TrainConfig(chunk_size="none").chunk_size is None
+    assert config_from_args(parse("--chunk-size", "none")).chunk_size is None
+    assert config_from_args(parse("--chunk-size", "auto")).chunk_size == "auto"
+    assert config_from_args(parse("--chunk-size", "64")).chunk_size == 64
+    path = tmp_path / "run.toml"
+    path.write_text('chunk_size = "none"\n')
+    config = config_from_args(parse("--config", str(path)))
+    assert config.chunk_size is None and TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    # every meaning trains the same step (float64: the tiled and plain losses agree to rounding)
+    images, tokens = random_rows(6)
+    after = []
+    for chunk in (None, "auto", 4):
+        model = micro_clip()
+        config = TrainConfig(batch_size=6, lr=1e-2, chunk_size=chunk, progress=False)
+        train_step(model, split(images, tokens, [6]), torch.optim.AdamW(model.parameters(), lr=1e-2), config=config)
+        after.append(dict(model.named_parameters()))
+    for other in after[1:]:
+        for name, p in after[0].items():
+            torch.testing.assert_close(other[name], p, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_help_lists_every_field_with_its_documentation(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--help"])
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for f in dataclasses.fields(TrainConfig):
         assert f"--{f.name.replace('_', '-')}" in text, f.name
+        assert f.metadata["help"] and " ".join(f.metadata["help"].split()) in text, f.name
     assert "peak learning rate" in text and "AdamW β2 (CLIP §2.5 uses 0.98)" in text
     assert "--config" in text
 
@@ -348,6 +497,103 @@ def test_tiny_preset_trains_end_to_end_through_main(tmp_path, capsys):
 
     saved = load_file(out / "checkpoints" / "step-0000003" / "model.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+def short_run(out: Path, **changes) -> list[dict]:
+    """6 steps of the tiny preset on 8 shapes, the whole set every step, so the loss falls fast;
+    the training rows of metrics.jsonl."""
+    config = dict(model="tiny", data="shapes://?n=8&size=32", out=str(out), steps=6, batch_size=8, warmup=1, lr=1e-3,
+                  vocab_size=600, log_every=1, progress=False)
+    train(TrainConfig(**{**config, **changes}))
+    return [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+
+
+def test_bf16_autocast_trains_close_to_fp32(tmp_path):
+    """bf16 autocast on the CPU: the loss falls as in fp32.  The first step starts from the same
+    weights, so its losses differ by bf16's rounding alone: measured 1.6e-3.  Without autocast
+    they would be bit-identical (the run is deterministic), so the lower bound shows it ran."""
+    fp32, bf16 = short_run(tmp_path / "fp32"), short_run(tmp_path / "bf16", precision="bf16")
+    for rows in (fp32, bf16):
+        assert [r["step"] for r in rows] == list(range(1, 7)) and not any(r["skipped"] for r in rows)
+        assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < 0.1 * rows[0]["loss"]
+    assert 1e-5 < abs(bf16[0]["loss"] - fp32[0]["loss"]) < 1e-2
+
+
+def test_siglip_trains_its_scale_and_bias(tmp_path):
+    """SigLIP starts at scale 10 and bias −10 (SigLIP §3.2); both are learned and saved."""
+    import clipforge
+
+    rows = short_run(tmp_path / "run", loss="siglip")
+    assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    assert (rows[0]["logit_scale"], rows[0]["logit_bias"]) == pytest.approx((SIGLIP_INIT_SCALE, SIGLIP_INIT_BIAS))
+    assert rows[-1]["logit_bias"] != pytest.approx(SIGLIP_INIT_BIAS, abs=1e-3)
+    assert rows[-1]["logit_scale"] != pytest.approx(SIGLIP_INIT_SCALE, abs=1e-3)
+    model, _, _ = clipforge.load(tmp_path / "run" / "checkpoints" / "step-0000006")
+    assert model.logit_scale.bias is not None  # saved: one more update after the last logged forward
+    assert 0 < abs(model.logit_scale.bias.item() - rows[-1]["logit_bias"]) < 1e-3
+
+
+def test_periodic_evaluation_is_logged_and_leaves_training_as_it_was(tmp_path):
+    """Evaluating every 2 steps logs at steps 2, 4 and 6 and changes nothing in the run: the same
+    losses and bit-identical weights as a run that evaluates only at the end, whose final
+    evaluation it repeats exactly."""
+    heldout = "shapes://?split=heldout&n=16&size=32"
+    evaluation = dict(eval_zeroshot=[heldout], eval_samples=16)
+    periodic = short_run(tmp_path / "periodic", eval_every=2, **evaluation)
+    at_end = short_run(tmp_path / "end", **evaluation)
+    assert [(r["loss"], r["grad_norm"]) for r in periodic] == [(r["loss"], r["grad_norm"]) for r in at_end]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / run / "checkpoints/step-0000006/model.safetensors") for run in ("periodic", "end"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def evaluations(run: str) -> dict[int, dict]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return {row["step"]: row["eval"][heldout] for row in map(json.loads, lines) if "eval" in row}
+
+    logged = evaluations("periodic")
+    assert sorted(logged) == [2, 4, 6] and sorted(evaluations("end")) == [6]
+    assert logged[6] == evaluations("end")[6]
+    for metrics in logged.values():
+        assert 0 <= metrics["acc1"] <= metrics["acc5"] <= 1 and len(metrics["confusion_matrix"]) == 64
+
+
+def test_a_caption_files_repeated_images_are_positives_in_training(tmp_path):
+    """Four images with two captions each: the first logged loss is the loss of the initial
+    model on step 0's batch with each image's rows as positives of each other (SigLIP, where
+    that changes the loss even for identical pixels), not the loss that treats them as
+    negatives."""
+    from clipforge.data import open_data
+    from clipforge.data.batches import BatchPlan
+    from clipforge.data.shapes import ShapesDataset
+    from clipforge.train import build_model
+
+    shapes = ShapesDataset(size=32, n=4)
+    lines = []
+    for k in range(4):
+        image, caption = shapes[k]
+        image.save(tmp_path / f"{k}.png")
+        lines += [f"{k}.png,{caption}\n", f"{k}.png,a picture: {caption}\n"]
+    (tmp_path / "captions.csv").write_text("filepath,title\n" + "".join(lines))
+    config = TrainConfig(model="tiny-vit", data=f"csv:{tmp_path / 'captions.csv'}", out=str(tmp_path / "run"), steps=1,
+                         batch_size=8, warmup=1, vocab_size=600, loss="siglip", progress=False)
+    train(config)
+    (row,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    source = open_data(config.data)
+    torch.manual_seed(config.seed)
+    model, preprocess, tokenizer = build_model(config, source)  # as the run built it
+    batch = BatchPlan(len(source), batch_size=8, seed=config.seed).global_indices(0)
+    images = torch.stack([preprocess(source[i][0]) for i in batch])
+    with torch.no_grad():
+        img, txt, scale = model(images, tokenizer([source.captions[i] for i in batch]))
+    groups = [source.text_to_image[i] for i in batch]
+    assert len(set(groups)) < len(groups)  # the batch holds repeated images
+    bias = model.logit_scale.bias.detach()
+    positives = multi_positive_loss(img, txt, scale, bias, groups, "siglip")
+    negatives = multi_positive_loss(img, txt, scale, bias, list(range(8)), "siglip")
+    assert row["loss"] == pytest.approx(float(positives), rel=1e-5)
+    assert abs(float(negatives) - float(positives)) > 0.1
 
 
 # --------------------------------------------------------------------------------------
@@ -400,3 +646,92 @@ def test_too_much_bad_data_stops_the_run_naming_examples(dirty_csv, tmp_path, ca
     assert code == 2
     message = capsys.readouterr().err
     assert re.search(r"24 of 64 samples of csv:.*pairs\.csv are unreadable \(more than 10%\); e\.g\. #\d+: ", message)
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation during training: the library's path, on any evaluation source
+# --------------------------------------------------------------------------------------
+
+
+def _eval_sources(root: Path) -> tuple[str, str]:
+    """A folder of 3 colour classes × 4 images, and a CSV of 10 shapes images with one or two
+    captions each, the fourth image's file broken."""
+    import numpy as np
+    from PIL import Image
+
+    from clipforge.data.shapes import ShapesDataset
+
+    for c, (name, rgb) in enumerate({"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}.items()):
+        for k in range(4):
+            noise = np.random.default_rng(10 * c + k).integers(-40, 40, (20, 20, 3))
+            (root / "folder" / name).mkdir(parents=True, exist_ok=True)
+            pixels = np.clip(np.array(rgb) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / "folder" / name / f"{k}.png")
+    shapes = ShapesDataset(split="val", n=10, size=32)
+    rows = []
+    for k in range(10):
+        image, caption = shapes[k]
+        image.save(root / f"{k}.png")
+        rows.append(f"{k}.png\t{caption}")
+        if k % 3 == 0:
+            rows.append(f"{k}.png\tanother caption of picture {k}")
+    (root / "3.png").write_bytes(b"not an image")
+    (root / "captions.tsv").write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
+    return f"imagefolder:{root / 'folder'}", f"csv:{root / 'captions.tsv'}"
+
+
+@pytest.mark.parametrize("sources", ["files", "shapes"])
+def test_evaluation_in_training_equals_the_library_on_the_saved_checkpoint(tmp_path, capsys, sources):
+    import clipforge
+    from clipforge.data import open_data
+    from clipforge.evaluate import evaluate_retrieval, evaluate_zeroshot
+
+    if sources == "files":  # the change of behaviour: any source `clipforge eval` takes
+        zeroshot, retrieval = _eval_sources(tmp_path)
+        extra = []
+    else:  # training with augmentation: evaluation still resizes and centre-crops
+        zeroshot, retrieval = "shapes://?split=heldout&n=20&size=32", "shapes://?split=val&n=20&size=32"
+        extra = ["--augment"]
+    out = tmp_path / "run"
+    code = main(["train", "--model", "tiny", "--data", "shapes://?n=64&size=32", "--steps", "3", "--batch-size", "8",
+                 "--warmup", "1", "--vocab-size", "600", "--out", str(out), "--no-progress", "--eval-every", "2",
+                 "--eval-zeroshot", zeroshot, "--eval-retrieval", retrieval, "--eval-samples", "8", *extra])
+    assert code == 0, capsys.readouterr().err
+    final = json.loads((out / "metrics.json").read_text())["eval"]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "eval" in r] == [2, 3]
+
+    model, preprocess, tokenizer = clipforge.load(out / "checkpoints" / "step-0000003")
+    zs = evaluate_zeroshot(model, preprocess, tokenizer, open_data(zeroshot), limit=8, ks=(1, 5))
+    assert final[zeroshot] == {k: zs.metrics[k] for k in ("acc1", "acc5", "mean_per_class_recall", "confusion_matrix")}
+    assert sum(map(sum, zs.metrics["confusion_matrix"])) == 8
+    rt = evaluate_retrieval(model, preprocess, tokenizer, open_data(retrieval), limit=8, ks=(1, 5, 10))
+    if sources == "files":  # the first 8 images and their 11 captions; the broken image goes with its 2
+        assert (rt.images, rt.images_evaluated, rt.captions, rt.captions_evaluated) == (8, 7, 11, 9)
+        assert final[retrieval] == {**rt.metrics, "skipped_images": 1}
+    else:
+        assert final[retrieval] == rt.metrics
+
+
+@pytest.mark.parametrize("lock", ["lock_image", "lock_text"])
+def test_a_locked_tower_stays_bit_identical_through_evaluation(tmp_path, lock):
+    import clipforge
+    from clipforge.data import open_data
+    from clipforge.train.loop import build_model
+
+    config = TrainConfig(model="tiny", data="shapes://?n=64&size=32", out=str(tmp_path / "run"), steps=3,
+                         batch_size=8, warmup=1, vocab_size=600, eval_every=1, eval_samples=8, progress=False,
+                         eval_zeroshot=["shapes://?split=heldout&n=8&size=32"],
+                         eval_retrieval="shapes://?split=val&n=8&size=32", **{lock: True})
+    initial = build_model(config, open_data(config.data))[0].state_dict()  # what train() starts from
+    train(config)
+    trained = clipforge.load(tmp_path / "run" / "checkpoints" / "step-0000003")[0].state_dict()
+    tower = "visual." if lock == "lock_image" else "text."
+    locked = [k for k in initial if k.startswith(tower)]
+    assert len(locked) > 10 and trained.keys() == initial.keys()
+    if lock == "lock_image":  # the ResNet's BatchNorm statistics are buffers, and the crux
+        assert any(k.endswith("running_mean") for k in locked)
+    moved = [k for k in locked if not torch.equal(trained[k], initial[k])]
+    assert moved == [], f"{len(moved)} tensors of the locked tower moved, e.g. {moved[:3]}"
+    others = [k for k in initial if not k.startswith(tower) and initial[k].is_floating_point()]
+    assert any(not torch.equal(trained[k], initial[k]) for k in others)  # the other tower did train

@@ -30,17 +30,11 @@ DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "L
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """One intra-op thread here and in every child: OpenMP threads competing for two busy
-    cores make small ops fifty times slower (and a run's thread count must not change
-    between the runs compared bit for bit)."""
+def no_process_group(monkeypatch):
+    """No process group from the environment: each run here names its own.  (One intra-op
+    thread, here and in every child, is conftest's `one_thread`.)"""
     for name in DIST_ENV:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def metrics(out: Path) -> list[dict]:
@@ -99,15 +93,10 @@ def base_config(out: Path, **changes) -> TrainConfig:
 @pytest.fixture(scope="module")
 def single_process_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("single")
-    before = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as patch:  # a module fixture runs before `one_thread`
+    with pytest.MonkeyPatch.context() as patch:  # a module fixture runs before `no_process_group`
         for name in DIST_ENV:
             patch.delenv(name, raising=False)
-        torch.set_num_threads(1)
-        try:
-            train(base_config(out))
-        finally:
-            torch.set_num_threads(before)
+        train(base_config(out))
     return out
 
 
@@ -168,7 +157,8 @@ def run(args: list[str], timeout: float = 300.0) -> str:
 
 def complete_checkpoints(out: Path) -> list[str]:
     root = out / "checkpoints"
-    return sorted(p.name for p in root.iterdir() if re.fullmatch(r"step-\d{7}", p.name) and (p / "train_state.pt").is_file())
+    return sorted(p.name for p in root.iterdir()
+                  if re.fullmatch(r"step-\d{7}", p.name) and (p / "train_state.pt").is_file())
 
 
 def logged_steps(out: Path) -> list[int]:
@@ -232,7 +222,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     # ---- one log line per step, the same numbers; checkpoints pruned, strays gone --------
     rows, ref_rows = metrics(out), metrics(reference)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    assert [(r["loss"], r["grad_norm"], r["lr"]) for r in rows] == [(r["loss"], r["grad_norm"], r["lr"]) for r in ref_rows]
+    numbers = [(r["loss"], r["grad_norm"], r["lr"]) for r in rows]
+    assert numbers == [(r["loss"], r["grad_norm"], r["lr"]) for r in ref_rows]
     assert json.loads((out / "metrics.json").read_text())["step"] == STEPS
     for run_dir in (out, reference):
         assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000014", "step-0000016"]

@@ -22,18 +22,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Comm", "is_initialized", "world_info", "init_from_env", "wrap_data_parallel", "all_reduce_", "barrier", "shutdown"]
+__all__ = ["Comm", "is_initialized", "init_from_env", "data_parallel", "barrier", "shutdown"]
 
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def world_info() -> tuple[int, int]:
-    """(rank, world_size); (0, 1) without an initialised process group."""
-    if not is_initialized():
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()
 
 
 @dataclass(frozen=True)
@@ -144,19 +137,18 @@ def init_from_env(device_type: str) -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def wrap_data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``DistributedDataParallel`` around ``module`` when a group of several processes runs."""
+def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.parallel.DistributedDataParallel | None:
+    """``DistributedDataParallel`` around ``module`` when a group of several processes runs; None otherwise.
+
+    ``find_unused_parameters`` stays off.  A parameter the loss reads from the module itself
+    rather than from the wrapper's output (SigLIP's logit bias) still gets its gradient in
+    backward, which is all DDP needs then; with it on, DDP would mark such a parameter unused
+    after the forward and fail when its gradient arrives.
+    """
     if not is_initialized() or dist.get_world_size() == 1:
-        return module
+        return None
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
-
-
-def all_reduce_(t: Tensor, op: str = "sum") -> Tensor:
-    """In-place sum or max over ranks; identity in a single process."""
-    if is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
-    return t
 
 
 def barrier() -> None:

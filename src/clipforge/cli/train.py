@@ -26,37 +26,32 @@ from clipforge.train.config import TrainConfig, load_toml
 __all__ = ["add_parser", "config_from_args", "run_demo", "run_train"]
 
 
-def _field_help() -> dict[str, str]:
-    """Each field's trailing comment in train_config.py, as its --help text."""
-    import inspect
-
-    from clipforge.train import config as train_config
-
-    helps = {}
-    for line in inspect.getsource(train_config.TrainConfig).splitlines():
-        name, _, rest = line.strip().partition(":")
-        if "#" in rest and name.isidentifier():
-            helps[name] = rest.split("#", 1)[1].strip()
-    return helps
+def _int_or_word(text: str) -> int | str:
+    """An option that takes a number or a word (``--chunk-size none|auto|N``); `TrainConfig` validates it."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def add_parser(subparsers: Any) -> None:
     """Registers ``train``, ``demo`` and ``report``."""
     parser = subparsers.add_parser("train", help="train a CLIP model", description=__doc__.split("\n")[0])
     parser.add_argument("--config", metavar="TOML", help="a TOML file of TrainConfig keys (top level or [train])")
-    helps = _field_help()
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         kind = hints[f.name]
-        text = f"{helps.get(f.name, '')} (default: {default!r})"
+        text = f"{f.metadata['help']} (default: {default!r})"
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif kind == list[str]:
             parser.add_argument(flag, dest=f.name, nargs="*", default=None, metavar="URI", help=text)
-        else:
+        elif kind in (int, float, str):
             parser.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
+        else:  # a union such as chunk_size's int | "auto" | "none"
+            parser.add_argument(flag, dest=f.name, type=_int_or_word, default=None, help=text)
     parser.set_defaults(func=run_train)
 
     demo = subparsers.add_parser("demo", help="train the tiny preset on shapes://, evaluate and write a report")
@@ -125,7 +120,8 @@ def run_demo(args: argparse.Namespace) -> int:
         if "acc1" in metrics:
             print(f"  zero-shot top-1 on {name}: {metrics['acc1']:.3f}")
         else:
-            print(f"  text→image R@1 on {name}: {metrics['text_to_image_R@1']:.3f}, R@5: {metrics['text_to_image_R@5']:.3f}")
+            r1, r5 = metrics["text_to_image_R@1"], metrics["text_to_image_R@5"]
+            print(f"  text→image R@1 on {name}: {r1:.3f}, R@5: {r5:.3f}")
     ckpt = list_checkpoints(Path(config.out))[-1]
     print(f"""
 Use the model:

@@ -1,7 +1,8 @@
 """`TrainConfig`: every setting of a training run, typed and validated on construction.
 
 A run is configured from a TOML file and command-line overrides (``clipforge train
---config run.toml --steps 500``); an unknown key is an error that names it.
+--config run.toml --steps 500``); an unknown key is an error that names it.  Each field's
+``help`` (its dataclass metadata) documents it; ``clipforge train --help`` shows the texts.
 """
 
 from __future__ import annotations
@@ -17,67 +18,90 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 LOSSES = ("clip", "siglip")
 
 
+def _option(default: Any, text: str) -> Any:
+    """A field documented by ``text`` (its ``metadata["help"]``); a list default is copied for each config."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass
 class TrainConfig:
-    """A training run.  Field comments are the documentation; ``clipforge train --help`` shows them."""
+    """A training run.  Each field's ``help`` (``dataclasses.fields(TrainConfig)[k].metadata["help"]``) is its
+    documentation; ``clipforge train --help`` shows them."""
 
-    model: str = "tiny"  # preset name (random init) or checkpoint path to start from
-    data: str = "shapes://"  # training data URI: shapes://, digits://, csv:FILE, jsonl:FILE, ...
-    out: str = "runs/train"  # run directory: checkpoints, metrics.jsonl, TensorBoard logs
-    steps: int = 1000  # optimiser steps
-    batch_size: int = 256  # global batch per step (all ranks and micro-batches together)
-    accum_steps: int = 1  # micro-batches per step; the gradient equals one batch of batch_size
-    lr: float = 5e-4  # peak learning rate
-    warmup: int = 100  # linear warm-up steps, then cosine decay to min_lr_ratio · lr
-    min_lr_ratio: float = 0.0  # final learning rate as a fraction of lr
-    weight_decay: float = 0.2  # AdamW decay; never on gains, biases, embeddings, logit scale/bias
-    beta1: float = 0.9  # AdamW β1
-    beta2: float = 0.98  # AdamW β2 (CLIP §2.5 uses 0.98)
-    adam_eps: float = 1e-6  # AdamW ε (CLIP §2.5 uses 1e-6)
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    precision: str = "fp32"  # fp32, bf16 (autocast, CPU or CUDA) or fp16 (autocast + grad scaler, CUDA)
-    loss: str = "clip"  # clip (softmax) or siglip (sigmoid)
-    label_smoothing: float = 0.0  # CLIP loss only
-    chunk_size: int = 0  # loss tile edge; 0 picks it from N, d and free memory
-    seed: int = 0  # model init, data order and augmentation
-    augment: bool = False  # random resized crops (off for shapes://, whose captions name positions)
-    image_noise: float = 0.0  # std of Gaussian noise added to training pixels (values in [0, 1]); 0: none
-    workers: int = 0  # data loading processes
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    tokenizer: str = ""  # tokenizer directory; empty: the checkpoint's, or a BPE trained on the data
-    vocab_size: int = 1024  # size of a BPE trained on the data (fresh presets only)
-    lock_image: bool = False  # freeze the image tower (LiT)
-    lock_text: bool = False  # freeze the text tower
-    grad_checkpointing: bool = False  # recompute transformer blocks in backward
-    compile: bool = False  # torch.compile the model
-    resume: str = ""  # "latest" or a checkpoint directory; empty starts afresh
-    save_every: int = 500  # checkpoint every N steps (and at the end)
-    keep_last: int = 3  # checkpoints kept
-    log_every: int = 10  # steps between metrics.jsonl lines
-    eval_every: int = 0  # steps between evaluations; 0: only at the end
-    eval_zeroshot: list[str] = field(default_factory=list)  # labelled data URIs for zero-shot accuracy
-    eval_retrieval: str = ""  # captioned data URI for retrieval recall@k
-    eval_samples: int = 512  # images per evaluation set (the first N)
-    max_bad_fraction: float = 0.1  # stop when more of the samples read are unreadable
-    progress: bool = True  # tqdm progress bar
+    model: str = _option("tiny", "preset name (random init) or checkpoint path to start from")
+    data: str = _option("shapes://", "training data URI: shapes://, digits://, csv:FILE, jsonl:FILE, ...")
+    out: str = _option("runs/train", "run directory: checkpoints, metrics.jsonl, TensorBoard logs")
+    steps: int = _option(1000, "optimiser steps")
+    batch_size: int = _option(256, "global batch per step (all ranks and micro-batches together)")
+    accum_steps: int = _option(1, "micro-batches per step; the gradient equals one batch of batch_size")
+    lr: float = _option(5e-4, "peak learning rate")
+    warmup: int = _option(100, "linear warm-up steps, then cosine decay to min_lr_ratio · lr")
+    min_lr_ratio: float = _option(0.0, "final learning rate as a fraction of lr")
+    weight_decay: float = _option(0.2, "AdamW decay; never on gains, biases, embeddings, logit scale/bias")
+    beta1: float = _option(0.9, "AdamW β1")
+    beta2: float = _option(0.98, "AdamW β2 (CLIP §2.5 uses 0.98)")
+    adam_eps: float = _option(1e-6, "AdamW ε (CLIP §2.5 uses 1e-6)")
+    grad_clip: float = _option(1.0, "max global gradient norm; 0 disables clipping")
+    precision: str = _option("fp32", "fp32, bf16 (autocast, CPU or CUDA) or fp16 (autocast + grad scaler, CUDA)")
+    loss: str = _option("clip", "clip (softmax) or siglip (sigmoid)")
+    label_smoothing: float = _option(0.0, "CLIP loss only")
+    chunk_size: int | str | None = _option(
+        "auto", "loss tile edge: auto picks it from N, d and free memory; none (None) is the plain N×N formula"
+    )
+    seed: int = _option(0, "model init, data order and augmentation")
+    augment: bool = _option(False, "random resized crops (off for shapes://, whose captions name positions)")
+    image_noise: float = _option(0.0, "std of Gaussian noise added to training pixels (values in [0, 1]); 0: none")
+    workers: int = _option(0, "data loading processes")
+    device: str = _option("auto", "auto, cpu, cuda, cuda:N")
+    tokenizer: str = _option("", "tokenizer directory; empty: the checkpoint's, or a BPE trained on the data")
+    vocab_size: int = _option(1024, "size of a BPE trained on the data (fresh presets only)")
+    lock_image: bool = _option(False, "freeze the image tower (LiT)")
+    lock_text: bool = _option(False, "freeze the text tower")
+    grad_checkpointing: bool = _option(False, "recompute transformer blocks in backward")
+    compile: bool = _option(False, "torch.compile the model")
+    resume: str = _option("", '"latest" or a checkpoint directory; empty starts afresh')
+    save_every: int = _option(500, "checkpoint every N steps (and at the end)")
+    keep_last: int = _option(3, "checkpoints kept")
+    log_every: int = _option(10, "steps between metrics.jsonl lines")
+    eval_every: int = _option(0, "steps between evaluations; 0: only at the end")
+    eval_zeroshot: list[str] = _option([], "labelled data URIs for zero-shot accuracy")
+    eval_retrieval: str = _option("", "captioned data URI for retrieval recall@k")
+    eval_samples: int = _option(512, "images per evaluation set (the first N)")
+    max_bad_fraction: float = _option(0.1, "stop when more of the samples read are unreadable")
+    progress: bool = _option(True, "tqdm progress bar")
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
             if not ok:
                 raise ValueError(f"train config: {name} {what}, got {getattr(self, name)!r}")
 
-        for name in ("steps", "batch_size", "accum_steps", "save_every", "keep_last", "log_every", "eval_samples", "vocab_size"):
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        positive = ("steps", "batch_size", "accum_steps", "save_every", "keep_last", "log_every", "eval_samples",
+                    "vocab_size")
+        for name in positive:
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be a positive integer")
-        for name in ("warmup", "eval_every", "chunk_size", "workers", "seed"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "must be a non-negative integer")
-        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip", "label_smoothing", "max_bad_fraction", "image_noise"):
+        for name in ("warmup", "eval_every", "workers", "seed"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 0, name, "must be a non-negative integer")
+        numbers = ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip", "label_smoothing",
+                   "max_bad_fraction", "image_noise")
+        for name in numbers:
             value = getattr(self, name)  # a quoted number in TOML would otherwise fail below with a TypeError
             need(isinstance(value, (int, float)) and not isinstance(value, bool), name, "must be a number")
+        if self.chunk_size == "none":  # TOML and the CLI have no null
+            self.chunk_size = None
+        need(self.chunk_size is None or self.chunk_size == "auto" or (is_int(self.chunk_size) and self.chunk_size >= 1),
+             "chunk_size", "must be 'auto', 'none' (the plain formula) or a positive tile edge")
         need(self.lr > 0, "lr", "must be positive")
         need(self.adam_eps > 0, "adam_eps", "must be positive")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         need(self.weight_decay >= 0, "weight_decay", "must be non-negative")
-        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta2" if not 0 <= self.beta2 < 1 else "beta1", "must be in [0, 1)")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta2" if not 0 <= self.beta2 < 1 else "beta1",
+             "must be in [0, 1)")
         need(self.grad_clip >= 0, "grad_clip", "must be non-negative")
         need(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
         need(self.loss in LOSSES, "loss", f"must be one of {LOSSES}")

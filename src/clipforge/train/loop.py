@@ -20,10 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from clipforge import distributed as dist
-from clipforge.data.batches import MicroBatch
+from clipforge import distributed
 from clipforge.train.config import TrainConfig
-from clipforge.train.step import _Forward, build_optimizer, lr_factor, train_step
+from clipforge.train.step import build_optimizer, lr_factor, train_step
 
 __all__ = ["train", "build_model", "evaluate"]
 
@@ -33,56 +32,34 @@ __all__ = ["train", "build_model", "evaluate"]
 # --------------------------------------------------------------------------------------
 
 
-def evaluate(model: nn.Module, tokenizer: Callable, preprocess: Callable, config: TrainConfig, device: torch.device) -> dict[str, Any]:
-    """Zero-shot accuracy on each ``eval_zeroshot`` set and retrieval recall on ``eval_retrieval``."""
-    from clipforge.data import open_data
-    from clipforge.embed import embed_images, embed_texts
-    from clipforge.retrieval import retrieval_metrics
-    from clipforge.zeroshot import build_zeroshot_classifier, classification_metrics, zeroshot_logits
+def evaluate(model: nn.Module, tokenizer: Callable, preprocess: Callable, config: TrainConfig,
+             device: torch.device) -> dict[str, Any]:
+    """Zero-shot accuracy on each ``eval_zeroshot`` set and retrieval recall on ``eval_retrieval``,
+    on the first ``eval_samples`` images of each: `clipforge.evaluate`, as ``clipforge eval`` runs it.
 
-    was_training = model.training
-    model.eval()
+    Each module keeps its own mode afterwards (a locked tower stays in eval mode); the images are
+    never augmented, whatever ``augment`` says for training.
+    """
+    from clipforge.evaluate import evaluate_retrieval, evaluate_zeroshot, open_eval_source
+    from clipforge.transforms import ImageTransform
+
+    if isinstance(preprocess, ImageTransform) and preprocess.train:
+        preprocess = replace(preprocess, train=False)  # resize and centre crop instead of random crops
+    run = {"limit": config.eval_samples, "batch_size": 256, "device": device, "workers": config.workers,
+           "autocast_dtype": torch.bfloat16 if config.precision == "bf16" else None, "progress": False}
     results: dict[str, Any] = {}
-    autocast = torch.bfloat16 if config.precision == "bf16" else None
-    try:
-        for uri in config.eval_zeroshot:
-            source = open_data(uri)
-            n = min(len(source), config.eval_samples)
-            images = [preprocess(source[k][0]) for k in range(n)]
-            labels = torch.tensor([source.label(k) for k in range(n)])
-            templates = list(getattr(source, "templates", ("a {c}",)))
-            classifier = build_zeroshot_classifier(model, tokenizer, source.classnames, templates, device=device, autocast_dtype=autocast)
-            feats = embed_images(model, images, batch_size=256, device=device, autocast_dtype=autocast, progress=False)
-            metrics = classification_metrics(zeroshot_logits(feats, classifier), labels, ks=(1, 5))
-            results[uri] = {k: metrics[k] for k in ("acc1", "acc5", "mean_per_class_recall")}
-            results[uri]["confusion_matrix"] = metrics["confusion_matrix"]
-        if config.eval_retrieval:
-            images, captions, owner = _retrieval_set(open_data(config.eval_retrieval), config.eval_samples)
-            img = embed_images(model, [preprocess(im) for im in images], batch_size=256, device=device, autocast_dtype=autocast, progress=False)
-            txt = embed_texts(model, tokenizer, captions, device=device, autocast_dtype=autocast, progress=False)
-            results[config.eval_retrieval] = retrieval_metrics(img, txt, torch.tensor(owner), ks=(1, 5, 10))
-    finally:
-        model.train(was_training)
+    for uri in config.eval_zeroshot:
+        zeroshot = evaluate_zeroshot(model, preprocess, tokenizer, open_eval_source(uri, "zeroshot"), ks=(1, 5), **run)
+        results[uri] = {k: zeroshot.metrics[k] for k in ("acc1", "acc5", "mean_per_class_recall", "confusion_matrix")}
+        if zeroshot.skipped:
+            results[uri]["skipped_images"] = len(zeroshot.skipped)
+    if config.eval_retrieval:
+        source = open_eval_source(config.eval_retrieval, "retrieval")
+        retrieval = evaluate_retrieval(model, preprocess, tokenizer, source, ks=(1, 5, 10), **run)
+        results[config.eval_retrieval] = dict(retrieval.metrics)
+        if retrieval.skipped:
+            results[config.eval_retrieval]["skipped_images"] = len(retrieval.skipped)
     return results
-
-
-def _retrieval_set(source: Any, limit: int) -> tuple[list[Any], list[str], list[int]]:
-    """(images, captions, caption → image index) of the first ``limit`` images: a caption
-    file's several captions per image stay grouped; other sources give one pair per item."""
-    if hasattr(source, "text_to_image") and hasattr(source, "image_paths"):  # a CaptionSet
-        from clipforge.data.images import read_rgb
-
-        images, new_index = [], {}
-        for i, path in enumerate(source.image_paths[:limit]):
-            try:
-                images.append(read_rgb(path))
-                new_index[i] = len(images) - 1
-            except OSError:  # unreadable: left out with its captions
-                continue
-        keep = [j for j, i in enumerate(source.text_to_image) if i in new_index]
-        return images, [source.captions[j] for j in keep], [new_index[source.text_to_image[j]] for j in keep]
-    pairs = [source[k] for k in range(min(len(source), limit))]
-    return [p[0] for p in pairs], [p[1] for p in pairs], list(range(len(pairs)))
 
 
 # --------------------------------------------------------------------------------------
@@ -99,18 +76,19 @@ def _device(name: str, local_rank: int) -> torch.device:
 def build_model(config: TrainConfig, source: Any) -> tuple[nn.Module, Callable, Callable]:
     """(model, preprocess, tokenizer) to train: a checkpoint as it is, or a fresh preset whose
     vocabulary is a BPE trained on the data's captions when the preset has none of its own."""
-    from clipforge.checkpoints import load
+    from clipforge.checkpoints import is_preset, load
     from clipforge.data.batches import captions_of
-    from clipforge.model import CLIP, get_config, list_presets
+    from clipforge.model import CLIP, get_config
+    from clipforge.model.config import OPENAI_VOCAB_SIZE
     from clipforge.tokenizer import Tokenizer, train_bpe
     from clipforge.transforms import image_transform
 
     tokenizer = Tokenizer.from_dir(config.tokenizer) if config.tokenizer else None
-    base = config.model.removesuffix("-quickgelu")
-    if base in list_presets() and not Path(config.model).exists():
+    if is_preset(config.model):
         cfg = get_config(config.model)
-        if tokenizer is None and cfg.text.vocab_size != 49408:
-            tokenizer = train_bpe(captions_of(source, 20_000), config.vocab_size, context_length=cfg.text.context_length)
+        if tokenizer is None and cfg.text.vocab_size != OPENAI_VOCAB_SIZE:  # no OpenAI BPE to use: train one
+            captions = captions_of(source, 20_000)
+            tokenizer = train_bpe(captions, config.vocab_size, context_length=cfg.text.context_length)
         if tokenizer is not None:
             cfg = replace(cfg, text=replace(cfg.text, vocab_size=tokenizer.vocab_size))
         if config.loss == "siglip" and cfg.init_logit_bias is None:
@@ -140,8 +118,8 @@ def _check_stream_position(saved: dict[str, Any], now: dict[str, Any], checkpoin
     """A streamed source resumes exactly only with the settings that cut its stream."""
     if not now["streaming"] or not saved:
         return
-    changed = [f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in ("data", "seed", "batch_size", "accum_steps", "world", "workers")
-               if saved.get(key) != now[key]]
+    keys = ("data", "seed", "batch_size", "accum_steps", "world", "workers")
+    changed = [f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in keys if saved.get(key) != now[key]]
     if changed:
         raise ValueError(
             f"cannot resume {checkpoint} exactly: a streamed data source (shards:) is split by these settings, "
@@ -158,8 +136,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     # ---- processes and device -----------------------------------------------------------
     device_probe = _device(config.device, 0)
-    joined_here = not dist.is_initialized()
-    rank, world, local_rank = dist.init_from_env(device_probe.type)
+    joined_here = not distributed.is_initialized()
+    rank, world, local_rank = distributed.init_from_env(device_probe.type)
     device = _device(config.device, local_rank)
     main_process = rank == 0
     out = Path(config.out)
@@ -171,7 +149,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     source = open_data(config.data)
     resume_from = find_checkpoint(out, config.resume) if config.resume else None
     # a resumed run takes model and tokenizer from its checkpoint
-    model, preprocess, tokenizer = build_model(config.replace(model=str(resume_from)) if resume_from else config, source)
+    start_from = config.replace(model=str(resume_from)) if resume_from else config
+    model, preprocess, tokenizer = build_model(start_from, source)
     model.to(device)
     if config.lock_image or config.lock_text:
         tower = model.visual if config.lock_image else model.text
@@ -179,17 +158,17 @@ def train(config: TrainConfig) -> dict[str, Any]:
         tower.eval()
     if config.grad_checkpointing:
         model.set_grad_checkpointing(image=not config.lock_image, text=not config.lock_text)
-    forward: nn.Module = _Forward(model)
-    if config.compile:
-        forward = torch.compile(forward)
-    forward = dist.wrap_data_parallel(forward, device)
+    # the plain model holds the weights (optimiser, checkpoints, evaluation); the step runs its
+    # compiled form when asked, and back-propagates through the data-parallel wrapper under torchrun
+    step_model: nn.Module = torch.compile(model) if config.compile else model
+    ddp = distributed.data_parallel(step_model, device)
 
     streaming = bool(getattr(source, "streaming", False))
     split = dict(batch_size=config.batch_size, seed=config.seed, rank=rank, world=world, accum=config.accum_steps)
     # noise of std image_noise in pixels is image_noise / std in the normalised tensor's units
     noise = tuple(config.image_noise / s for s in model.config.vision.std) if config.image_noise else ()
-    loading = dict(preprocess=preprocess, tokenizer=tokenizer, augment=config.augment, noise=noise, workers=config.workers,
-                   max_bad_fraction=config.max_bad_fraction, source_name=config.data)
+    loading = dict(preprocess=preprocess, tokenizer=tokenizer, augment=config.augment, noise=noise,
+                   workers=config.workers, max_bad_fraction=config.max_bad_fraction, source_name=config.data)
     if streaming:  # shards: each rank and worker reads its own share
         stream: BatchStream = StreamBatchStream(source, **split, **loading)
     else:
@@ -226,22 +205,23 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "scaler": scaler.state_dict() if scaler is not None else {}, "config": config.to_dict(),
                 "data": data_position,
             })
-        dist.barrier()
+        distributed.barrier()
 
     bar = _progress(config, start, enabled=main_process)
     t_last, samples = time.perf_counter(), 0
     skipped_steps = 0
     for step, micro in enumerate(stream.steps(start, config.steps), start=start):
-        micro = [MicroBatch(m.images.to(device, non_blocking=True), m.tokens.to(device), m.indices, m.bad) for m in micro]
-        stats = train_step(forward, micro, optimizer, config=config, scaler=scaler)
+        micro = [m.to(device) for m in micro]
+        stats = train_step(step_model, micro, optimizer, config=config, ddp=ddp, scaler=scaler)
         schedule.step()
         skipped_steps += int(stats["skipped"])
         samples += sum(len(m) for m in micro) * world
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             now = time.perf_counter()
-            row = {"step": done, **stats, "lr": schedule.get_last_lr()[0], "samples_per_s": samples / max(now - t_last, 1e-9),
-                   "epoch": stream.epoch(done), "bad_samples": stream.bad_count, "skipped_steps": skipped_steps}
+            row = {"step": done, **stats, "lr": schedule.get_last_lr()[0],
+                   "samples_per_s": samples / max(now - t_last, 1e-9), "epoch": stream.epoch(done),
+                   "bad_samples": stream.bad_count, "skipped_steps": skipped_steps}
             log.write(row)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{row['lr']:.2e}", T=f"{1 / stats['logit_scale']:.4f}",
                             sps=f"{row['samples_per_s']:.0f}")
@@ -266,7 +246,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         (out / "metrics.json").write_text(json.dumps(final, indent=1))
         log.close()
     if joined_here:
-        dist.shutdown()  # the group this call joined; a caller's own group stays
+        distributed.shutdown()  # the group this call joined; a caller's own group stays
     return final
 
 
@@ -280,7 +260,8 @@ class _Log:
             return
         kept = []
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= start]
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if line and json.loads(line).get("step", 0) <= start]
         self.path.write_text("".join(line + "\n" for line in kept))
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
         try:
@@ -318,4 +299,5 @@ def _flatten(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _progress(config: TrainConfig, start: int, *, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=config.steps, initial=start, disable=not (enabled and config.progress), unit="step", dynamic_ncols=True)
+    return tqdm(total=config.steps, initial=start, disable=not (enabled and config.progress), unit="step",
+                dynamic_ncols=True)

@@ -37,7 +37,8 @@ def _curves(rows: list[dict[str, Any]], path: Path) -> None:
     axes[1].plot([r["step"] for r in train], [1 / r["logit_scale"] for r in train])
     axes[1].set(xlabel="step", ylabel="τ = 1/s", title="Temperature")
     for name in sorted({k for r in evals for k, v in r["eval"].items() if "acc1" in v}):
-        axes[2].plot([r["step"] for r in evals], [r["eval"][name]["acc1"] for r in evals], "o-", label=name.split("split=")[-1])
+        points = [(r["step"], r["eval"][name]["acc1"]) for r in evals if "acc1" in r["eval"].get(name, {})]
+        axes[2].plot(*zip(*points), "o-", label=name.split("split=")[-1])
     axes[2].set(xlabel="step", ylabel="top-1 accuracy", title="Zero-shot accuracy", ylim=(0, 1))
     if axes[2].lines:
         axes[2].legend()
@@ -50,6 +51,7 @@ def _curves(rows: list[dict[str, Any]], path: Path) -> None:
 
 def _similarity(model: Any, tokenizer: Any, preprocess: Any, source: Any, path: Path, n: int = 10) -> None:
     plt = _plt()
+    n = min(n, len(source))  # a small evaluation set shows all its pairs
     pairs = [source[k] for k in range(n)]
     with torch.inference_mode():
         img = model.encode_image(torch.stack([preprocess(p[0]) for p in pairs]), normalize=True)
@@ -61,7 +63,8 @@ def _similarity(model: Any, tokenizer: Any, preprocess: Any, source: Any, path: 
     ax.set_yticks(range(n), [f"image {k}" for k in range(n)], fontsize=7)
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w" if sim[i, j] < 0.5 else "k")
+            ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                    color="w" if sim[i, j] < 0.5 else "k")
     ax.set_title("Cosine similarity of validation images (rows) and their captions (columns)")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -83,23 +86,26 @@ def _confusion(matrix: list[list[int]], classnames: list[str], title: str, path:
     plt.close(fig)
 
 
-def _retrieval(model: Any, tokenizer: Any, preprocess: Any, source: Any, queries: list[str], path: Path, pool: int = 256) -> None:
+def _retrieval(
+    model: Any, tokenizer: Any, preprocess: Any, source: Any, queries: list[str], path: Path, pool: int = 256
+) -> None:
     plt = _plt()
     images = [source[k][0] for k in range(min(pool, len(source)))]
     with torch.inference_mode():
         feats = model.encode_image(torch.stack([preprocess(im) for im in images]), normalize=True)
         q = model.encode_text(tokenizer(queries), normalize=True)
-    top = (q @ feats.T).topk(5, dim=1)
-    fig, axes = plt.subplots(len(queries), 5, figsize=(8, 1.8 * len(queries)))
+    shown = min(5, len(images))
+    top = (q @ feats.T).topk(shown, dim=1)
+    fig, axes = plt.subplots(len(queries), shown, figsize=(8, 1.8 * len(queries)), squeeze=False)
     for r, text in enumerate(queries):
-        for c in range(5):
+        for c in range(shown):
             ax = axes[r][c]
             ax.imshow(images[int(top.indices[r, c])])
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"{float(top.values[r, c]):.2f}", fontsize=7)
         axes[r][0].set_ylabel(text, rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle(f"Text → image: the 5 best of {len(images)} validation images")
+    fig.suptitle(f"Text → image: the {shown} best of {len(images)} validation images")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -143,7 +149,7 @@ def write_report(run: str | Path, *, checkpoint: str | Path | None = None) -> Pa
             _confusion(evals[uri]["confusion_matrix"], classnames, f"Zero-shot confusion: {uri}", figures / name)
             lines += [f"## Zero-shot confusion matrix: `{uri}`", "", f"![confusion](figures/{name})", ""]
     if retrieval is not None:
-        queries = [retrieval[k][1] for k in range(4)]  # the first validation captions
+        queries = [retrieval[k][1] for k in range(min(4, len(retrieval)))]  # the first validation captions
         _retrieval(model, tokenizer, preprocess, retrieval, queries, figures / "retrieval.png")
         lines += ["## Retrieval examples", "", "![retrieval](figures/retrieval.png)", ""]
     if final.get("bad_samples"):

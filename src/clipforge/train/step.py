@@ -6,6 +6,9 @@ and each micro-batch is then re-encoded with a graph and back-propagated with it
 the features' gradient.  Every parameter — the logit scale included — gets exactly the
 gradient of one batch of K× the size (tests/test_train.py checks it in float64); a loss
 back-propagated once per micro-batch would count the temperature's gradient K times.
+
+Rows that show the same image (a caption file with several captions per image) are
+positives of each other: the micro-batches' ``groups`` become the loss's ``labels``.
 """
 
 from __future__ import annotations
@@ -13,14 +16,17 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from clipforge.data.batches import MicroBatch
-from clipforge.loss import clip_loss, siglip_loss
+from clipforge.loss import ChunkSize, clip_loss, siglip_loss
 from clipforge.train.config import TrainConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["train_step", "compute_gradients", "build_optimizer", "lr_factor"]
 
@@ -28,19 +34,6 @@ __all__ = ["train_step", "compute_gradients", "build_optimizer", "lr_factor"]
 # --------------------------------------------------------------------------------------
 # The step
 # --------------------------------------------------------------------------------------
-
-
-class _Forward(nn.Module):
-    """(image features, text features, scale, bias) from one call, so that data parallelism
-    sees the logit scale and bias used in the forward it wraps."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        img, txt, scale = self.model(images, tokens)
-        return img, txt, scale, self.model.logit_scale.bias
 
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -54,10 +47,21 @@ def _f32(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _loss(kind: str, img: Tensor, txt: Tensor, scale: Tensor, bias: Tensor | None, *, eps: float, chunk: int | str) -> Tensor:
+def _loss(kind: str, img: Tensor, txt: Tensor, scale: Tensor, bias: Tensor | None, labels: Tensor | None, *,
+          eps: float, chunk: ChunkSize) -> Tensor:
     if kind == "siglip":
-        return siglip_loss(img, txt, scale, bias, chunk_size=chunk, distributed="auto")
-    return clip_loss(img, txt, scale, label_smoothing=eps, chunk_size=chunk, distributed="auto")
+        return siglip_loss(img, txt, scale, bias, labels=labels, chunk_size=chunk, distributed="auto")
+    return clip_loss(img, txt, scale, labels=labels, label_smoothing=eps, chunk_size=chunk, distributed="auto")
+
+
+def _labels(micro_batches: Sequence[MicroBatch]) -> Tensor | None:
+    """The loss's group labels for the micro-batches taken together: the image of each row, so
+    that rows showing the same image are positives of each other; None when every row is its
+    own image.  Under data parallelism the loss gathers them from every rank; they are the
+    source's own image indices, the same on every rank, so they need no offset."""
+    if micro_batches[0].groups is None:
+        return None
+    return torch.cat([mb.groups for mb in micro_batches]).to(micro_batches[0].images.device)
 
 
 @contextlib.contextmanager
@@ -78,43 +82,52 @@ def _batchnorm_stats_frozen(module: nn.Module):
 
 
 def compute_gradients(
-    forward: nn.Module,
+    model: nn.Module,
     micro_batches: Sequence[MicroBatch],
     *,
+    ddp: DistributedDataParallel | None = None,
     loss: str = "clip",
     label_smoothing: float = 0.0,
-    chunk_size: int | str = "auto",
+    chunk_size: ChunkSize = "auto",
     precision: str = "fp32",
     loss_scale: float = 1.0,
 ) -> dict[str, float]:
     """Accumulate into ``.grad`` the gradient of the loss of the micro-batches taken together.
 
-    ``forward`` is a `_Forward` (possibly wrapped for data parallelism).  Returns the loss,
-    scale and bias (floats); the loss is NaN/inf when it was not finite, in which case
-    nothing was back-propagated.  ``loss_scale`` multiplies what is back-propagated (fp16).
+    ``model`` is a CLIP model (``img, txt, scale = model(images, tokens)``), compiled or not;
+    SigLIP's bias is read from ``model.logit_scale.bias``.  ``ddp`` is its
+    ``DistributedDataParallel`` wrapper under data parallelism: the forwards that back-propagate
+    then run through it, which all-reduces the gradients once, on the last micro-batch.  The
+    bias is used outside the wrapper's forward; that is allowed because the wrapper is built
+    without ``find_unused_parameters`` (`clipforge.distributed.data_parallel`).
+
+    Returns the loss, scale and bias (floats); the loss is NaN/inf when it was not finite, in
+    which case nothing was back-propagated.  ``loss_scale`` multiplies what is back-propagated (fp16).
     """
     device = micro_batches[0].images.device
+    forward = model if ddp is None else ddp  # the forward that builds the graph back-propagated
+    bias_param = model.logit_scale.bias
+    labels = _labels(micro_batches)
     kw = dict(eps=label_smoothing, chunk=chunk_size)
     if len(micro_batches) == 1:
         mb = micro_batches[0]
         with _autocast(precision, device):
-            img, txt, scale, bias = forward(mb.images, mb.tokens)
-        value = _loss(loss, _f32(img), _f32(txt), scale, bias, **kw)
+            img, txt, scale = forward(mb.images, mb.tokens)
+        value = _loss(loss, _f32(img), _f32(txt), scale, bias_param, labels, **kw)
         if torch.isfinite(value):
             (value * loss_scale).backward()
-        return _stats(value, scale, bias)
+        return _stats(value, scale, bias_param)
 
-    core = forward.module if hasattr(forward, "no_sync") else forward
     # 1. features of every micro-batch, without a graph (BatchNorm running statistics are left
     #    as they were: step 3 runs each micro-batch again and updates them once)
-    with torch.no_grad(), _autocast(precision, device), _batchnorm_stats_frozen(core):
-        parts = [core(mb.images, mb.tokens) for mb in micro_batches]
+    with torch.no_grad(), _autocast(precision, device), _batchnorm_stats_frozen(model):
+        parts = [model(mb.images, mb.tokens) for mb in micro_batches]
     img_all = torch.cat([_f32(p[0]) for p in parts]).requires_grad_()
     txt_all = torch.cat([_f32(p[1]) for p in parts]).requires_grad_()
     scale = parts[0][2].detach().requires_grad_()
-    bias = None if parts[0][3] is None else parts[0][3].detach().requires_grad_()
+    bias = None if bias_param is None else bias_param.detach().requires_grad_()
     # 2. the loss of the whole batch, once: gradients of the features, the scale and the bias
-    value = _loss(loss, img_all, txt_all, scale, bias, **kw)
+    value = _loss(loss, img_all, txt_all, scale, bias, labels, **kw)
     if not torch.isfinite(value):
         return _stats(value, scale, bias)
     (value * loss_scale).backward()
@@ -123,14 +136,15 @@ def compute_gradients(
     g_img, g_txt = img_all.grad.split(sizes), txt_all.grad.split(sizes)
     for k, mb in enumerate(micro_batches):
         last = k == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(forward, "no_sync") else forward.no_sync()
+        sync = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
         with sync:
             with _autocast(precision, device):
-                img, txt, s, b = forward(mb.images, mb.tokens)
-            outputs, grads = [_f32(img), _f32(txt), s], [g_img[k], g_txt[k], scale.grad if last else torch.zeros_like(s)]
-            if b is not None:
-                outputs.append(b)
-                grads.append(bias.grad if last else torch.zeros_like(b))
+                img, txt, s = forward(mb.images, mb.tokens)
+            outputs = [_f32(img), _f32(txt), s]
+            grads = [g_img[k], g_txt[k], scale.grad if last else torch.zeros_like(s)]
+            if bias_param is not None:
+                outputs.append(bias_param)
+                grads.append(bias.grad if last else torch.zeros_like(bias_param))
             torch.autograd.backward(outputs, grads)
     return _stats(value, scale, bias)
 
@@ -143,21 +157,23 @@ def _stats(value: Tensor, scale: Tensor, bias: Tensor | None) -> dict[str, float
 
 
 def train_step(
-    forward: nn.Module,
+    model: nn.Module,
     micro_batches: Sequence[MicroBatch],
     optimizer: torch.optim.Optimizer,
     *,
     config: TrainConfig,
+    ddp: DistributedDataParallel | None = None,
     scaler: Any = None,
 ) -> dict[str, float]:
     """One optimiser step: gradients, clipping, update, temperature clamp.  No I/O.
 
-    A non-finite loss or gradient skips the update (``skipped`` = 1 in the result).
+    ``model`` and ``ddp`` as in `compute_gradients`.  A non-finite loss or gradient skips the
+    update (``skipped`` = 1 in the result).
     """
     optimizer.zero_grad(set_to_none=True)
     stats = compute_gradients(
-        forward, micro_batches, loss=config.loss, label_smoothing=config.label_smoothing,
-        chunk_size=config.chunk_size or "auto", precision=config.precision,
+        model, micro_batches, ddp=ddp, loss=config.loss, label_smoothing=config.label_smoothing,
+        chunk_size=config.chunk_size, precision=config.precision,
         loss_scale=scaler.get_scale() if scaler is not None else 1.0,
     )
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -177,8 +193,7 @@ def train_step(
         skipped = False
     else:
         skipped = True
-    core = forward.module.model if hasattr(forward, "no_sync") else forward.model
-    core.logit_scale.clamp_()
+    model.logit_scale.clamp_()
     return {**stats, "grad_norm": norm, "skipped": float(skipped)}
 
 
