@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow bench-loss bench-eval bench-index bench-serve bench-generate bench-demo-curve figures figure-search demo clean
+.PHONY: install lint test test-slow bench-loss bench-eval bench-index bench-serve bench-generate bench-demo-curve figures figure-search browser demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,11 +17,30 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# ruff, configured in pyproject.toml: pyflakes, pycodestyle, import order, bugbear, pyupgrade.
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks docs
+
+test: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
-test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+# The slow tests, the browser test of the search page among them: CLIPFORGE_REQUIRE_BROWSER makes
+# that test fail, not skip, when chromium is missing.
+test-slow: $(STAMP) browser
+	CLIPFORGE_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q -m slow
+
+# Debian's chromium and chromedriver for the browser test: installed with apt-get when missing and
+# make runs as root; otherwise make stops with the command to run.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's chromium and chromium-driver for the browser test"; \
+		apt-get update && apt-get install -y chromium chromium-driver; \
+	else \
+		echo "the browser test needs /usr/bin/chromium and /usr/bin/chromedriver; run:" >&2; \
+		echo "    sudo apt-get install chromium chromium-driver" >&2; \
+		exit 1; \
+	fi
 
 bench-loss: $(STAMP)
 	$(BIN)/python benchmarks/bench_loss.py
@@ -57,9 +76,10 @@ figures: $(STAMP)
 	$(BIN)/python docs/make_loss_figures.py
 
 # The search page screenshot, docs/figures/search_page.png, taken by the browser test
-# (needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver).
-figure-search: $(STAMP)
-	CLIPFORGE_SCREENSHOT=docs/figures/search_page.png $(BIN)/python -m pytest -q -m slow tests/test_search_browser.py
+# (Debian's chromium and chromium-driver, installed by `make browser`).
+figure-search: $(STAMP) browser
+	CLIPFORGE_REQUIRE_BROWSER=1 CLIPFORGE_SCREENSHOT=docs/figures/search_page.png \
+		$(BIN)/python -m pytest -q -m slow tests/test_search_browser.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -1,22 +1,135 @@
-"""``clipforge report``: the Markdown report and its figures for a short run."""
+"""``clipforge report``: the Markdown report and its figures for a short run, checked against the
+run's own metrics.jsonl / metrics.json and against a naive recomputation from its checkpoint.
+
+The figures' data are read from the matplotlib figures themselves: ``Figure.savefig`` is
+wrapped (and still called) so that the test keeps each figure it writes.
+"""
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from clipforge.checkpoints import load
 from clipforge.cli import main
+from clipforge.data import open_data
 from clipforge.train import TrainConfig, train
+from clipforge.train.report import write_report
+
+ZEROSHOT, RETRIEVAL = "shapes://?split=heldout", "shapes://?split=val"
 
 
-def test_report_of_a_short_run(tmp_path, capsys):
-    run = tmp_path / "run"
-    train(TrainConfig(
-        model="tiny", data="shapes://?n=64", out=str(run), steps=2, batch_size=8, warmup=1, vocab_size=600,
-        save_every=2, log_every=1, eval_samples=16, progress=False,
-        eval_zeroshot=["shapes://?split=heldout"], eval_retrieval="shapes://?split=val",
-    ))
+@pytest.fixture
+def saved_figures(monkeypatch) -> dict[str, Figure]:
+    """The figures written while the test runs, by file name."""
+    saved: dict[str, Figure] = {}
+    original = Figure.savefig
+
+    def keep(self, fname, *args, **kwargs):
+        saved[Path(fname).name] = self
+        return original(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return saved
+
+
+def short_run(out: Path, **changes) -> Path:
+    config = dict(model="tiny", data="shapes://?n=64", out=str(out), steps=2, batch_size=8, warmup=1, vocab_size=600,
+                  save_every=2, log_every=1, eval_samples=16, progress=False, eval_zeroshot=[ZEROSHOT],
+                  eval_retrieval=RETRIEVAL)
+    train(TrainConfig(**{**config, **changes}))
+    return out
+
+
+def features(model, preprocess, tokenizer, images, texts) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-norm image and text features in float64, normalised here (not by the model)."""
+    with torch.inference_mode():
+        img = model.encode_image(torch.stack([preprocess(im) for im in images])).double().numpy()
+        txt = model.encode_text(tokenizer(texts)).double().numpy()
+    return img / np.linalg.norm(img, axis=1, keepdims=True), txt / np.linalg.norm(txt, axis=1, keepdims=True)
+
+
+def test_report_of_a_short_run(tmp_path, capsys, saved_figures):
+    run = short_run(tmp_path / "run")
     assert main(["report", str(run)]) == 0
     assert str(run / "report.md") in capsys.readouterr().out
     text = (run / "report.md").read_text()
     for name in ("curves.png", "similarity.png", "confusion-0.png", "retrieval.png"):
         assert (run / "figures" / name).stat().st_size > 1000
         assert f"figures/{name}" in text
-    assert "text_to_image_R@1" in text and "acc1" in text
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = json.loads((run / "metrics.json").read_text())
+    checkpoint = run / "checkpoints" / "step-0000002"
+    assert f"for 2 steps of 8 pairs; checkpoint `{checkpoint}`" in text
+
+    # The evaluation table: every number of metrics.json, and nothing else, to 4 decimals.
+    table = re.findall(r"^\| `([^`]+)` \| (\S+) \| (\S+) \|$", text, flags=re.M)
+    expected = [(name, key, value) for name, metrics in final["eval"].items() for key, value in metrics.items()
+                if not isinstance(value, list)]
+    assert {(name, key) for name, key, _ in expected} >= {(ZEROSHOT, "acc1"), (RETRIEVAL, "text_to_image_R@1")}
+    assert [(name, key) for name, key, _ in table] == [(name, key) for name, key, _ in expected]
+    for (_, _, shown), (name, key, value) in zip(table, expected):
+        assert shown == f"{value:.4f}" and float(shown) == pytest.approx(value, abs=5e-5), (name, key)
+
+    # The curves: loss, temperature and zero-shot accuracy, point for point from metrics.jsonl.
+    loss_ax, temperature_ax, accuracy_ax = saved_figures["curves.png"].axes
+    steps = [r for r in rows if "loss" in r]
+    np.testing.assert_allclose(loss_ax.lines[0].get_xydata(), [(r["step"], r["loss"]) for r in steps])
+    np.testing.assert_allclose(temperature_ax.lines[0].get_xydata(), [(r["step"], 1 / r["logit_scale"]) for r in steps])
+    evals = [r for r in rows if "eval" in r]
+    assert [line.get_label() for line in accuracy_ax.lines] == ["heldout"]
+    np.testing.assert_allclose(accuracy_ax.lines[0].get_xydata(),
+                               [(r["step"], r["eval"][ZEROSHOT]["acc1"]) for r in evals])
+    assert evals[-1]["eval"] == final["eval"]
+
+    # The confusion matrix: metrics.json's counts, each row divided by its total, for the
+    # classes that occur.
+    (confusion_ax,) = saved_figures["confusion-0.png"].axes
+    counts = np.array(final["eval"][ZEROSHOT]["confusion_matrix"], dtype=np.float64)
+    present = counts.sum(1) > 0
+    assert counts.sum() == 16  # eval_samples
+    shares = counts[present] / counts[present].sum(1, keepdims=True)
+    np.testing.assert_allclose(confusion_ax.images[0].get_array(), shares, atol=1e-6)
+    classnames = open_data(ZEROSHOT).classnames
+    assert [t.get_text() for t in confusion_ax.get_yticklabels()] == [c for c, p in zip(classnames, present) if p]
+
+    # The similarity matrix and the retrieval examples, recomputed from the checkpoint.
+    model, preprocess, tokenizer = load(checkpoint)
+    source = open_data(RETRIEVAL)
+    pairs = [source[k] for k in range(10)]
+    img, txt = features(model, preprocess, tokenizer, [p[0] for p in pairs], [p[1] for p in pairs])
+    similarity = img @ txt.T
+    (similarity_ax,) = saved_figures["similarity.png"].axes
+    np.testing.assert_allclose(similarity_ax.images[0].get_array(), similarity, atol=1e-5)
+    shown = np.array([float(t.get_text()) for t in similarity_ax.texts]).reshape(10, 10)
+    np.testing.assert_allclose(shown, similarity, atol=0.005 + 1e-5)  # printed to 2 decimals
+    assert [t.get_text() for t in similarity_ax.get_xticklabels()] == [p[1] for p in pairs]
+
+    pool = [source[k][0] for k in range(256)]
+    images, queries = features(model, preprocess, tokenizer, pool, [p[1] for p in pairs[:4]])
+    scores = queries @ images.T  # [4, 256]
+    grid = np.array(saved_figures["retrieval.png"].axes).reshape(4, 5)
+    pixels = np.stack([np.asarray(im) for im in pool])
+    for r in range(4):
+        assert grid[r, 0].get_ylabel() == pairs[r][1]
+        best = np.sort(scores[r])[::-1][:5]
+        for c in range(5):
+            assert float(grid[r, c].get_title()) == pytest.approx(best[c], abs=0.005 + 1e-5)
+            # The image shown is one whose naive score is the c-th best (up to float32 ties).
+            same = np.flatnonzero((pixels == np.asarray(grid[r, c].images[0].get_array())).all(axis=(1, 2, 3)))
+            assert len(same) and np.abs(scores[r, same] - best[c]).min() < 1e-5, (r, c)
+
+
+def test_a_retrieval_set_smaller_than_the_figures_is_shown_whole(tmp_path, saved_figures):
+    """Three validation pairs: a 3 × 3 similarity matrix and three queries with three images each."""
+    run = short_run(tmp_path / "run", steps=1, save_every=1, eval_zeroshot=[], eval_retrieval=f"{RETRIEVAL}&n=3")
+    write_report(run)
+    assert saved_figures["similarity.png"].axes[0].images[0].get_array().shape == (3, 3)
+    assert np.array(saved_figures["retrieval.png"].axes).size == 9
+    assert "confusion-0.png" not in saved_figures
