@@ -154,7 +154,7 @@ def test_preset_model_with_a_tokenizer_folder(workspace, tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["zeroshot", "--model", "tiny", "--data", "imagefolder:{folder}"], "pass --tokenizer DIR"),
+        (["zeroshot", "--model", "tiny", "--data", "imagefolder:{folder}"], "tokenizer folder (--tokenizer DIR"),
         (["zeroshot", "--model", "{model}", "--data", "imagefolder:{root}/absent"], "absent: not a folder"),
         (["zeroshot", "--model", "{model}", "--data", "csv:{captions}"], "cannot use"),
         (["zeroshot", "--model", "{model}", "--data", "{folder}"], "known scheme"),

@@ -93,10 +93,10 @@ def test_naive_clip_matches_row_loop(n, use_labels, eps):
 @pytest.mark.parametrize("n,chunk", [(1, 1), (1, 8), (2, 1), (7, 3), (13, 4), (13, 13), (13, 64), (31, 5)])
 @pytest.mark.parametrize("use_labels", [False, True])
 @pytest.mark.parametrize("eps", [0.0, 0.25])
-def test_tiled_clip_matches_reference(n, chunk, use_labels, eps):
-    img, txt = features(n, 6, seed=n)
-    s = torch.tensor(11.0, dtype=torch.float64, requires_grad=True)
-    labels = torch.tensor(GROUPS[n]) if use_labels else None
+def test_tiled_clip_matches_reference(n, chunk, use_labels, eps, device):
+    img, txt = (t.detach().to(device).requires_grad_() for t in features(n, 6, seed=n))
+    s = torch.tensor(11.0, dtype=torch.float64, device=device, requires_grad=True)
+    labels = torch.tensor(GROUPS[n], device=device) if use_labels else None
     got = clip_loss(img, txt, s, labels=labels, label_smoothing=eps, chunk_size=chunk)
     ref = clip_loss_ref(img, txt, s, labels, eps)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)

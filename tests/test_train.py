@@ -21,6 +21,7 @@ from torch import nn
 
 from clipforge.cli import main
 from clipforge.cli.train import config_from_args
+from clipforge.data import DataError
 from clipforge.data.batches import MicroBatch
 from clipforge.loss import SIGLIP_INIT_BIAS, SIGLIP_INIT_SCALE, clip_loss, siglip_loss
 from clipforge.model import CLIP, CLIPConfig, get_config
@@ -735,3 +736,24 @@ def test_a_locked_tower_stays_bit_identical_through_evaluation(tmp_path, lock):
     assert moved == [], f"{len(moved)} tensors of the locked tower moved, e.g. {moved[:3]}"
     others = [k for k in initial if not k.startswith(tower) and initial[k].is_floating_point()]
     assert any(not torch.equal(trained[k], initial[k]) for k in others)  # the other tower did train
+
+
+def test_an_evaluation_set_that_cannot_serve_its_task_stops_the_run_before_the_first_step(tmp_path):
+    """shapes://?split=val has no class labels: the run says so at the start, not at its first
+    evaluation (which may come after the last step), and writes no checkpoint."""
+    with pytest.raises(DataError, match="no class labels"):
+        short_run(tmp_path / "run", eval_zeroshot=["shapes://?split=val&n=16&size=32"], eval_samples=8)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_set_evaluated_both_ways_keeps_both_tasks_metrics(tmp_path):
+    """One URI in eval_zeroshot and eval_retrieval: its results hold the zero-shot metrics and the
+    retrieval metrics, each equal to the run that evaluates it one way only."""
+    seen = "shapes://?split=seen&n=16&size=32"
+    short_run(tmp_path / "both", eval_zeroshot=[seen], eval_retrieval=seen, eval_samples=8)
+    short_run(tmp_path / "zeroshot", eval_zeroshot=[seen], eval_samples=8)
+    short_run(tmp_path / "retrieval", eval_retrieval=seen, eval_samples=8)
+    final = {run: json.loads((tmp_path / run / "metrics.json").read_text())["eval"][seen]
+             for run in ("both", "zeroshot", "retrieval")}
+    assert final["both"] == {**final["zeroshot"], **final["retrieval"]}
+    assert "acc1" in final["both"] and "text_to_image_R@1" in final["both"]

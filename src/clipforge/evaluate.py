@@ -124,6 +124,8 @@ def open_eval_source(uri: str, task: str, **options: Any) -> Any:
     if task == "zeroshot" and not isinstance(source, LabelledSource):
         raise DataError(f"{what} cannot use {uri!r}: it gives a {type(source).__name__}, which has no class labels "
                         "(labelled sources: imagefolder:, shapes://?split=seen|heldout, digits://)")
+    if task == "zeroshot" and len(source):
+        source.label(0)  # a split without labels (shapes://?split=val) says so now, not at the first evaluation
     if task == "retrieval" and not isinstance(source, CaptionedSource):
         raise DataError(f"{what} cannot use {uri!r}: it gives a {type(source).__name__}, which has no captions "
                         "(captioned sources: csv:, jsonl:, pairs:, shapes://, digits://)")

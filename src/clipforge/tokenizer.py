@@ -42,6 +42,7 @@ from clipforge._bpe_vocab import (
     read_openai_bpe,
     vocab_from_merges,
 )
+from clipforge.model.config import OPENAI_CONTEXT_LENGTH
 
 __all__ = [
     "DEFAULT_CONTEXT_LENGTH",
@@ -53,7 +54,7 @@ __all__ = [
     "train_tokenizer_cli",
 ]
 
-DEFAULT_CONTEXT_LENGTH = 77  # every OpenAI CLIP model's text context
+DEFAULT_CONTEXT_LENGTH = OPENAI_CONTEXT_LENGTH
 CONFIG_FILE = "clipforge_tokenizer.json"
 # OpenAI's pre-tokenisation pattern after the special tokens (simple_tokenizer.py, re.IGNORECASE).
 _PIECES = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""

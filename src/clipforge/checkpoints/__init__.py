@@ -313,7 +313,8 @@ def load_for_inference(
     if loaded_tokenizer is None:
         raise CheckpointError(
             f"{name_or_path}: no tokenizer comes with this model (its vocabulary has "
-            f"{model.config.text.vocab_size} ids, not OpenAI's); pass --tokenizer DIR"
+            f"{model.config.text.vocab_size} ids, not OpenAI's); give its tokenizer folder "
+            "(--tokenizer DIR; tokenizer= in Python)"
         )
     return InferenceModel(model, preprocess, loaded_tokenizer, run_on, precision, str(name_or_path))
 

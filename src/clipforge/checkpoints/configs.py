@@ -22,7 +22,7 @@ from torch import Tensor
 
 from clipforge.checkpoints._errors import CheckpointError
 from clipforge.loss import CLIP_INIT_SCALE
-from clipforge.model.config import OPENAI_VOCAB_SIZE, CLIPConfig, TextConfig, VisionConfig
+from clipforge.model.config import OPENAI_CONTEXT_LENGTH, OPENAI_VOCAB_SIZE, CLIPConfig, TextConfig, VisionConfig
 from clipforge.transforms import OPENAI_MEAN, OPENAI_STD
 
 __all__ = ["config_from_hf", "config_from_openclip", "config_to_hf", "config_to_openclip", "infer_config"]
@@ -101,7 +101,8 @@ def infer_config(state: dict[str, Tensor], *, act: str = "gelu", path: str | Pat
 # shapes of OpenAI's ViT-B/32, its vocabulary included.
 _HF_TEXT_DEFAULTS = {
     "vocab_size": OPENAI_VOCAB_SIZE, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
-    "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    "num_attention_heads": 8, "max_position_embeddings": OPENAI_CONTEXT_LENGTH, "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
 }
 _HF_VISION_DEFAULTS = {
     "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -260,7 +261,7 @@ def config_from_openclip(data: dict[str, Any], path: Path) -> CLIPConfig:
             std=tuple(pre.get("std", OPENAI_STD)),
         )
         text = TextConfig(
-            context_length=tc.get("context_length", 77),
+            context_length=tc.get("context_length", OPENAI_CONTEXT_LENGTH),
             vocab_size=tc.get("vocab_size", OPENAI_VOCAB_SIZE),
             width=tc.get("width", 512),
             heads=tc.get("heads", 8),

@@ -64,6 +64,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"clipforge {args.command}: error: {err}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,8 +19,8 @@ from clipforge.checkpoints import PRECISIONS, InferenceModel, is_preset, load_fo
 
 __all__ = [
     "Clock", "CommandError", "batch_size_option", "device_option", "fmt", "load_model", "load_model_for_command",
-    "model_option", "model_options", "precision_option", "quiet_option", "run_setup", "skipped_report", "table",
-    "tokenizer_option", "workers_option", "write_json",
+    "model_option", "model_options", "precision_option", "quiet_option", "run_options", "run_setup", "skipped_report",
+    "table", "tokenizer_option", "workers_option", "write_json",
 ]
 
 SKIPPED_LISTED = 20  # skipped files named in the JSON; all are counted
@@ -96,6 +96,12 @@ def run_setup(loaded: InferenceModel) -> dict[str, Any]:
         "precision": loaded.precision,
         "autocast_dtype": loaded.autocast_dtype,
     }
+
+
+def run_options(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
+    """How `clipforge.embed` runs the model, from ``--batch-size`` and ``--quiet`` and the `run_setup`."""
+    return {"batch_size": args.batch_size, "device": setup["device"], "autocast_dtype": setup["autocast_dtype"],
+            "progress": not args.quiet}
 
 
 def load_model(source: str, *, tokenizer: str | None = None, device: str | None = None,

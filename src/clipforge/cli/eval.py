@@ -26,6 +26,7 @@ from clipforge.cli._common import (
     fmt,
     load_model_for_command,
     model_options,
+    run_options,
     skipped_report,
     table,
     write_json,
@@ -96,8 +97,7 @@ def _headline(task: str, args: argparse.Namespace, setup: dict[str, Any]) -> str
 
 
 def _run_options(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
-    return {"limit": args.limit, "batch_size": args.batch_size, "device": setup["device"],
-            "autocast_dtype": setup["autocast_dtype"], "workers": args.workers, "progress": not args.quiet}
+    return {**run_options(args, setup), "limit": args.limit, "workers": args.workers}
 
 
 # ----------------------------------------------------------------------------- zero-shot

@@ -22,6 +22,7 @@ from clipforge.cli._common import (
     fmt,
     load_model_for_command,
     model_options,
+    run_options,
     skipped_report,
     table,
     write_json,
@@ -104,11 +105,6 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def _run_options(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
-    return {"batch_size": args.batch_size, "device": setup["device"], "autocast_dtype": setup["autocast_dtype"],
-            "progress": not args.quiet}
-
-
 # ----------------------------------------------------------------------------- score
 
 
@@ -156,7 +152,7 @@ def run_score(args: argparse.Namespace) -> int:
     model, preprocess, tokenizer, setup = load_model_for_command(args)
     loader = ImageLoader([folder / name for name in names], preprocess, batch_size=args.batch_size,
                          num_workers=args.workers, source=f"--images {folder}")
-    run = {"tokenizer": tokenizer, "w": args.w, **_run_options(args, setup)}
+    run = {"tokenizer": tokenizer, "w": args.w, **run_options(args, setup)}
     scores = ref_clip_score(model, loader, texts, refs, **run) if refs else clip_score(model, loader, texts, **run)
 
     per_image = []
@@ -207,7 +203,7 @@ def run_rerank(args: argparse.Namespace) -> int:
     model, preprocess, tokenizer, setup = load_model_for_command(args)
     loader = ImageLoader(files, preprocess, batch_size=args.batch_size, num_workers=args.workers,
                          source=f"--images {args.images}")
-    ranking = rerank(model, loader, args.prompt, tokenizer=tokenizer, k=args.k, **_run_options(args, setup))
+    ranking = rerank(model, loader, args.prompt, tokenizer=tokenizer, k=args.k, **run_options(args, setup))
     rows = [{"rank": r, "image": files[i].name, "cosine": cos, "clip_score": CLIP_SCORE_W * max(cos, 0.0)}
             for r, (i, cos) in enumerate(ranking, 1)]
     print(f"rerank {args.prompt!r}  {args.images}  model {setup['model']} ({setup['pretrained']})")

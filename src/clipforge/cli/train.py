@@ -21,6 +21,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
+from clipforge.cli._common import CommandError
 from clipforge.train.config import TrainConfig, load_toml
 
 __all__ = ["add_parser", "config_from_args", "run_demo", "run_train"]
@@ -75,7 +76,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from clipforge.cli._common import CommandError
+    """``clipforge train [--config TOML] [--OPTION VALUE ...]``: runs the training; prints the
+    progress bar, then the final counts as JSON and one line of metrics per evaluation set."""
     from clipforge.train.loop import train
 
     try:
@@ -119,7 +121,7 @@ def run_demo(args: argparse.Namespace) -> int:
     for name, metrics in final.get("eval", {}).items():
         if "acc1" in metrics:
             print(f"  zero-shot top-1 on {name}: {metrics['acc1']:.3f}")
-        else:
+        if "text_to_image_R@1" in metrics:
             r1, r5 = metrics["text_to_image_R@1"], metrics["text_to_image_R@5"]
             print(f"  text→image R@1 on {name}: {r1:.3f}, R@5: {r5:.3f}")
     ckpt = list_checkpoints(Path(config.out))[-1]

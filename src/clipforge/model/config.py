@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACTIVATIONS",
+    "OPENAI_CONTEXT_LENGTH",
     "OPENAI_VOCAB_SIZE",
     "QUICKGELU_SUFFIX",
     "VisionConfig",
@@ -39,6 +40,8 @@ ACTIVATIONS = ("gelu", "quick_gelu")
 # Token ids of OpenAI's BPE (clip/simple_tokenizer.py): 256 byte symbols, the same with "</w>",
 # 48,894 merges, start and end of text; the vocab_size of every OpenAI text tower (build_model).
 OPENAI_VOCAB_SIZE = 49408
+# Text positions of every OpenAI CLIP model: 75 tokens between start and end of text.
+OPENAI_CONTEXT_LENGTH = 77
 # OpenCLIP's suffix for a model's QuickGELU variant ("ViT-B-32-quickgelu").
 QUICKGELU_SUFFIX = "-quickgelu"
 
@@ -159,7 +162,7 @@ class VisionConfig:
 class TextConfig:
     """The text tower: a causal Transformer read out at the end-of-text token."""
 
-    context_length: int = 77  # positions (OpenAI: 77 tokens including start and end of text)
+    context_length: int = OPENAI_CONTEXT_LENGTH  # positions, start and end of text included
     vocab_size: int = OPENAI_VOCAB_SIZE  # token ids; the end-of-text id must be the largest one used
     width: int = 512  # residual stream width
     heads: int = 8  # attention heads

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from clipforge.checkpoints import PRECISIONS, is_preset, load_for_inference
+from clipforge.checkpoints import is_preset, load_for_inference
 from clipforge.data import open_data
 from clipforge.search import ann
 from clipforge.search._items import Decoded, Item, decoded_batches, items_of
@@ -65,8 +65,6 @@ def load_search_model(source: str | os.PathLike[str], *, tokenizer: str | os.Pat
     """The model of a checkpoint (file or folder) with its tokenizer (``tokenizer`` overrides it),
     loaded by `clipforge.checkpoints.load_for_inference`.  An IndexDirError for a preset (random
     weights) or a missing path; a CheckpointError when no tokenizer comes with the model."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
     if is_preset(source):
         raise IndexDirError(f"{source!r} is a preset with random weights, different each time it loads: an index "
                             f"must be queried with the model that built it, so give a checkpoint "

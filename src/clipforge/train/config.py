@@ -95,7 +95,8 @@ class TrainConfig:
         if self.chunk_size == "none":  # TOML and the CLI have no null
             self.chunk_size = None
         need(self.chunk_size is None or self.chunk_size == "auto" or (is_int(self.chunk_size) and self.chunk_size >= 1),
-             "chunk_size", "must be 'auto', 'none' (the plain formula) or a positive tile edge")
+             "chunk_size", "must be 'auto', 'none' (the plain formula) or a positive tile edge"
+             + (" (0 meant 'auto' before: write 'auto')" if self.chunk_size == 0 else ""))
         need(self.lr > 0, "lr", "must be positive")
         need(self.adam_eps > 0, "adam_eps", "must be positive")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")

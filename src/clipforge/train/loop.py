@@ -24,7 +24,7 @@ from clipforge import distributed
 from clipforge.train.config import TrainConfig
 from clipforge.train.step import build_optimizer, lr_factor, train_step
 
-__all__ = ["train", "build_model", "evaluate"]
+__all__ = ["train", "build_model", "evaluate", "open_eval_sets"]
 
 
 # --------------------------------------------------------------------------------------
@@ -32,33 +32,49 @@ __all__ = ["train", "build_model", "evaluate"]
 # --------------------------------------------------------------------------------------
 
 
-def evaluate(model: nn.Module, tokenizer: Callable, preprocess: Callable, config: TrainConfig,
-             device: torch.device) -> dict[str, Any]:
-    """Zero-shot accuracy on each ``eval_zeroshot`` set and retrieval recall on ``eval_retrieval``,
-    on the first ``eval_samples`` images of each: `clipforge.evaluate`, as ``clipforge eval`` runs it.
+EvalSet = tuple[str, str, Any]  # (data URI, "zeroshot" or "retrieval", the opened source)
+
+
+def open_eval_sets(config: TrainConfig) -> list[EvalSet]:
+    """The ``eval_zeroshot`` and ``eval_retrieval`` sets, opened and checked once, before the
+    first step: a source that cannot serve its task stops the run at the start."""
+    from clipforge.evaluate import open_eval_source
+
+    sets = [(uri, "zeroshot", open_eval_source(uri, "zeroshot")) for uri in config.eval_zeroshot]
+    if config.eval_retrieval:
+        sets.append((config.eval_retrieval, "retrieval", open_eval_source(config.eval_retrieval, "retrieval")))
+    return sets
+
+
+def evaluate(model: nn.Module, tokenizer: Callable, preprocess: Callable, sets: list[EvalSet],
+             config: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """Zero-shot accuracy or retrieval recall on each of the `open_eval_sets`, on the first
+    ``eval_samples`` images of each: `clipforge.evaluate`, as ``clipforge eval`` runs it.
+    Results are keyed by URI; a set evaluated both ways holds both tasks' metrics (their names
+    differ: ``acc1``, ... and ``text_to_image_R@1``, ...).
 
     Each module keeps its own mode afterwards (a locked tower stays in eval mode); the images are
     never augmented, whatever ``augment`` says for training.
     """
-    from clipforge.evaluate import evaluate_retrieval, evaluate_zeroshot, open_eval_source
+    from clipforge.evaluate import evaluate_retrieval, evaluate_zeroshot
     from clipforge.transforms import ImageTransform
 
     if isinstance(preprocess, ImageTransform) and preprocess.train:
         preprocess = replace(preprocess, train=False)  # resize and centre crop instead of random crops
-    run = {"limit": config.eval_samples, "batch_size": 256, "device": device, "workers": config.workers,
+    run = {"limit": config.eval_samples, "device": device, "workers": config.workers,
            "autocast_dtype": torch.bfloat16 if config.precision == "bf16" else None, "progress": False}
     results: dict[str, Any] = {}
-    for uri in config.eval_zeroshot:
-        zeroshot = evaluate_zeroshot(model, preprocess, tokenizer, open_eval_source(uri, "zeroshot"), ks=(1, 5), **run)
-        results[uri] = {k: zeroshot.metrics[k] for k in ("acc1", "acc5", "mean_per_class_recall", "confusion_matrix")}
-        if zeroshot.skipped:
-            results[uri]["skipped_images"] = len(zeroshot.skipped)
-    if config.eval_retrieval:
-        source = open_eval_source(config.eval_retrieval, "retrieval")
-        retrieval = evaluate_retrieval(model, preprocess, tokenizer, source, ks=(1, 5, 10), **run)
-        results[config.eval_retrieval] = dict(retrieval.metrics)
-        if retrieval.skipped:
-            results[config.eval_retrieval]["skipped_images"] = len(retrieval.skipped)
+    for uri, task, source in sets:
+        if task == "zeroshot":
+            zeroshot = evaluate_zeroshot(model, preprocess, tokenizer, source, ks=(1, 5), **run)
+            keys = ("acc1", "acc5", "mean_per_class_recall", "confusion_matrix")
+            metrics, skipped = {k: zeroshot.metrics[k] for k in keys}, zeroshot.skipped
+        else:
+            retrieval = evaluate_retrieval(model, preprocess, tokenizer, source, ks=(1, 5, 10), **run)
+            metrics, skipped = dict(retrieval.metrics), retrieval.skipped
+        if skipped:
+            metrics["skipped_images"] = len(skipped)
+        results.setdefault(uri, {}).update(metrics)
     return results
 
 
@@ -128,11 +144,46 @@ def _check_stream_position(saved: dict[str, Any], now: dict[str, Any], checkpoin
         )
 
 
+def _batch_stream(config: TrainConfig, source: Any, preprocess: Callable, tokenizer: Callable, *,
+                  pixel_std: tuple[float, ...], rank: int, world: int) -> tuple[Any, dict[str, Any]]:
+    """This rank's batches, and the settings that decide where the data stands at a step."""
+    from clipforge.data.batches import BatchPlan, BatchStream, StreamBatchStream
+
+    streaming = bool(getattr(source, "streaming", False))
+    split = dict(batch_size=config.batch_size, seed=config.seed, rank=rank, world=world, accum=config.accum_steps)
+    # noise of std image_noise in pixels is image_noise / std in the normalised tensor's units
+    noise = tuple(config.image_noise / s for s in pixel_std) if config.image_noise else ()
+    loading = dict(preprocess=preprocess, tokenizer=tokenizer, augment=config.augment, noise=noise,
+                   workers=config.workers, max_bad_fraction=config.max_bad_fraction, source_name=config.data)
+    if streaming:  # shards: each rank and worker reads its own share
+        stream: BatchStream = StreamBatchStream(source, **split, **loading)
+    else:
+        stream = BatchStream(source, BatchPlan(len(source), **split), **loading)
+    # where the data stands is a function of the step and of these (a stream's also of world and workers)
+    position = {"data": config.data, "seed": config.seed, "batch_size": config.batch_size,
+                "accum_steps": config.accum_steps, "world": world, "workers": config.workers, "streaming": streaming}
+    return stream, position
+
+
+def _restore(checkpoint: Path, optimizer: torch.optim.Optimizer, schedule: Any, scaler: Any,
+             data_position: dict[str, Any]) -> int:
+    """Loads a checkpoint's optimiser, schedule, grad scaler and RNG states; returns its step."""
+    from clipforge.train.run_state import load_train_state, set_rng_state
+
+    state = load_train_state(checkpoint)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    _check_stream_position(state.get("data", {}), data_position, checkpoint)
+    return int(state["step"])
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run ``config`` to its last step; returns the final metrics (also in OUT/metrics.json)."""
     from clipforge.data import open_data
-    from clipforge.data.batches import BatchPlan, BatchStream, StreamBatchStream
-    from clipforge.train.run_state import find_checkpoint, load_train_state, save_checkpoint, set_rng_state
+    from clipforge.train.run_state import find_checkpoint, save_checkpoint
 
     # ---- processes and device -----------------------------------------------------------
     device_probe = _device(config.device, 0)
@@ -163,21 +214,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     step_model: nn.Module = torch.compile(model) if config.compile else model
     ddp = distributed.data_parallel(step_model, device)
 
-    streaming = bool(getattr(source, "streaming", False))
-    split = dict(batch_size=config.batch_size, seed=config.seed, rank=rank, world=world, accum=config.accum_steps)
-    # noise of std image_noise in pixels is image_noise / std in the normalised tensor's units
-    noise = tuple(config.image_noise / s for s in model.config.vision.std) if config.image_noise else ()
-    loading = dict(preprocess=preprocess, tokenizer=tokenizer, augment=config.augment, noise=noise,
-                   workers=config.workers, max_bad_fraction=config.max_bad_fraction, source_name=config.data)
-    if streaming:  # shards: each rank and worker reads its own share
-        stream: BatchStream = StreamBatchStream(source, **split, **loading)
-    else:
-        stream = BatchStream(source, BatchPlan(len(source), **split), **loading)
-
-    # where the data stands is a function of the step and of these (a stream's also of world and workers)
-    data_position = {"data": config.data, "seed": config.seed, "batch_size": config.batch_size,
-                     "accum_steps": config.accum_steps, "world": world, "workers": config.workers,
-                     "streaming": streaming}
+    stream, data_position = _batch_stream(config, source, preprocess, tokenizer, pixel_std=model.config.vision.std,
+                                          rank=rank, world=world)
+    eval_sets = open_eval_sets(config) if main_process else []
 
     # ---- optimiser, schedule, resume ----------------------------------------------------
     optimizer = build_optimizer(model, config)
@@ -185,14 +224,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
     start = 0
     if resume_from is not None:
-        state = load_train_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start = int(state["step"])
-        _check_stream_position(state.get("data", {}), data_position, resume_from)
+        start = _restore(resume_from, optimizer, schedule, scaler, data_position)
     log = _Log(out, start, config, enabled=main_process)
     if main_process and resume_from is not None:
         print(f"resumed from {resume_from} at step {start}")
@@ -228,7 +260,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             t_last, samples = now, 0
         bar.update(1)
         if config.eval_every and done % config.eval_every == 0 and done < config.steps and main_process:
-            log.write({"step": done, "eval": evaluate(model, tokenizer, preprocess, config, device)})
+            log.write({"step": done, "eval": evaluate(model, tokenizer, preprocess, eval_sets, config, device)})
         if done % config.save_every == 0 and done < config.steps:
             save(done)
     bar.close()
@@ -240,7 +272,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         save(config.steps)
     if main_process:
         if config.eval_zeroshot or config.eval_retrieval:
-            final["eval"] = evaluate(model, tokenizer, preprocess, config, device)
+            final["eval"] = evaluate(model, tokenizer, preprocess, eval_sets, config, device)
             log.write({"step": config.steps, "eval": final["eval"]})
         final["bad_examples"] = [f"#{b.index}: {b.reason}" for b in stream.bad[:5]]
         (out / "metrics.json").write_text(json.dumps(final, indent=1))
