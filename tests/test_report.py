@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.figure import Figure
+from PIL import Image
 
 from clipforge.checkpoints import load
 from clipforge.cli import main
@@ -133,3 +134,62 @@ def test_a_retrieval_set_smaller_than_the_figures_is_shown_whole(tmp_path, saved
     assert saved_figures["similarity.png"].axes[0].images[0].get_array().shape == (3, 3)
     assert np.array(saved_figures["retrieval.png"].axes).size == 9
     assert "confusion-0.png" not in saved_figures
+
+
+def caption_file(folder: Path) -> tuple[Path, list[Path], dict[Path, list[str]]]:
+    """A TSV of seven images with one to three captions each; the third image file is corrupt and
+    the fifth is not square.  Returns the file, the image paths in order, and their captions."""
+    folder.mkdir()
+    shapes = open_data("shapes://?split=val&n=7")
+    paths, captions = [], {}
+    for k in range(7):
+        path = folder / f"img{k}.png"
+        if k == 2:
+            path.write_bytes(b"not an image at all")
+        else:
+            image = shapes[k][0]
+            (image.resize((80, 48)) if k == 4 else image).save(path)
+        paths.append(path)
+        captions[path] = [shapes[k][1]] + [f"picture {k}, caption {j}" for j in range(1, 1 + k % 3)]
+    rows = [(path, text) for path in paths for text in captions[path]]
+    rows = rows[1::2] + rows[::2]  # an image's captions are not on consecutive lines
+    csv = folder / "captions.tsv"
+    csv.write_text("filepath\ttitle\n" + "".join(f"{p.name}\t{t}\n" for p, t in rows))
+    return csv, paths, captions
+
+
+def test_a_caption_file_with_several_captions_and_a_corrupt_image(tmp_path, capsys, saved_figures):
+    """Each readable image is shown once, with the first caption of its own; the corrupt one is
+    named in the report, not raised."""
+    csv, paths, captions = caption_file(tmp_path / "captions")
+    run = short_run(tmp_path / "run", eval_zeroshot=[], eval_retrieval=f"csv:{csv}")
+    assert main(["report", str(run)]) == 0
+    text = (run / "report.md").read_text()
+    assert "1 unreadable image(s), e.g. img2.png (not an image Pillow can identify)" in text
+    assert json.loads((run / "metrics.json").read_text())["eval"][f"csv:{csv}"]["skipped_images"] == 1
+
+    # The images in the CSV's order of first appearance, each once; the corrupt one left out.
+    lines = csv.read_text().splitlines()[1:]
+    order = list(dict.fromkeys(line.split("\t")[0] for line in lines))
+    first = {name: next(line.split("\t")[1] for line in lines if line.split("\t")[0] == name) for name in order}
+    readable = [name for name in order if name != "img2.png"]
+    assert len(readable) == 6 and sum(len(c) for c in captions.values()) > 7
+    pil = {name: Image.open(csv.parent / name).convert("RGB") for name in readable}
+
+    model, preprocess, tokenizer = load(run / "checkpoints" / "step-0000002")
+    img, txt = features(model, preprocess, tokenizer, [pil[n] for n in readable], [first[n] for n in readable])
+    (similarity_ax,) = saved_figures["similarity.png"].axes
+    assert [t.get_text() for t in similarity_ax.get_xticklabels()] == [first[n] for n in readable]
+    np.testing.assert_allclose(similarity_ax.images[0].get_array(), img @ txt.T, atol=1e-5)
+
+    grid = np.array(saved_figures["retrieval.png"].axes).reshape(4, 5)
+    scores = txt[:4] @ img.T  # the queries are the first captions of the first four images
+    for r in range(4):
+        assert grid[r, 0].get_ylabel() == first[readable[r]]
+        shown = [np.asarray(grid[r, c].images[0].get_array()) for c in range(5)]
+        which = [[n for n in readable if np.array_equal(np.asarray(pil[n]), s)] for s in shown]
+        assert all(len(w) == 1 for w in which), r  # every image shown is one of the readable ones
+        names = [w[0] for w in which]
+        assert len(set(names)) == 5, names  # and none is shown twice
+        ranked = np.sort(scores[r])[::-1][:5]
+        np.testing.assert_allclose([scores[r, readable.index(n)] for n in names], ranked, atol=1e-5)

@@ -5,17 +5,32 @@
 Figures: loss and temperature against step (from metrics.jsonl), the similarity matrix of
 a batch of validation pairs, the zero-shot confusion matrix of each labelled evaluation set,
 and text-to-image retrieval examples.  Needs matplotlib.
+
+The evaluation sets are read as the evaluation reads them (`clipforge.evaluate.open_eval_source`
+and the protocols of `clipforge.data.protocols`): the validation images are the first distinct
+images of the retrieval set, each shown once however many captions it has, and unreadable
+image files are left out and named in the report.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
+from torch import Tensor
+
+from clipforge.data.images import Skipped
+from clipforge.embed import embed_images, embed_texts
 
 __all__ = ["write_report"]
+
+_PAIRS = 10  # validation pairs in the similarity matrix
+_QUERIES = 4  # captions searched for in the retrieval examples
+_POOL = 256  # validation images they are searched among
 
 
 def _plt():
@@ -25,6 +40,37 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+@dataclass
+class _Validation:
+    """The readable images among the first ones of a captioned source, with a caption each."""
+
+    images: list[Image.Image]  # as decoded, for display
+    features: Tensor  # [len(images), D], normalised
+    captions: list[str | None]  # the first caption of each image; None for an image without one
+    several: bool  # some image has more than one caption
+    skipped: list[Skipped]  # the unreadable image files among the first ones
+
+
+def _validation(model: Any, preprocess: Any, source: Any, limit: int) -> _Validation:
+    """The first ``limit`` images of the `CaptionedSource` ``source`` and their features."""
+    decoded: list[Image.Image] = []
+
+    def keep(image: Image.Image) -> Tensor:
+        # The loader decodes in this process (num_workers=0) and in order, calling the transform
+        # for readable images only: decoded[i] is image loader.kept[i].
+        decoded.append(image)
+        return preprocess(image)
+
+    loader = source.images(keep, batch_size=_POOL, num_workers=0, limit=limit)
+    features = embed_images(model, loader, batch_size=_POOL, progress=False)
+    index = source.caption_index(limit)
+    first: dict[int, str] = {}
+    for caption, image in zip(index.captions, index.text_to_image):
+        first.setdefault(image, caption)
+    captions = [first.get(k) for k in loader.kept]
+    return _Validation(decoded, features, captions, len(index.captions) > len(first), list(loader.skipped))
 
 
 def _curves(rows: list[dict[str, Any]], path: Path) -> None:
@@ -49,23 +95,43 @@ def _curves(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _similarity(model: Any, tokenizer: Any, preprocess: Any, source: Any, path: Path, n: int = 10) -> None:
+def _similarity(model: Any, tokenizer: Any, val: _Validation, path: Path, n: int = _PAIRS) -> None:
     plt = _plt()
-    n = min(n, len(source))  # a small evaluation set shows all its pairs
-    pairs = [source[k] for k in range(n)]
-    with torch.inference_mode():
-        img = model.encode_image(torch.stack([preprocess(p[0]) for p in pairs]), normalize=True)
-        txt = model.encode_text(tokenizer([p[1] for p in pairs]), normalize=True)
-    sim = (img @ txt.T).numpy()
+    rows = [k for k, c in enumerate(val.captions) if c is not None][:n]  # a small set shows all its pairs
+    captions = [str(val.captions[k]) for k in rows]
+    n = len(rows)
+    txt = embed_texts(model, tokenizer, captions, progress=False)
+    sim = (val.features[rows] @ txt.T).numpy()
     fig, ax = plt.subplots(figsize=(11, 6.5))
     ax.imshow(sim, cmap="viridis", vmin=-0.2, vmax=1)
-    ax.set_xticks(range(n), [p[1] for p in pairs], rotation=40, ha="right", fontsize=7)
+    ax.set_xticks(range(n), captions, rotation=40, ha="right", fontsize=7)
     ax.set_yticks(range(n), [f"image {k}" for k in range(n)], fontsize=7)
     for i in range(n):
         for j in range(n):
             ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=6,
                     color="w" if sim[i, j] < 0.5 else "k")
-    ax.set_title("Cosine similarity of validation images (rows) and their captions (columns)")
+    columns = "the first caption of each (columns)" if val.several else "their captions (columns)"
+    ax.set_title(f"Cosine similarity of validation images (rows) and {columns}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _retrieval(model: Any, tokenizer: Any, val: _Validation, queries: list[str], path: Path) -> None:
+    plt = _plt()
+    q = embed_texts(model, tokenizer, queries, progress=False)
+    shown = min(5, len(val.images))
+    top = (q @ val.features.T).topk(shown, dim=1)
+    fig, axes = plt.subplots(len(queries), shown, figsize=(8, 1.8 * len(queries)), squeeze=False)
+    for r, text in enumerate(queries):
+        for c in range(shown):
+            ax = axes[r][c]
+            ax.imshow(val.images[int(top.indices[r, c])])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{float(top.values[r, c]):.2f}", fontsize=7)
+        axes[r][0].set_ylabel(text, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"Text → image: the {shown} best of {len(val.images)} validation images")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -86,35 +152,11 @@ def _confusion(matrix: list[list[int]], classnames: list[str], title: str, path:
     plt.close(fig)
 
 
-def _retrieval(
-    model: Any, tokenizer: Any, preprocess: Any, source: Any, queries: list[str], path: Path, pool: int = 256
-) -> None:
-    plt = _plt()
-    images = [source[k][0] for k in range(min(pool, len(source)))]
-    with torch.inference_mode():
-        feats = model.encode_image(torch.stack([preprocess(im) for im in images]), normalize=True)
-        q = model.encode_text(tokenizer(queries), normalize=True)
-    shown = min(5, len(images))
-    top = (q @ feats.T).topk(shown, dim=1)
-    fig, axes = plt.subplots(len(queries), shown, figsize=(8, 1.8 * len(queries)), squeeze=False)
-    for r, text in enumerate(queries):
-        for c in range(shown):
-            ax = axes[r][c]
-            ax.imshow(images[int(top.indices[r, c])])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"{float(top.values[r, c]):.2f}", fontsize=7)
-        axes[r][0].set_ylabel(text, rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle(f"Text → image: the {shown} best of {len(images)} validation images")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
 def write_report(run: str | Path, *, checkpoint: str | Path | None = None) -> Path:
     """Write ``run/report.md`` and ``run/figures/*.png`` for the run's last checkpoint."""
     from clipforge.checkpoints import load
-    from clipforge.data import open_data
+    from clipforge.data.images import describe_skipped
+    from clipforge.evaluate import open_eval_source
     from clipforge.train.run_state import list_checkpoints
 
     run = Path(run)
@@ -138,19 +180,23 @@ def write_report(run: str | Path, *, checkpoint: str | Path | None = None) -> Pa
                 if isinstance(value, (int, float)):
                     lines.append(f"| `{name}` | {key} | {value:.4f} |")
         lines.append("")
-    retrieval = open_data(config["eval_retrieval"]) if config.get("eval_retrieval") else None
-    if retrieval is not None:
-        _similarity(model, tokenizer, preprocess, retrieval, figures / "similarity.png")
+    uri = config.get("eval_retrieval")
+    val = None
+    if uri:
+        val = _validation(model, preprocess, open_eval_source(uri, "retrieval"), _POOL)
+        _similarity(model, tokenizer, val, figures / "similarity.png")
         lines += ["## Similarity matrix", "", "![similarity](figures/similarity.png)", ""]
-    for k, uri in enumerate(config.get("eval_zeroshot", [])):
-        if uri in evals and "confusion_matrix" in evals[uri]:
-            classnames = open_data(uri).classnames
-            name = f"confusion-{k}.png"
-            _confusion(evals[uri]["confusion_matrix"], classnames, f"Zero-shot confusion: {uri}", figures / name)
-            lines += [f"## Zero-shot confusion matrix: `{uri}`", "", f"![confusion](figures/{name})", ""]
-    if retrieval is not None:
-        queries = [retrieval[k][1] for k in range(min(4, len(retrieval)))]  # the first validation captions
-        _retrieval(model, tokenizer, preprocess, retrieval, queries, figures / "retrieval.png")
+        if val.skipped:
+            lines += [f"Validation images of `{uri}`: {describe_skipped(val.skipped)}, left out of the figures.", ""]
+    for k, name in enumerate(config.get("eval_zeroshot", [])):
+        if name in evals and "confusion_matrix" in evals[name]:
+            classnames = list(open_eval_source(name, "zeroshot").classnames)
+            figure = f"confusion-{k}.png"
+            _confusion(evals[name]["confusion_matrix"], classnames, f"Zero-shot confusion: {name}", figures / figure)
+            lines += [f"## Zero-shot confusion matrix: `{name}`", "", f"![confusion](figures/{figure})", ""]
+    if val is not None:
+        queries = [c for c in val.captions if c is not None][:_QUERIES]  # the first validation captions
+        _retrieval(model, tokenizer, val, queries, figures / "retrieval.png")
         lines += ["## Retrieval examples", "", "![retrieval](figures/retrieval.png)", ""]
     if final.get("bad_samples"):
         lines += [f"{final['bad_samples']} unreadable samples were skipped, e.g. {final.get('bad_examples')}", ""]
