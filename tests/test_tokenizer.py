@@ -17,9 +17,9 @@ import ftfy
 import pytest
 import torch
 
-from clipforge import _bpe_vocab, tokenizer
-from clipforge._bpe_vocab import BPE_ENV, BPE_FILENAME, BPE_SHA256, bytes_to_unicode, find_bpe
-from clipforge.tokenizer import Tokenizer, clean_text, load_tokenizer, train_bpe, train_tokenizer_cli
+from clipforge import tokenizer
+from clipforge.tokenizer import Tokenizer, _bpe_vocab, clean_text, load_tokenizer, train_bpe, train_tokenizer_cli
+from clipforge.tokenizer._bpe_vocab import BPE_ENV, BPE_FILENAME, BPE_SHA256, bytes_to_unicode, find_bpe
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tokenizer_ids.json"
 _SHARED_BPE = Path(__file__).parents[2] / "shared" / "clip-bpe" / BPE_FILENAME

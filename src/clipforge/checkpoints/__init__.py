@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,11 +53,12 @@ from clipforge.checkpoints.configs import (
     infer_config,
 )
 from clipforge.checkpoints.names import from_hf, to_clipforge_names, to_hf, to_openclip
+from clipforge.devices import check_precision, default_device
 from clipforge.model.clip import CLIP
 from clipforge.model.config import OPENAI_VOCAB_SIZE, PRESETS, QUICKGELU_SUFFIX, CLIPConfig, get_config
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "InferenceModel", "PRECISIONS", "convert", "default_device", "is_preset", "load",
+    "Checkpoint", "CheckpointError", "InferenceModel", "convert", "is_preset", "load",
     "load_for_inference", "load_model", "read_checkpoint", "save",
 ]
 
@@ -261,17 +263,6 @@ def load(
 
 # ----------------------------------------------------------------------------- for inference
 
-# How a model runs for inference: fp32, or bf16 autocast over fp32 weights.
-PRECISIONS = ("fp32", "bf16")
-
-
-def default_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` as a `torch.device`; None picks the first CUDA device if there is one, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @dataclass
 class InferenceModel:
     """A model ready to embed images and texts: what `load_for_inference` returns."""
@@ -302,9 +293,10 @@ def load_for_inference(
     CUDA when available (`default_device`); ``precision`` is "fp32" or "bf16" (autocast over fp32
     weights).  A CheckpointError when the model comes without a tokenizer and none is given.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     run_on = default_device(device)
+    note = check_precision(precision, run_on)
+    if note:
+        warnings.warn(note, stacklevel=2)
     model, preprocess, loaded_tokenizer = load(name_or_path, device=run_on)
     if tokenizer is not None:
         from clipforge.tokenizer import Tokenizer

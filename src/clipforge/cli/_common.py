@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from clipforge.checkpoints import PRECISIONS, InferenceModel, is_preset, load_for_inference
+from clipforge.checkpoints import InferenceModel, is_preset, load_for_inference
+from clipforge.devices import INFERENCE_PRECISIONS as PRECISIONS
 
 __all__ = [
     "Clock", "CommandError", "batch_size_option", "device_option", "fmt", "load_model", "load_model_for_command",

@@ -31,7 +31,8 @@ import torch
 from tokenizers import Regex, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _RustTokenizer
 
-from clipforge._bpe_vocab import (
+from clipforge.model.config import OPENAI_CONTEXT_LENGTH
+from clipforge.tokenizer._bpe_vocab import (
     END_OF_WORD,
     EOT_TOKEN,
     SOT_TOKEN,
@@ -42,7 +43,6 @@ from clipforge._bpe_vocab import (
     read_openai_bpe,
     vocab_from_merges,
 )
-from clipforge.model.config import OPENAI_CONTEXT_LENGTH
 
 __all__ = [
     "DEFAULT_CONTEXT_LENGTH",
