@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from _demo_runs import demo_run  # benchmarks/_demo_runs.py
+from _timing import cpu_record  # benchmarks/_timing.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {
         "date": dt.date.today().isoformat(),
         "machine": platform.processor() or platform.machine(),
+        "cpu": cpu_record(),
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from _timing import fastest  # benchmarks/_timing.py
+from _timing import cpu_record, fastest  # benchmarks/_timing.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_demo_step.json"
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "meta": {"date": dt.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
                  "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                 "batch": batch, "reps": args.reps},
+                 "batch": batch, "reps": args.reps, "cpu": cpu_record()},
         "ms": {name: seconds * 1000 for name, seconds in times.items()},
         "channels_last_speedup": speedup,
         "max_feature_difference": difference,

@@ -19,6 +19,8 @@ import platform
 import time
 from pathlib import Path
 
+from _timing import cpu_record  # benchmarks/_timing.py
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "command": f"python benchmarks/bench_digits.py --steps {args.steps}", "train_seconds": seconds,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "cpu": cpu_record()}
     args.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
     print(f"wrote {args.json}")
 

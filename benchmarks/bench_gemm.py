@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _timing import fastest  # benchmarks/_timing.py
+from _timing import cpu_record, fastest  # benchmarks/_timing.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_gemm.json"
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "mkldnn::_linear_pointwise",
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ViT-B-32 fp32 image forward, batch {batch}: {share:.0%} of the time in matrix multiplies")
     result = {
         "meta": {"date": dt.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-                 "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+                 "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                 "cpu": cpu_record()},
         "peak_gflops": practical_peak,
         "layer_gflops": {str(rows): r for rows, r in rates.items()},
         "matmul_share": {str(batch): s for batch, s in shares.items()},

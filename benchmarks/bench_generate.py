@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from _demo_runs import demo_run  # benchmarks/_demo_runs.py
+from _timing import cpu_record  # benchmarks/_timing.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
                 "loss_first": result.losses[0],
                 "loss_last": result.losses[-1],
                 "seed_kept": result.seed,
-                "start_cosines": [round(c, 6) for c in result.cosines],
+                "final_cosine_by_start": [round(c, 6) for c in result.cosines],
             }
         )
         print(f"[{number}/{len(chosen)}] {prompt}: CLIP-S {own.mean:.3f} (model), {other.mean:.3f} (judge)", flush=True)
@@ -440,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {
         "date": dt.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "cpu": cpu_record(),
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
         "torch_threads": torch.get_num_threads(),
         "train_seconds": round(train_seconds, 1),

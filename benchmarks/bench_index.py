@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from _memory import reset_peak, rss  # benchmarks/_memory.py
+from _timing import cpu_record  # benchmarks/_timing.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -119,7 +120,7 @@ def main() -> None:
         "benchmark": "index", "date": dt.datetime.now().isoformat(timespec="seconds"),
         "command": "python benchmarks/bench_index.py " + " ".join(sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "faiss": faiss.__version__, "faiss_threads": faiss.omp_get_max_threads()},
+                    "faiss": faiss.__version__, "faiss_threads": faiss.omp_get_max_threads(), "cpu": cpu_record()},
         "data": {"clusters": args.clusters, "spread": 1.0, "tune_queries": 200, "test_queries": args.queries,
                  "generate_s": round(generate_s, 1), "exact_truth_s": round(truth_s, 1)},
         "result": row, "tune": built.tuned.tried,

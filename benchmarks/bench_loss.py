@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from _memory import reset_peak, rss  # benchmarks/_memory.py
+from _timing import cpu_record  # benchmarks/_timing.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {
         "date": dt.date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "cpu": cpu_record(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "command": "python benchmarks/bench_loss.py" + (" --quick" if args.quick else ""),

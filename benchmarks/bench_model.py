@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from _timing import cpu_record  # benchmarks/_timing.py
 from clipforge.checkpoints.configs import config_to_openclip
 from clipforge.checkpoints.names import to_openclip
 from clipforge.model import CLIP, get_config
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "open_clip": open_clip_version,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_record(),
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

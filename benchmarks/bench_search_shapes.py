@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _timing import cpu_record  # benchmarks/_timing.py
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {
         "date": dt.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "cpu": cpu_record(),
         "model": args.model,
         "images": len(paths),
         "command": f"python benchmarks/bench_search_shapes.py --model {args.model} --images {args.images}",

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _timing import cpu_record  # benchmarks/_timing.py
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -283,7 +285,8 @@ def main() -> None:
         "benchmark": "serve",
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "cpu": cpu_record()},
         "setup": {
             "images": args.images,
             "model": "tiny preset, random weights",

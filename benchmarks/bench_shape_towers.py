@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from _timing import cpu_record  # benchmarks/_timing.py
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {
         "date": dt.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "cpu": cpu_record(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }

@@ -21,6 +21,8 @@ import random
 import time
 from pathlib import Path
 
+from _timing import cpu_record  # benchmarks/_timing.py
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 WORDS = (
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {
         "date": dt.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "cpu": cpu_record(),
         "captions": len(texts),
         "command": "python benchmarks/bench_tokenizer.py",
     }

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from _timing import fastest  # benchmarks/_timing.py
+from _timing import cpu_record, fastest  # benchmarks/_timing.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {
         "date": dt.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "cpu": cpu_record(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "command": f"python benchmarks/bench_train.py --models {args.models} --batch {args.batch}",

@@ -233,6 +233,169 @@ def test_foreign_files_are_reported(tmp_path):
         load_model(other)
 
 
+# ----------------------------------------------------------------------------- files that are not checkpoints
+
+
+def _half(path: Path, out: Path) -> Path:
+    data = path.read_bytes()
+    out.write_bytes(data[: len(data) // 2])
+    return out
+
+
+def _safetensors_cut_in_header(tmp_path: Path) -> Path:
+    whole = PARITY / "openclip_vit_gelu" / "open_clip_model.safetensors"
+    out = tmp_path / "cut.safetensors"
+    out.write_bytes(whole.read_bytes()[:40])  # the length field and the start of the JSON header
+    return out
+
+
+def _hf_directory_of(tmp_path: Path, model_type: str) -> Path:
+    directory = tmp_path / model_type
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"model_type": model_type, "vision_config": {}}))
+    save_file({"w": torch.zeros(2)}, str(directory / "model.safetensors"))
+    return directory
+
+
+def _write(tmp_path: Path, name: str, data: bytes) -> Path:
+    (tmp_path / name).write_bytes(data)
+    return tmp_path / name
+
+
+# Each maker writes one thing a user might pass as a checkpoint; the phrase must be in the message.
+NOT_CHECKPOINTS = {
+    "text": (lambda t: _write(t, "x.pt", b"hello\n"), "a 6-byte text file, not a checkpoint (expected"),
+    "random bytes": (lambda t: _write(t, "rnd.pt", bytes(torch.randint(0, 256, (4000,), dtype=torch.uint8,
+                                                                      generator=torch.Generator().manual_seed(3)))),
+                     "a 4,000-byte file of unrecognised binary data"),
+    "zero bytes": (lambda t: _write(t, "zero.pt", b""), "an empty (0-byte) file"),
+    "json named .pt": (lambda t: _write(t, "j.pt", b'{"model": "ViT-B-32"}'), "a 21-byte JSON file"),
+    "html page": (lambda t: _write(t, "w.pt", b"<!DOCTYPE html><html>Not Found</html>"), "HTML page"),
+    "git lfs pointer": (lambda t: _write(t, "l.pt", b"version https://git-lfs.github.com/spec/v1\noid sha256:0\n"),
+                        "a Git LFS pointer"),
+    "plain pickle": (lambda t: _write(t, "p.pkl", pickle.dumps({"w": [1, 2]}, protocol=4)),
+                     "Python pickle not written by torch.save; clipforge does not unpickle"),
+    "zip of other files": (lambda t: _zip_of_text(t / "photos.zip"), "a zip archive without data.pkl"),
+    "truncated zip": (lambda t: _half(PARITY / "openclip_vit_quickgelu.pt", t / "half.pt"),
+                      "a truncated or damaged zip archive"),
+    "truncated legacy pickle": (lambda t: _legacy_cut(t), "a truncated PyTorch checkpoint"),
+    "truncated safetensors data": (lambda t: _half(PARITY / "openclip_vit_gelu" / "open_clip_model.safetensors",
+                                                   t / "half.safetensors"), "a truncated safetensors file (holds"),
+    "truncated safetensors header": (_safetensors_cut_in_header, "a truncated safetensors file (its header alone"),
+    "directory without config": (lambda t: _downloads(t), "not a checkpoint directory (no config.json or "
+                                 "open_clip_config.json; it holds 2 entries (ViT.pt, notes.txt)); give a weights file"),
+    "directory of another model": (lambda t: _hf_directory_of(t, "bert"), "describes a Hugging Face 'bert' model"),
+    "directory of SigLIP": (lambda t: _hf_directory_of(t, "siglip"), "'siglip' model (its model_type), not CLIP"),
+}
+
+
+def _downloads(tmp_path: Path) -> Path:
+    directory = tmp_path / "downloads"
+    directory.mkdir()
+    (directory / "notes.txt").write_text("hello")
+    (directory / "ViT.pt").write_bytes((PARITY / "openai_rn.pt").read_bytes())
+    return directory
+
+
+def _zip_of_text(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "hello")
+    return path
+
+
+def _legacy_cut(tmp_path: Path) -> Path:
+    whole = tmp_path / "legacy.pt"
+    torch.save({"w": torch.zeros(64)}, whole, _use_new_zipfile_serialization=False)
+    return _half(whole, tmp_path / "legacy_half.pt")
+
+
+@pytest.mark.parametrize("case", NOT_CHECKPOINTS)
+def test_what_is_not_a_checkpoint_is_named_in_one_line(tmp_path, case):
+    make, phrase = NOT_CHECKPOINTS[case]
+    bad = make(tmp_path)
+    with pytest.raises(CheckpointError) as err:
+        load_model(bad)
+    message = str(err.value)
+    assert "\n" not in message and str(bad) in message and phrase in message, message
+    assert "weights_only" not in message  # PyTorch's advice to unpickle anything is never passed on
+    assert err.value.__cause__ is None  # nor is PyTorch's message chained under ours
+
+
+def test_torch_file_holding_other_objects_names_them_without_unsafe_advice(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "with_numpy.pt"
+    torch.save({"w": torch.zeros(2), "stats": np.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match=r"with_numpy.pt: holds objects other than tensors \(numpy\..*"
+                                              r"clipforge does not unpickle them") as err:
+        load_model(path)
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("command", ["eval", "train"])
+@pytest.mark.parametrize("case", ["text", "random bytes", "directory of another model"])
+def test_commands_given_a_non_checkpoint_exit_2_with_one_line(tmp_path, capsys, command, case):
+    from clipforge.cli import main
+
+    bad = NOT_CHECKPOINTS[case][0](tmp_path)
+    if command == "eval":
+        argv = ["eval", "zeroshot", "--model", str(bad), "--data", "shapes://?n=8", "--quiet"]
+    else:
+        argv = ["train", "--model", str(bad), "--data", "shapes://", "--steps", "1", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and str(bad) in err, err
+
+
+# ----------------------------------------------------------------------------- names without weights
+
+
+def test_an_architecture_name_warns_once_that_its_weights_are_random(tmp_path):
+    import warnings
+
+    from clipforge.checkpoints import RandomWeightsWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load("tiny")
+    assert [w.category for w in caught] == [RandomWeightsWarning]
+    assert "'tiny'" in str(caught[0].message) and "random" in str(caught[0].message)
+    assert caught[0].filename == __file__  # attributed to the caller's line, not clipforge's
+
+    save(load_model("tiny"), tmp_path / "ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load(tmp_path / "ckpt")
+        load_model("tiny")  # building a model to train or save asks for random weights: no warning
+    assert not [w for w in caught if issubclass(w.category, RandomWeightsWarning)]
+
+
+def test_load_for_inference_warns_for_a_name_and_not_for_a_checkpoint(tmp_path):
+    import warnings
+
+    from clipforge.checkpoints import RandomWeightsWarning, load_for_inference
+    from clipforge.tokenizer import train_bpe
+
+    tokenizer = train_bpe(["a photo of a cat", "a photo of a dog"] * 20, 530, context_length=13)
+    tokenizer.save(tmp_path / "tok")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_for_inference("tiny", tokenizer=tmp_path / "tok", device="cpu")
+    assert [w.category for w in caught] == [RandomWeightsWarning]
+    save(load_model("tiny"), tmp_path / "ckpt", tokenizer=tokenizer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_for_inference(tmp_path / "ckpt", device="cpu")
+    assert not [w for w in caught if issubclass(w.category, RandomWeightsWarning)]
+
+
+@pytest.mark.parametrize("name", ["openai", "laion2b_s34b_b79k"])
+def test_released_weights_by_name_are_refused_for_now(name):
+    with pytest.raises(ValueError, match=f"pretrained='{name}': released weights by name are not available yet") as err:
+        load("ViT-B-32", pretrained=name)
+    assert "\n" not in str(err.value) and "checkpoint file or directory" in str(err.value)
+
+
 class Payload:
     """Unpickling this would append to a list: proof that code ran."""
 
@@ -268,3 +431,12 @@ def test_top_level_exports_resolve():
 
     assert clipforge.load_for_inference is checkpoints.load_for_inference and clipforge.load is checkpoints.load
     assert all(getattr(clipforge, name) is not None for name in clipforge.__all__)
+
+
+def test_dir_lists_the_lazily_imported_names():
+    import clipforge
+
+    listed = dir(clipforge)
+    assert set(clipforge.__all__) <= set(listed)
+    assert {"load", "load_for_inference", "CLIP", "Tokenizer", "RandomWeightsWarning"} <= set(listed)
+    assert listed == sorted(listed)

@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClipLoss", "SigLipLoss", "LogitScale", "clip_loss", "siglip_loss",
-    "CLIP", "CLIPConfig", "get_config", "load", "load_for_inference", "convert", "save",
+    "CLIP", "CLIPConfig", "get_config", "load", "load_for_inference", "convert", "save", "RandomWeightsWarning",
     "Tokenizer", "tokenize", "image_transform",
     "__version__",
 ]
@@ -33,13 +33,14 @@ _LAZY = {
     "load_for_inference": "clipforge.checkpoints",
     "convert": "clipforge.checkpoints",
     "save": "clipforge.checkpoints",
+    "RandomWeightsWarning": "clipforge.checkpoints",
     "Tokenizer": "clipforge.tokenizer",
     "tokenize": "clipforge.tokenizer",
     "image_transform": "clipforge.transforms",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from clipforge.checkpoints import convert, load, load_for_inference, save
+    from clipforge.checkpoints import RandomWeightsWarning, convert, load, load_for_inference, save
     from clipforge.model import CLIP, CLIPConfig, get_config
     from clipforge.tokenizer import Tokenizer, tokenize
     from clipforge.transforms import image_transform
@@ -51,3 +52,9 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'clipforge' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names and the lazily imported ones, which `__getattr__` alone would hide from
+    ``dir()`` and tab completion."""
+    return sorted(set(globals()) | set(_LAZY))

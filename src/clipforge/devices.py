@@ -31,13 +31,19 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         chosen = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"device {device!r} is not a device PyTorch knows (cpu, cuda, cuda:1, ...): {err}") from None
+    except RuntimeError:  # PyTorch's message lists twenty device types; the common ones say enough
+        raise ValueError(f"device {device!r} is not a device PyTorch knows (cpu, cuda, cuda:1, mps, ...)") from None
+    if chosen.type == "meta":
+        raise ValueError(f"device {device!r} holds shapes but no values; use cpu or cuda")
     if chosen.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r}: CUDA is not available on this machine; use cpu")
         if chosen.index is not None and chosen.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    backend = getattr(torch, chosen.type, None)  # torch.mps, torch.xpu, ...: each says if it is there
+    if chosen.type not in ("cpu", "cuda") and callable(getattr(backend, "is_available", None)):
+        if not backend.is_available():
+            raise ValueError(f"device {device!r}: {chosen.type} is not available on this machine; use cpu")
     return chosen
 
 
@@ -62,7 +68,8 @@ def check_precision(precision: str, device: str | torch.device, *, training: boo
     one-line warning text when it runs but slowly (bf16 emulated on this CPU), else None."""
     allowed = TRAINING_PRECISIONS if training else INFERENCE_PRECISIONS
     if precision not in allowed:
-        raise ValueError(f"precision must be one of {', '.join(allowed)}, got {precision!r}")
+        note = " (fp16 is for training on CUDA)" if precision == "fp16" else ""
+        raise ValueError(f"precision must be one of {', '.join(allowed)}{note}, got {precision!r}")
     kind = torch.device(device).type
     if precision == "fp16" and kind != "cuda":
         raise ValueError(f"precision fp16 needs a CUDA device (its gradient scaler runs there), not {kind}; "
@@ -70,6 +77,7 @@ def check_precision(precision: str, device: str | torch.device, *, training: boo
     if precision == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("precision bf16: this CUDA device has no bf16 support; use fp16 (training) or fp32")
     if precision == "bf16" and kind == "cpu" and native_cpu_bf16() is False:
-        return (f"precision bf16 on this CPU ({cpu_description()}) is emulated: bf16 matrix products run many "
-                "times slower than fp32 here; fp32 is faster and exact")
+        return (f"precision bf16 on this CPU ({torch.backends.cpu.get_cpu_capability()}, without AVX-512 BF16 "
+                "or AMX) is emulated: bf16 matrix products run many times slower than fp32 here; "
+                "use fp32, faster here and exact")
     return None

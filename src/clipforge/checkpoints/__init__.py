@@ -9,7 +9,7 @@ What `load` accepts (`convert` writes the last three formats, and OpenCLIP's bar
 
 | source | weights | architecture from |
 |---|---|---|
-| a preset name (``"ViT-B-32"``, ``"tiny"``) | random | the preset |
+| a preset name (``"ViT-B-32"``, ``"tiny"``) | random (`load` warns) | the preset |
 | OpenAI ``.pt`` (TorchScript archive or state dict) | read | tensor shapes; QuickGELU |
 | OpenCLIP ``.pt``/``.bin``/``.safetensors`` (bare, under ``state_dict``, ``module.``) | read | tensor shapes |
 | OpenCLIP hub directory (``open_clip_config.json``) | read | the config |
@@ -23,7 +23,8 @@ GELU; ``act=`` overrides.  Nothing but tensors is ever unpickled.
 
 `load` reads a checkpoint in three steps, each in its own module, then builds the model here:
 
-1. the file's tensors under its own names (`_files`; OpenAI's archives in `torchscript`);
+1. the file's tensors under its own names (`_files`, which first tells by its bytes what the file is, so
+   that anything else is refused with a line saying what it is; OpenAI's archives in `torchscript`);
 2. the tensors renamed to clipforge's names (`names`);
 3. the architecture, from the file's config or the tensors' shapes (`configs`).
 
@@ -58,7 +59,7 @@ from clipforge.model.clip import CLIP
 from clipforge.model.config import OPENAI_VOCAB_SIZE, PRESETS, QUICKGELU_SUFFIX, CLIPConfig, get_config
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "InferenceModel", "convert", "is_preset", "load",
+    "Checkpoint", "CheckpointError", "InferenceModel", "RandomWeightsWarning", "convert", "is_preset", "load",
     "load_for_inference", "load_model", "read_checkpoint", "save",
 ]
 
@@ -68,6 +69,7 @@ WEIGHTS_FILE = "model.safetensors"
 OPENCLIP_CONFIG = "open_clip_config.json"
 OPENCLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+WEIGHTS_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 FORMAT_VERSION = 1
 
 # ----------------------------------------------------------------------------- reading
@@ -104,6 +106,17 @@ def _has_tokenizer(directory: Path) -> bool:
     )
 
 
+def _not_a_checkpoint_directory(directory: Path) -> CheckpointError:
+    """The error for a directory without a config: what it holds, and the weights file in it, if
+    one is there, to give instead."""
+    names = sorted(p.name for p in directory.iterdir())
+    held = f"{len(names)} {'entry' if len(names) == 1 else 'entries'} ({few(names, 4)})" if names else "nothing"
+    weights = [n for n in names if n.endswith(WEIGHTS_SUFFIXES)]
+    hint = f"; give a weights file itself, such as {directory / weights[0]}" if weights else ""
+    return CheckpointError(f"{directory}: not a checkpoint directory (no {CONFIG_FILE} or {OPENCLIP_CONFIG}; "
+                           f"it holds {held}){hint}")
+
+
 def _read_directory(directory: Path) -> Checkpoint:
     tokenizer_dir = directory if _has_tokenizer(directory) else None
     if (directory / OPENCLIP_CONFIG).is_file():
@@ -114,8 +127,12 @@ def _read_directory(directory: Path) -> Checkpoint:
         state, _ = to_clipforge_names(read_tensors(weights)[0], weights)
         return Checkpoint(config, state, weights, "openclip", tokenizer_dir)
     if not (directory / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{directory}: no {CONFIG_FILE} or {OPENCLIP_CONFIG}; not a checkpoint directory")
+        raise _not_a_checkpoint_directory(directory)
     data = read_json(directory / CONFIG_FILE)
+    model_type = data.get("model_type")
+    if isinstance(model_type, str) and model_type != "clip":  # SigLIP, BLIP, ... also have a vision_config
+        raise CheckpointError(f"{directory / CONFIG_FILE}: describes a Hugging Face {model_type!r} model "
+                              "(its model_type), not CLIP; clipforge reads CLIP models only")
     if data.get("format") == "clipforge":
         try:
             config = CLIPConfig.from_dict(data["model"])
@@ -194,11 +211,26 @@ def _assemble(checkpoint: Checkpoint) -> CLIP:
     return model
 
 
+class RandomWeightsWarning(UserWarning):
+    """`load` or `load_for_inference` was given an architecture name: the model's weights are random."""
+
+
 def is_preset(name_or_path: PathLike) -> bool:
     """Whether ``name_or_path`` names a preset (random weights) rather than an existing file or folder."""
     if Path(name_or_path).exists():
         return False
     return str(name_or_path).removesuffix(QUICKGELU_SUFFIX) in PRESETS
+
+
+def _warn_if_random(name_or_path: PathLike, *, stacklevel: int) -> None:
+    """Says that a preset name gives random weights; ``stacklevel`` 2 names the caller's caller."""
+    if is_preset(name_or_path):
+        warnings.warn(
+            f"{str(name_or_path)!r} is an architecture name, so its weights are random (untrained); "
+            "give a checkpoint file or directory for trained weights",
+            RandomWeightsWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 def _load(
@@ -228,24 +260,16 @@ def load_model(
     """A `CLIP` in eval mode: a preset with random weights, or a checkpoint's (see the module notes).
 
     Floating-point weights are cast to ``dtype`` (float32 when None, whatever the file holds);
-    ``act`` ("gelu" or "quick_gelu") overrides the activation.
+    ``act`` ("gelu" or "quick_gelu") overrides the activation.  A preset name builds a fresh
+    model without a warning: this is the call that makes a model to train or save, where random
+    weights are what is asked for (`load` warns).
     """
     return _load(name_or_path, device=device, dtype=dtype, act=act)[0]
 
 
-def load(
-    name_or_path: PathLike,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    act: str | None = None,
+def _load_with_tools(
+    name_or_path: PathLike, *, device: str | torch.device, dtype: torch.dtype | None, act: str | None
 ) -> tuple[CLIP, Callable, Any]:
-    """(model, preprocess, tokenizer) for a preset name or a checkpoint; the model as `load_model`'s.
-
-    ``preprocess`` maps a PIL image to the model's input tensor.  The tokenizer is the one
-    stored with the checkpoint, else OpenAI's when the vocabulary is OpenAI's 49,408 ids, else
-    None (a custom vocabulary whose tokenizer was not saved with the weights).
-    """
     from clipforge.tokenizer import Tokenizer, load_tokenizer
     from clipforge.transforms import image_transform
 
@@ -259,6 +283,31 @@ def load(
     else:
         tokenizer = None
     return model, preprocess, tokenizer
+
+
+def load(
+    name_or_path: PathLike,
+    *,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    act: str | None = None,
+) -> tuple[CLIP, Callable, Any]:
+    """(model, preprocess, tokenizer) for a preset name or a checkpoint; the model as `load_model`'s.
+
+    ``preprocess`` maps a PIL image to the model's input tensor.  The tokenizer is the one
+    stored with the checkpoint, else OpenAI's when the vocabulary is OpenAI's 49,408 ids, else
+    None (a custom vocabulary whose tokenizer was not saved with the weights).  A preset name
+    gives random weights and a `RandomWeightsWarning`.  ``pretrained`` will name released
+    weights for an architecture; none are available by name yet, so anything but None is a
+    ValueError.
+    """
+    if pretrained is not None:
+        raise ValueError(f"pretrained={pretrained!r}: released weights by name are not available yet; "
+                         "give the path of a checkpoint file or directory instead")
+    loaded = _load_with_tools(name_or_path, device=device, dtype=dtype, act=act)
+    _warn_if_random(name_or_path, stacklevel=2)
+    return loaded
 
 
 # ----------------------------------------------------------------------------- for inference
@@ -291,13 +340,14 @@ def load_for_inference(
 
     ``tokenizer`` is a tokenizer folder that replaces the checkpoint's own; ``device`` None picks
     CUDA when available (`default_device`); ``precision`` is "fp32" or "bf16" (autocast over fp32
-    weights).  A CheckpointError when the model comes without a tokenizer and none is given.
+    weights).  A CheckpointError when the model comes without a tokenizer and none is given; a
+    `RandomWeightsWarning` for a preset name, as from `load`.
     """
     run_on = default_device(device)
     note = check_precision(precision, run_on)
     if note:
         warnings.warn(note, stacklevel=2)
-    model, preprocess, loaded_tokenizer = load(name_or_path, device=run_on)
+    model, preprocess, loaded_tokenizer = _load_with_tools(name_or_path, device=run_on, dtype=None, act=None)
     if tokenizer is not None:
         from clipforge.tokenizer import Tokenizer
 
@@ -308,6 +358,7 @@ def load_for_inference(
             f"{model.config.text.vocab_size} ids, not OpenAI's); give its tokenizer folder "
             "(--tokenizer DIR; tokenizer= in Python)"
         )
+    _warn_if_random(name_or_path, stacklevel=2)  # after the checks: a load that fails says only why
     return InferenceModel(model, preprocess, loaded_tokenizer, run_on, precision, str(name_or_path))
 
 
