@@ -64,7 +64,7 @@ def test_parse_data_uri_forms():
     [
         ("/data/val", "does not start with a known scheme"),
         ("C:/data/val", "does not start with a known scheme"),
-        ("webdataset:x", "imagefolder:, csv:, jsonl:"),
+        ("webdataset:x", "imagefolder:, folder:, csv:, jsonl:"),
         ("csv:a.csv?novalue", "key=value"),
     ],
 )
@@ -117,7 +117,8 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(DataError, match="not a folder"):
         scan_image_folder(tmp_path / "absent")
     (tmp_path / "flat.png").write_bytes(image_bytes(0))
-    with pytest.raises(DataError, match="no class sub-folders"):
+    with pytest.raises(DataError, match=f"no class sub-folders .*; for an unlabelled folder of images use "
+                                        f"folder:{tmp_path}$"):
         scan_image_folder(tmp_path)
     (tmp_path / "cat").mkdir()
     (tmp_path / "cat" / "readme.md").write_text("x")
@@ -213,7 +214,8 @@ def test_comma_csv_with_quotes_and_named_columns(tmp_path):
         ("filepath\ttitle\n\tno image\n", {}, r"t.csv:2: the image path is empty"),
         ("file\tcaption\na.jpg\tx\n", {"image_key": "filepath"}, r"t.csv:1: no image path column 'filepath'"),
         ("what\tever\na\tb\n", {}, r"t.csv:1: none of the columns \['what', 'ever'\]"),
-        ("\n", {}, r"t.csv:1: no header line"),
+        ("\n", {}, r"t.csv: empty caption file"),
+        ("\n\nfilepath\ttitle\na.jpg\tok\n", {}, r"t.csv:1: no header line"),
         ("filepath\ttitle\na.jpg\t \n", {}, r"t.csv: no image with a non-empty caption"),
         ("filepath\ttitle\n", {"sep": "::"}, "separator"),
     ],
@@ -261,8 +263,10 @@ def test_missing_caption_file_and_unknown_options(tmp_path):
     for uri in ("csv:", "jsonl://", "imagefolder:"):
         with pytest.raises(DataError, match="needs a"):
             open_data(uri)
-    with pytest.raises(DataError, match="no such caption file"):
+    with pytest.raises(DataError, match="absent.csv: no such caption file"):
         open_data(f"csv:{tmp_path}/absent.csv")
+    with pytest.raises(DataError, match="a folder, not a caption file"):
+        open_data(f"jsonl:{tmp_path}")
     with pytest.raises(ValueError, match="does not take these options"):
         open_data(f"jsonl:{tmp_path}/x.jsonl?sep=tab")
 
@@ -284,3 +288,111 @@ def test_caption_set_images_skip_missing_files(tmp_path):
     assert sum(len(b) for b in loader) == 1
     assert loader.kept == [0] and loader.skipped[0].reason == "file not found"
     assert loader.skipped[0].path == str(tmp_path / "gone.png")
+
+
+# ----------------------------------------------------------------------------- text files users give
+
+NOT_UTF8 = b"image\tcaption\nimg.png\tcaf\xe9\n"  # \xe9 (Latin-1 é) at byte 25, on line 2
+
+
+def test_read_text_names_the_file_line_and_byte(tmp_path):
+    from clipforge.data.text import lines, read_text
+
+    path = tmp_path / "c.tsv"
+    path.write_bytes(NOT_UTF8)
+    with pytest.raises(DataError, match=r"c.tsv:2: not UTF-8 text \(invalid continuation byte at byte 25\)$"):
+        read_text(path)
+    # a byte-order mark is dropped, and offsets still count the file's bytes
+    path.write_bytes(b"\xef\xbb\xbf" + NOT_UTF8)
+    with pytest.raises(DataError, match=r"c.tsv:2: not UTF-8 text \(.* at byte 28\)$"):
+        read_text(path)
+    path.write_bytes(b"\xef\xbb\xbfa\r\nb\rc\nd\xe2\x80\xa8e\x0cf")  # U+2028 and a form feed inside a line
+    assert read_text(path) == "a\r\nb\rc\nd\u2028e\x0cf"
+    assert list(lines(read_text(path))) == ["a", "b", "c", "d\u2028e\x0cf"]
+    with pytest.raises(DataError, match="absent.txt: no such class-name file$"):
+        read_text(tmp_path / "absent.txt", what="class-name file")
+    with pytest.raises(DataError, match=f"{tmp_path}: a folder, not a file$"):
+        read_text(tmp_path)
+    path.write_bytes(b" \n\n")
+    with pytest.raises(DataError, match="c.tsv: empty caption file$"):
+        read_text(path, what="caption file")
+    assert read_text(path, allow_empty=True) == " \n\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random-weight tiny model saved with a small tokenizer: the commands load it before the data."""
+    from clipforge.checkpoints import load_model, save
+    from clipforge.tokenizer import train_bpe
+
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    model = load_model("tiny")
+    save(model, root / "model", tokenizer=train_bpe(["a red circle", "a blue square"] * 3, 520, min_frequency=1,
+                                                    context_length=model.context_length))
+    return root / "model"
+
+
+def assert_one_line(err: str, *parts: str) -> None:
+    """stderr is one error line holding every part, with no traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err, err
+    for part in parts:
+        assert part in lines[0], (part, lines[0])
+
+
+def bad_inputs(root: Path) -> dict[str, Path]:
+    """One non-UTF-8 file of each kind a command reads, and an image folder to go with them."""
+    write_image(root / "images" / "cat" / "a.png", 0)
+    write_image(root / "pairs" / "b.png", 1)
+    (root / "pairs" / "b.txt").write_bytes(b"caf\xe9")
+    files = {"csv": root / "c.tsv", "jsonl": root / "c.jsonl", "classnames": root / "names.txt",
+             "templates": root / "templates.json", "negatives": root / "negatives.txt"}
+    files["csv"].write_bytes(NOT_UTF8)
+    files["jsonl"].write_bytes(b'{"image": "a.png", "caption": "x"}\n{"image": "b.png", "caption": "caf\xe9"}\n')
+    files["classnames"].write_bytes(b"caf\xe9\n")
+    files["templates"].write_bytes(b'["a photo of a {c}", "caf\xe9 {c}"]')
+    files["negatives"].write_bytes(b"a dog\ncaf\xe9\n")
+    return files
+
+
+@pytest.mark.parametrize("case", ["csv", "jsonl", "pairs", "classnames", "templates"])
+def test_eval_stops_on_a_text_file_that_is_not_utf8_naming_it(tiny_model, tmp_path, capsys, case):
+    files = bad_inputs(tmp_path)
+    argv = {
+        "csv": ["retrieval", "--data", f"csv:{files['csv']}"],
+        "jsonl": ["retrieval", "--data", f"jsonl:{files['jsonl']}"],
+        "pairs": ["retrieval", "--data", f"pairs:{tmp_path / 'pairs'}"],
+        "classnames": ["zeroshot", "--data", f"imagefolder:{tmp_path / 'images'}", "--classnames",
+                       str(files["classnames"])],
+        "templates": ["zeroshot", "--data", f"imagefolder:{tmp_path / 'images'}", "--templates",
+                      str(files["templates"])],
+    }[case]
+    where = {"csv": "c.tsv:2", "jsonl": "c.jsonl:2", "pairs": "b.txt:1", "classnames": "names.txt:1",
+             "templates": "templates.json:1"}[case]
+    from clipforge.cli import main
+
+    assert main(["eval", *argv, "--model", str(tiny_model), "--workers", "0", "--quiet"]) == 2
+    assert_one_line(capsys.readouterr().err, where, "not UTF-8 text", "at byte")
+
+
+def test_train_stops_on_a_caption_file_that_is_not_utf8_naming_it(tmp_path, capsys):
+    from clipforge.cli import main
+
+    files = bad_inputs(tmp_path)
+    code = main(["train", "--model", "tiny", "--data", f"csv:{files['csv']}", "--out", str(tmp_path / "run"),
+                 "--steps", "1", "--batch-size", "2"])
+    assert code == 2
+    assert_one_line(capsys.readouterr().err, "c.tsv:2: not UTF-8 text (invalid continuation byte at byte 25)")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_generate_stops_on_a_negatives_file_that_is_not_utf8_naming_it(tmp_path, capsys):
+    from clipforge.cli import main
+
+    files = bad_inputs(tmp_path)
+    code = main(["generate", "--model", "tiny", "a red circle", "--out", str(tmp_path / "x.png"),
+                 "--negatives", str(files["negatives"])])
+    assert code == 2
+    assert_one_line(capsys.readouterr().err, "--negatives", "negatives.txt:2: not UTF-8 text", "at byte 9")
+    assert not (tmp_path / "x.png").exists()

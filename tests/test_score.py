@@ -243,8 +243,11 @@ def test_score_end_to_end_matches_the_library(workspace, capsys):
     [
         ("00000.png a red circle\n", None, "captions.tsv:1: expected IMAGE<TAB>TEXT"),
         ("00000.png\tone\n00007.png\ttwo\n00000.png\tthree\n", None, "captions.tsv:3: a second caption for 00000.png"),
-        ("# header comment\n00000.png\tone\nnowhere.png\ttwo\n", None, "captions.tsv:3: no image nowhere.png"),
-        ("00000.png\t  \n", None, "captions.tsv:1: the text is empty"),
+        ("# header comment\n00000.png\tone\n\ttwo\n", None, "captions.tsv:3: empty image name"),
+        ("00000.png\t  \n", None, "captions.tsv:1: empty caption"),
+        ("00000.png\tone\n", "00000.png\tref\n00000.png\t \n", "refs.tsv:2: empty reference"),
+        ("# only a comment\n", None, "captions.tsv: no IMAGE<TAB>TEXT line"),
+        ("\n \n", None, "captions.tsv: empty captions file"),
         ("00000.png\tone\n00007.png\ttwo\n", "00000.png\tref\n", "refs.tsv: no reference for 00007.png"),
         ("00000.png\tone\n", "00000.png\tref\n00014.png\tref\n", "refs.tsv:2: 00014.png has no caption"),
     ],
@@ -258,6 +261,50 @@ def test_score_names_the_file_and_line_of_a_bad_row(workspace, tmp_path, capsys,
         argv += ["--refs", str(tmp_path / "refs.tsv")]
     assert run(*argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_score_stops_on_a_captions_file_that_is_not_utf8(workspace, tmp_path, capsys):
+    (tmp_path / "captions.tsv").write_bytes(b"image\tcaption\n00000.png\tcaf\xe9\n")
+    assert run("score", "--model", str(workspace["model"]), "--images", str(workspace["images"]),
+               "--captions", str(tmp_path / "captions.tsv")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "captions.tsv:2: not UTF-8 text (invalid continuation byte at byte 27)" in err
+
+
+def test_score_skips_and_lists_a_missing_image_with_its_references(workspace, tmp_path, capsys):
+    # The rule every command follows: a bad image is skipped and listed, never fatal.
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    for name in NAMES[:3]:
+        (images / "sub" / name).write_bytes((workspace["images"] / name).read_bytes())
+    (images / "corrupt.png").write_bytes(b"\x89PNG but truncated")
+    names = [f"sub/{name}" for name in NAMES[:3]]
+    texts = [workspace["captions"][name] for name in NAMES[:3]]
+    captions = [f"{names[0]}\t{texts[0]}", "gone.png\ta picture that is not there", f"{names[1]}\t{texts[1]}",
+                "corrupt.png\ta broken picture", f"{names[2]}\t{texts[2]}"]
+    (tmp_path / "captions.tsv").write_text("\n".join(captions) + "\n")
+    refs = [f"{name}\t{ref}" for name in [names[0], "gone.png", names[1], "corrupt.png", names[2]]
+            for ref in ("a picture of a shape", "a thing")]
+    (tmp_path / "refs.tsv").write_text("\n".join(refs) + "\n")
+    code = run("score", "--model", str(workspace["model"]), "--images", str(images), "--captions",
+               str(tmp_path / "captions.tsv"), "--refs", str(tmp_path / "refs.tsv"), "--out", str(tmp_path / "s.json"))
+    printed = capsys.readouterr().out
+    assert code == 0 and "3 of 5 captioned images scored; 2 unreadable image(s)" in printed
+    assert "gone.png (file not found)" in printed
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert (result["images_captioned"], result["images_scored"], result["skipped_images"]) == (5, 3, 2)
+    assert [(Path(s["path"]).name, s["reason"]) for s in result["skipped_examples"]] == [
+        ("gone.png", "file not found"), ("corrupt.png", "not an image Pillow can identify")]
+    assert [r["image"] for r in result["per_image"]] == names
+
+    model, preprocess, tokenizer = load(workspace["model"])
+    pictures = [preprocess(ShapesDataset(split="seen", size=32, n=48)[i][0]) for i in list(PICKED)[:3]]
+    expected = ref_clip_score(model, pictures, texts, [["a picture of a shape", "a thing"]] * 3,
+                              tokenizer=tokenizer, progress=False)
+    assert [r["ref_clip_score"] for r in result["per_image"]] == pytest.approx(expected.ref_clip_score.tolist(),
+                                                                               abs=1e-5)
+    assert result["mean"]["ref_clip_score"] == pytest.approx(expected.ref_mean, abs=1e-5)
 
 
 def test_rerank_end_to_end_puts_the_prompted_colour_first(workspace, capsys):

@@ -1,13 +1,18 @@
 """``clipforge score`` (CLIPScore, RefCLIPScore) and ``clipforge rerank`` (best-of-N for a prompt).
 
 Caption and reference files are UTF-8 text, one ``IMAGE<TAB>TEXT`` pair per line, IMAGE a
-file name relative to ``--images``; blank lines and lines starting with ``#`` are ignored, and
-a first line ``image<TAB>caption`` (or ``image<TAB>ref``) is a header.  The captions file gives
-each image one caption (the candidate scored); the references file may give an image several
-lines, one per reference caption, and must give every captioned image at least one.  A line
-without a tab, an empty name or text, a second caption for an image, or an image not in
-``--images`` is an error naming the file and line.  Images that cannot be decoded are
-skipped, counted and listed, as ``clipforge eval`` does.
+path relative to ``--images`` (``2023/beach.jpg`` for a file in a sub-folder); blank lines and
+lines starting with ``#`` are ignored, and a first line ``image<TAB>caption`` (or
+``image<TAB>ref``) is a header.  The captions file gives each image one caption (the candidate
+scored); the references file may give an image several lines, one per reference caption, and
+must give every captioned image at least one.
+
+Bad input follows the rule every command follows (docs/evaluation.md, "Unreadable input"):
+the text files are the user's instructions, so a file that is not UTF-8, a line without a tab,
+an empty name or text, or a second caption for an image is an error naming the file and line;
+an image that is missing, not an image or truncated is skipped, counted and listed (its
+references go with it), as ``clipforge eval`` does.  ``rerank --images DIR`` ranks every image
+under DIR, sub-folders included (`clipforge.data.folder`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from clipforge.cli._common import (
     fmt,
     load_model_for_command,
     model_options,
+    positive_float,
+    positive_int,
     run_options,
     skipped_report,
     table,
@@ -43,7 +50,7 @@ def add_parser(subparsers: Any) -> None:
     score.add_argument("--captions", required=True, metavar="FILE", help="IMAGE<TAB>CAPTION lines, one per image")
     score.add_argument("--refs", metavar="FILE", help="IMAGE<TAB>REFERENCE lines, one or more per image: "
                        "adds RefCLIPScore")
-    score.add_argument("--w", type=float, default=CLIP_SCORE_W,
+    score.add_argument("--w", type=positive_float, default=CLIP_SCORE_W,
                        help=f"CLIP-S weight: {CLIP_SCORE_W:g} as in Hessel et al. (default), "
                             "100 for torchmetrics' scale")
     score.add_argument("--out", metavar="FILE", help="write per-image scores: .csv or .json")
@@ -52,8 +59,9 @@ def add_parser(subparsers: Any) -> None:
     rerank = subparsers.add_parser("rerank", help="order candidate images by how well they fit a prompt")
     model_options(rerank, workers=0)
     rerank.add_argument("--prompt", required=True, help="the text the images should show")
-    rerank.add_argument("--images", required=True, metavar="DIR", help="folder of candidate images")
-    rerank.add_argument("-k", type=int, default=None, help="show the best K (default: all)")
+    rerank.add_argument("--images", required=True, metavar="DIR",
+                        help="folder of candidate images, sub-folders included")
+    rerank.add_argument("-k", type=positive_int, default=None, help="show the best K (default: all)")
     rerank.add_argument("--out", metavar="FILE", help="write the ranking as JSON")
     rerank.set_defaults(func=run_rerank)
 
@@ -61,16 +69,16 @@ def add_parser(subparsers: Any) -> None:
 # ----------------------------------------------------------------------------- input files
 
 
-def read_pairs(path: str, folder: Path, *, several: bool) -> dict[str, list[tuple[int, str]]]:
+def read_pairs(path: str, *, several: bool) -> dict[str, list[tuple[int, str]]]:
     """``{image name: [(line, text), ...]}`` from an IMAGE<TAB>TEXT file, in file order;
-    ``several`` allows more than one line per image.  Errors name the file and line."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as err:
-        raise CommandError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    ``several`` allows more than one line per image.  Errors name the file and line; whether
+    the images exist is the loader's to find (missing ones are skipped, not errors)."""
+    from clipforge.data.text import lines, read_text
+
+    text = read_text(path, what="references file" if several else "captions file")
     pairs: dict[str, list[tuple[int, str]]] = {}
     first = True
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(lines(text), 1):
         if not line.strip() or line.startswith("#"):
             continue
         if first and line.strip().lower() in ("image\tcaption", "image\tref", "image\treference"):
@@ -82,27 +90,15 @@ def read_pairs(path: str, folder: Path, *, several: bool) -> dict[str, list[tupl
         if not tab:
             raise CommandError(f"{path}:{number}: expected IMAGE<TAB>TEXT, found no tab in {line[:60]!r}")
         if not name or not text:
-            raise CommandError(f"{path}:{number}: the {'image name' if not name else 'text'} is empty")
+            empty = "image name" if not name else "reference" if several else "caption"
+            raise CommandError(f"{path}:{number}: empty {empty}")
         if name in pairs and not several:
             raise CommandError(f"{path}:{number}: a second caption for {name} (first on line {pairs[name][0][0]}); "
                                "one caption per image, references go in --refs")
-        if not (folder / name).is_file():
-            raise CommandError(f"{path}:{number}: no image {name} in {folder}")
         pairs.setdefault(name, []).append((number, text))
     if not pairs:
         raise CommandError(f"{path}: no IMAGE<TAB>TEXT line")
     return pairs
-
-
-def _image_files(folder: Path) -> list[Path]:
-    from clipforge.data.imagefolder import IMAGE_EXTENSIONS
-
-    if not folder.is_dir():
-        raise CommandError(f"{folder}: no such folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
-    if not files:
-        raise CommandError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    return files
 
 
 # ----------------------------------------------------------------------------- score
@@ -126,7 +122,8 @@ def _write_scores(path: str, result: dict[str, Any]) -> None:
 def run_score(args: argparse.Namespace) -> int:
     """``clipforge score --model M --images DIR --captions FILE [--refs FILE] [--out FILE]``:
     prints the mean CLIPScore (and RefCLIPScore), then each image's scores."""
-    from clipforge.data.images import ImageLoader, describe_skipped
+    from clipforge.data import ImageFiles
+    from clipforge.data.images import describe_skipped
     from clipforge.score import clip_score, ref_clip_score
 
     if args.out and not args.out.lower().endswith((".csv", ".json")):
@@ -134,12 +131,12 @@ def run_score(args: argparse.Namespace) -> int:
     folder = Path(args.images)
     if not folder.is_dir():
         raise CommandError(f"--images {folder}: no such folder")
-    captions = read_pairs(args.captions, folder, several=False)
+    captions = read_pairs(args.captions, several=False)
     names = list(captions)
     texts = [captions[name][0][1] for name in names]
     refs = None
     if args.refs:
-        references = read_pairs(args.refs, folder, several=True)
+        references = read_pairs(args.refs, several=True)
         stray = [(name, lines[0][0]) for name, lines in references.items() if name not in captions]
         if stray:
             raise CommandError(f"{args.refs}:{stray[0][1]}: {stray[0][0]} has no caption in {args.captions}")
@@ -150,8 +147,9 @@ def run_score(args: argparse.Namespace) -> int:
         refs = [[text for _, text in references[name]] for name in names]
 
     model, preprocess, tokenizer, setup = load_model_for_command(args)
-    loader = ImageLoader([folder / name for name in names], preprocess, batch_size=args.batch_size,
-                         num_workers=args.workers, source=f"--images {folder}")
+    # the captioned images, in the captions file's order; missing ones are skipped as unreadable
+    images = ImageFiles(folder, [folder / name for name in names], name=f"--images {folder}")
+    loader = images.images(preprocess, batch_size=args.batch_size, num_workers=args.workers)
     run = {"tokenizer": tokenizer, "w": args.w, **run_options(args, setup)}
     scores = ref_clip_score(model, loader, texts, refs, **run) if refs else clip_score(model, loader, texts, **run)
 
@@ -192,22 +190,22 @@ def run_score(args: argparse.Namespace) -> int:
 def run_rerank(args: argparse.Namespace) -> int:
     """``clipforge rerank --model M --prompt TEXT --images DIR [-k N] [--out FILE]``: prints the
     images best first with their cosine and CLIP-S for the prompt."""
-    from clipforge.data.images import ImageLoader, describe_skipped
+    from clipforge.data import find_images
+    from clipforge.data.images import describe_skipped
     from clipforge.score import CLIP_SCORE_W, rerank
 
     if args.k is not None and args.k < 1:
         raise CommandError(f"-k must be positive, got {args.k}")
     if not args.prompt.strip():
         raise CommandError("--prompt is empty")
-    files = _image_files(Path(args.images))
+    images = find_images(args.images, name=f"--images {args.images}")  # recursively, as folder: finds them
     model, preprocess, tokenizer, setup = load_model_for_command(args)
-    loader = ImageLoader(files, preprocess, batch_size=args.batch_size, num_workers=args.workers,
-                         source=f"--images {args.images}")
+    loader = images.images(preprocess, batch_size=args.batch_size, num_workers=args.workers)
     ranking = rerank(model, loader, args.prompt, tokenizer=tokenizer, k=args.k, **run_options(args, setup))
-    rows = [{"rank": r, "image": files[i].name, "cosine": cos, "clip_score": CLIP_SCORE_W * max(cos, 0.0)}
+    rows = [{"rank": r, "image": images.relative(i), "cosine": cos, "clip_score": CLIP_SCORE_W * max(cos, 0.0)}
             for r, (i, cos) in enumerate(ranking, 1)]
     print(f"rerank {args.prompt!r}  {args.images}  model {setup['model']} ({setup['pretrained']})")
-    print(f"{len(loader.kept)} of {len(files)} images ranked; {describe_skipped(loader.skipped)}")
+    print(f"{len(loader.kept)} of {len(images)} images ranked; {describe_skipped(loader.skipped)}")
     print(table(["rank", "image", "cos", "CLIP-S"],
                  [[str(r["rank"]), r["image"], f"{r['cosine']:.4f}", f"{r['clip_score']:.4f}"] for r in rows]))
     if args.out:

@@ -1,6 +1,7 @@
 """Data sources, named by a URI such as the ``--data`` option takes.
 
     source = open_data("imagefolder:val/")          # an `ImageFolder`
+    source = open_data("folder:photos/")            # an `ImageFiles`
     source = open_data("csv:captions.tsv")          # a `CaptionSet`
     source = open_data("jsonl:captions.jsonl?caption_key=text")
 
@@ -10,6 +11,7 @@ A URI is ``scheme:location`` (``scheme://location`` works too), optionally follo
 | scheme | location | gives | evaluation |
 |---|---|---|---|
 | ``imagefolder`` | a folder of class sub-folders, torchvision's ImageFolder layout | `ImageFolder` | labelled |
+| ``folder`` | any folder of images, searched recursively | `ImageFiles` | none² |
 | ``csv`` | a CSV/TSV file with an image path and a caption column | `CaptionSet` | captioned |
 | ``jsonl`` | a JSON Lines file, one object per image or caption | `CaptionSet` | captioned |
 | ``pairs`` | a folder of ``name.jpg`` + ``name.txt`` caption files | `CaptionedFolder` | captioned |
@@ -17,11 +19,13 @@ A URI is ``scheme:location`` (``scheme://location`` works too), optionally follo
 | ``digits`` | none: ``digits://?split=test`` | `DigitsDataset` | both |
 | ``shards`` | tar shards: ``shards:/d/{000..099}.tar``, ``shards:pipe:CMD`` | `ShardSource` (streamed) | none |
 
-Every source but ``shards:`` is an evaluation source: it implements `LabelledSource` (images with
-class labels, for zero-shot classification), `CaptionedSource` (images with captions, for
-retrieval) or both (see `clipforge.data.protocols`).  Shards are streamed, for training only:
-they have no first N images to come back to at every evaluation.  ¹ shapes' labels exist for
-the ``seen`` and ``heldout`` splits.
+Every source but ``shards:`` and ``folder:`` is an evaluation source: it implements
+`LabelledSource` (images with class labels, for zero-shot classification), `CaptionedSource`
+(images with captions, for retrieval) or both (see `clipforge.data.protocols`).  Shards are
+streamed, for training only: they have no first N images to come back to at every evaluation.
+¹ shapes' labels exist for the ``seen`` and ``heldout`` splits.  ² ``folder:`` has neither
+labels nor captions: it is an `ImageSource`, the images alone, which an index, ``score`` and
+``rerank`` read.
 
 Another module adds a scheme with `register_scheme`; its opener receives the `DataURI`'s
 location and options.
@@ -38,8 +42,10 @@ from urllib.parse import parse_qsl
 
 from clipforge.data._errors import DataError
 from clipforge.data.captions import CaptionSet, read_captions
+from clipforge.data.folder import ImageFiles, find_images
 from clipforge.data.imagefolder import ImageFolder, scan_image_folder
-from clipforge.data.protocols import CaptionedSource, CaptionIndex, LabelledSource
+from clipforge.data.protocols import CaptionedSource, CaptionIndex, ImageSource, LabelledSource
+from clipforge.data.text import read_text
 
 __all__ = [
     "CaptionIndex",
@@ -47,11 +53,15 @@ __all__ = [
     "CaptionedSource",
     "DataError",
     "DataURI",
+    "ImageFiles",
     "ImageFolder",
+    "ImageSource",
     "LabelledSource",
+    "find_images",
     "open_data",
     "parse_data_uri",
     "read_captions",
+    "read_text",
     "register_scheme",
     "scan_image_folder",
     "schemes",
@@ -76,6 +86,7 @@ _SCHEMES: dict[str, tuple[str, str]] = {
     "imagefolder": (
         "class sub-folders of images (torchvision's ImageFolder layout)", "clipforge.data.imagefolder:open_imagefolder"
     ),
+    "folder": ("any folder of images, searched recursively (no labels)", "clipforge.data.folder:open_folder"),
     "csv": ("a CSV/TSV file of image paths and captions", "clipforge.data.captions:open_csv"),
     "jsonl": ("a JSON Lines file of image paths and captions", "clipforge.data.captions:open_jsonl"),
     "pairs": ("a folder of name.jpg + name.txt caption files", "clipforge.data.pairs:open_pairs"),

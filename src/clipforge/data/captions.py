@@ -13,8 +13,9 @@
 - Relative image paths are resolved against the folder holding the file.
 - Rows naming the same image (after resolution) are one image with several captions, in the
   order the image first appears.
-- Errors: a malformed line (wrong number of CSV fields, invalid JSON, a missing key, an empty
-  image path, a caption that is not a string) raises a DataError naming the file and line.
+- Errors: a file that is missing, empty or not UTF-8 (`clipforge.data.text.read_text`), or a
+  malformed line (wrong number of CSV fields, invalid JSON, a missing key, an empty image
+  path, a caption that is not a string) raises a DataError naming the file and line.
   An empty caption is a data-level gap: the row is skipped and counted in ``empty_captions``.
   Blank lines are ignored.  Unreadable images are found later, when the images are read.
 
@@ -25,6 +26,7 @@ each with all of its captions.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -37,6 +39,7 @@ from torch import Tensor
 from clipforge.data._errors import DataError
 from clipforge.data.images import ImageLoader, read_rgb
 from clipforge.data.protocols import CaptionIndex, first_n
+from clipforge.data.text import lines, read_text
 
 __all__ = ["CAPTION_KEYS", "IMAGE_KEYS", "CaptionSet", "open_csv", "open_jsonl", "read_captions"]
 
@@ -143,55 +146,55 @@ def _read_csv(path: Path, *, image_key: str | None, caption_key: str | None, sep
     if sep is not None and sep not in _SEPARATORS and len(sep) != 1:
         raise DataError(f"{path}: separator {sep!r} is neither one character nor one of {sorted(_SEPARATORS)}")
     builder = _Builder(path)
-    with open(path, newline="", encoding="utf-8-sig") as file:
-        first = file.readline()
-        if not first.strip():
-            raise DataError(f"{path}:1: no header line (expected e.g. filepath<TAB>title)")
-        delimiter = _SEPARATORS.get(sep, sep) if sep is not None else ("\t" if "\t" in first else ",")
-        file.seek(0)
-        reader = csv.reader(file, delimiter=delimiter)
-        header = [name.strip() for name in next(reader)]
-        image_col = header.index(_choose(image_key, header, IMAGE_KEYS, "image path", f"{path}:1"))
-        caption_col = header.index(_choose(caption_key, header, CAPTION_KEYS, "caption", f"{path}:1"))
-        try:
-            for row in reader:
-                if not any(field.strip() for field in row):
-                    continue
-                if len(row) != len(header):
-                    raise DataError(
-                        f"{path}:{reader.line_num}: {len(row)} field(s) where the header has {len(header)} "
-                        f"(separator {delimiter!r}; quote fields that hold it)"
-                    )
-                builder.add(row[image_col], [row[caption_col]], reader.line_num)
-        except csv.Error as err:
-            raise DataError(f"{path}:{reader.line_num}: malformed CSV: {err}") from err
+    # line ends kept as they are (newline=""): csv needs them for quoted fields that span lines
+    file = io.StringIO(read_text(path, what="caption file"), newline="")
+    first = file.readline()
+    if not first.strip():
+        raise DataError(f"{path}:1: no header line (expected e.g. filepath<TAB>title)")
+    delimiter = _SEPARATORS.get(sep, sep) if sep is not None else ("\t" if "\t" in first else ",")
+    file.seek(0)
+    reader = csv.reader(file, delimiter=delimiter)
+    header = [name.strip() for name in next(reader)]
+    image_col = header.index(_choose(image_key, header, IMAGE_KEYS, "image path", f"{path}:1"))
+    caption_col = header.index(_choose(caption_key, header, CAPTION_KEYS, "caption", f"{path}:1"))
+    try:
+        for row in reader:
+            if not any(field.strip() for field in row):
+                continue
+            if len(row) != len(header):
+                raise DataError(
+                    f"{path}:{reader.line_num}: {len(row)} field(s) where the header has {len(header)} "
+                    f"(separator {delimiter!r}; quote fields that hold it)"
+                )
+            builder.add(row[image_col], [row[caption_col]], reader.line_num)
+    except csv.Error as err:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV: {err}") from err
     return builder.build(f"csv:{path}")
 
 
 def _read_jsonl(path: Path, *, image_key: str | None, caption_key: str | None) -> CaptionSet:
     builder = _Builder(path)
     keys: tuple[str, str] | None = None
-    with open(path, encoding="utf-8-sig") as file:
-        for line_number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_number}: not valid JSON: {err.msg} (column {err.colno})") from err
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            if keys is None:
-                where = f"{path}:{line_number}"
-                keys = (
-                    _choose(image_key, record, IMAGE_KEYS, "image path", where),
-                    _choose(caption_key, record, CAPTION_KEYS, "caption", where),
-                )
-            for key in keys:
-                if key not in record:
-                    raise DataError(f"{path}:{line_number}: no {key!r} key (keys: {sorted(record)})")
-            captions = record[keys[1]]
-            builder.add(record[keys[0]], captions if isinstance(captions, list) else [captions], line_number)
+    for line_number, line in enumerate(lines(read_text(path, what="caption file")), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{line_number}: not valid JSON: {err.msg} (column {err.colno})") from err
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+        if keys is None:
+            where = f"{path}:{line_number}"
+            keys = (
+                _choose(image_key, record, IMAGE_KEYS, "image path", where),
+                _choose(caption_key, record, CAPTION_KEYS, "caption", where),
+            )
+        for key in keys:
+            if key not in record:
+                raise DataError(f"{path}:{line_number}: no {key!r} key (keys: {sorted(record)})")
+        captions = record[keys[1]]
+        builder.add(record[keys[0]], captions if isinstance(captions, list) else [captions], line_number)
     return builder.build(f"jsonl:{path}")
 
 
@@ -206,8 +209,6 @@ def read_captions(
     """Reads a caption file; ``format`` is "csv" or "jsonl" (by default from the suffix:
     ``.jsonl``/``.json`` → jsonl, else csv).  Layout and error rules in the module notes."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such caption file")
     if format is None:
         format = "jsonl" if path.suffix.lower() in (".jsonl", ".json") else "csv"
     if format == "jsonl":

@@ -83,7 +83,8 @@ def scan_image_folder(root: str | os.PathLike[str], *, extensions: tuple[str, ..
         raise DataError(f"imagefolder:{root}: not a folder")
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     if not classes:
-        raise DataError(f"imagefolder:{root}: no class sub-folders (expected {root}/<class>/<image>)")
+        raise DataError(f"imagefolder:{root}: no class sub-folders (expected {root}/<class>/<image>); "
+                        f"for an unlabelled folder of images use folder:{root}")
     lowered = tuple(e.lower() for e in extensions)
     samples: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):

@@ -4,11 +4,13 @@
     photos/sub/x.png photos/sub/x.txt
 
 Files are found recursively and sorted by path, so indices are stable.  An image without
-a ``.txt`` beside it is left out and counted (``missing_captions``); a caption file that is
-not UTF-8, or is empty, surfaces when the sample is read (training skips and counts it).
+a ``.txt`` beside it is left out and counted (``missing_captions``).  Caption files are read
+when a sample is: one that is not UTF-8 (or vanished) raises a DataError naming the file,
+line and byte (`clipforge.data.text.read_text`); the trainer counts that sample as bad, as it
+counts an unreadable image, and evaluation stops on it, as on any bad line of a caption file.
 
-A `CaptionedFolder` is a `CaptionedSource`: in retrieval evaluation an image whose caption is
-empty or not UTF-8 stays as a distractor without a caption, and the caption is counted as skipped.
+A `CaptionedFolder` is a `CaptionedSource`: in retrieval evaluation an image whose caption file
+is empty stays as a distractor without a caption, and the caption is counted as skipped.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from clipforge.data._errors import DataError
 from clipforge.data.imagefolder import IMAGE_EXTENSIONS
 from clipforge.data.images import ImageLoader, read_rgb
 from clipforge.data.protocols import CaptionIndex, first_n
+from clipforge.data.text import read_text
 
 __all__ = ["CaptionedFolder", "open_pairs"]
 
@@ -41,8 +44,9 @@ class CaptionedFolder:
         return len(self.image_paths)
 
     def caption(self, index: int) -> str:
-        """The caption of sample ``index``; UnicodeDecodeError when it is not UTF-8."""
-        return self.image_paths[index].with_suffix(".txt").read_bytes().decode("utf-8").strip()
+        """The caption of sample ``index``, stripped ("" for an empty file); a DataError naming the
+        file when it is not UTF-8 or cannot be read."""
+        return read_text(self.image_paths[index].with_suffix(".txt"), what="caption file", allow_empty=True).strip()
 
     def __getitem__(self, index: int) -> tuple[Image.Image, str]:
         return read_rgb(self.image_paths[index]), self.caption(index)
@@ -61,13 +65,11 @@ class CaptionedFolder:
         return ImageLoader(paths, transform, batch_size=batch_size, num_workers=num_workers, source=source)
 
     def caption_index(self, limit: int | None = None) -> CaptionIndex:
-        """One caption per image of the first ``limit``; empty and non-UTF-8 ones are skipped and counted."""
+        """One caption per image of the first ``limit``; empty ones are skipped and counted, and a
+        caption file that is not UTF-8 is a DataError naming it."""
         captions, owners, skipped = [], [], 0
         for k in range(first_n(len(self), limit)):
-            try:
-                text = self.caption(k)
-            except UnicodeDecodeError:
-                text = ""
+            text = self.caption(k)
             if text:
                 captions.append(text)
                 owners.append(k)

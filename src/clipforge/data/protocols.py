@@ -1,4 +1,5 @@
-"""The two kinds of evaluation source: labelled images and captioned images.
+"""The kinds of image source: labelled images and captioned images (what evaluation takes),
+and plain image files (what an index, ``score`` and ``rerank`` can take).
 
     from clipforge.data import CaptionedSource, LabelledSource, open_data
 
@@ -12,6 +13,7 @@
 
 | source | labelled | captioned |
 |---|---|---|
+| ``folder:DIR`` (`ImageFiles`) | no | no: an `ImageSource` only |
 | ``imagefolder:DIR`` (`ImageFolder`) | yes: the folder names are the classes | no |
 | ``csv:FILE``, ``jsonl:FILE`` (`CaptionSet`) | no | yes: several captions per image |
 | ``pairs:DIR`` (`CaptionedFolder`) | no | yes: one caption per image |
@@ -20,12 +22,15 @@
 | ``shards:`` (`ShardSource`) | no: streamed | no: streamed |
 
 A streamed source has no first N images to come back to, so it is no evaluation source.
+An `ImageSource` is image files and nothing else: ``folder:`` gives one, and ``imagefolder:``
+is one too.
 ``limit`` always means the first ``limit`` images in the source's order; the captions of a
 caption file follow their images.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
@@ -36,7 +41,7 @@ if TYPE_CHECKING:
     from clipforge.data.images import ImageLoader
     from clipforge.zeroshot import Templates
 
-__all__ = ["CaptionIndex", "CaptionedSource", "LabelledSource", "first_n"]
+__all__ = ["CaptionIndex", "CaptionedSource", "ImageSource", "LabelledSource", "first_n"]
 
 
 def first_n(size: int, limit: int | None) -> int:
@@ -51,7 +56,7 @@ class CaptionIndex(NamedTuple):
 
     captions: list[str]
     text_to_image: list[int]  # caption j describes image text_to_image[j] (an index into the source's images)
-    skipped: int = 0  # captions left out: empty ones (and, beside pairs: images, ones that are not UTF-8)
+    skipped: int = 0  # captions left out for being empty
 
 
 @runtime_checkable
@@ -106,4 +111,30 @@ class CaptionedSource(Protocol):
 
     def caption_index(self, limit: int | None = None) -> CaptionIndex:
         """The captions of the first ``limit`` images (all when None), in the source's order."""
+        ...
+
+
+@runtime_checkable
+class ImageSource(Protocol):
+    """Image files, without labels or captions: what an index, ``score`` and ``rerank`` read."""
+
+    @property
+    def paths(self) -> Sequence[os.PathLike[str]]:
+        """The image files, in the source's order: image ``k`` of `images` is ``paths[k]``."""
+        ...
+
+    def __len__(self) -> int:
+        """The number of image files."""
+        ...
+
+    def images(
+        self,
+        transform: Callable[[Image.Image], Tensor],
+        *,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        limit: int | None = None,
+    ) -> ImageLoader:
+        """The first ``limit`` images (all when None) as batches, unreadable files skipped; the
+        loader's ``kept`` holds indices into ``paths``."""
         ...

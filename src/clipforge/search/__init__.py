@@ -1,7 +1,7 @@
 """Image search: embed a collection with a CLIP model, index it with faiss, search it by text
 or by image.
 
-    clipforge index build --model CKPT --data imagefolder:photos/ --out photos.index
+    clipforge index build --model CKPT --data folder:photos/ --out photos.index
     clipforge search photos.index "a red star" -k 10
 
     from clipforge.search import Index

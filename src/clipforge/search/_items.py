@@ -3,6 +3,7 @@ one, a caption if there is one, and the image itself, decoded with unreadable on
 
 | source | key | path | caption |
 |---|---|---|---|
+| `ImageFiles` (``folder:``) | the file path | the file | none |
 | `ImageFolder` (``imagefolder:``) | the file path | the file | none (the class is in the path) |
 | `CaptionSet` (``csv:``, ``jsonl:``) | the file path | the file | the image's first caption |
 | `CaptionedFolder` (``pairs:``) | the file path | the file | its ``.txt`` |
@@ -69,10 +70,9 @@ def _first_captions(source: Any) -> list[str | None]:
 
 
 def _caption_or_none(source: Any, index: int) -> str | None:
-    try:
-        return source.caption(index).strip() or None
-    except (OSError, UnicodeDecodeError):
-        return None  # an unreadable caption file: the image is still indexed
+    # a caption file that cannot be read (not UTF-8) is a DataError naming it, fatal as any bad
+    # text input is: indexing the image without it would store a gap nobody is told about
+    return source.caption(index).strip() or None
 
 
 def _map_item(source: Any, uri: str, index: int) -> Item:
@@ -111,12 +111,12 @@ def _sample_item(record: Any) -> Item:
 
 def items_of(source: Any, uri: str) -> Iterable[Item]:
     """The items of a data source (see the module notes); a list when the source has a length."""
-    from clipforge.data import CaptionSet, ImageFolder
+    from clipforge.data import CaptionSet, ImageFiles, ImageFolder
     from clipforge.data.pairs import CaptionedFolder
 
     if hasattr(source, "index_items"):
         return source.index_items()
-    if isinstance(source, ImageFolder):
+    if isinstance(source, (ImageFiles, ImageFolder)):
         return _file_items(source.paths, [None] * len(source))
     if isinstance(source, CaptionSet):
         return _file_items(source.image_paths, _first_captions(source))

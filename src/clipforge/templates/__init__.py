@@ -22,6 +22,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from clipforge.data.text import read_text
 from clipforge.zeroshot import Templates, check_templates
 
 __all__ = ["builtin_templates", "load_templates"]
@@ -45,7 +46,7 @@ def load_templates(name_or_path: str | os.PathLike[str]) -> Templates:
             raise FileNotFoundError(
                 f"{name!r} is neither a template file nor a shipped set ({', '.join(builtin_templates())})"
             )
-        source, text = str(path), path.read_text(encoding="utf-8")
+        source, text = str(path), read_text(path, what="template file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
