@@ -81,6 +81,87 @@ def test_every_command_has_help(capsys):
         assert printed.startswith("usage: clipforge " + " ".join(path)), path
 
 
+# ----------------------------------------------------------------------------- defaults and warnings
+
+
+def parsed_defaults(argv: list[str]):
+    """The options ``argv`` parses to, the parser built afresh (defaults read the machine then)."""
+    return build_parser().parse_args(argv)
+
+
+@pytest.mark.parametrize(("cores", "eval_workers", "index_workers"), [(1, 0, 0), (2, 1, 1), (3, 2, 2), (64, 4, 2)])
+def test_workers_default_to_what_the_machine_has(monkeypatch, capsys, cores, eval_workers, index_workers):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    evaluate = parsed_defaults(["eval", "zeroshot", "--model", "m", "--data", "d"])
+    build = parsed_defaults(["index", "build", "--model", "m", "--data", "d", "--out", "o"])
+    score = parsed_defaults(["score", "--model", "m", "--images", "i", "--captions", "c"])
+    assert (evaluate.workers, build.workers, score.workers) == (eval_workers, index_workers, 0)
+    assert parsed_defaults(["eval", "zeroshot", "--model", "m", "--data", "d", "--workers", "3"]).workers == 3
+
+    with pytest.raises(SystemExit):
+        main(["eval", "retrieval", "--help"])
+    helped = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {eval_workers}, the {cores} cores this process may use less one, at most 4)" in helped
+
+
+@pytest.fixture
+def warning_command(monkeypatch):
+    """A command ``warns`` that issues the warnings its ``--text`` options give, then succeeds."""
+    import types
+    import warnings
+
+    import clipforge.cli as cli
+
+    module = types.ModuleType("clipforge_test_warns")
+
+    def run(args) -> int:
+        for text in args.text:
+            warnings.warn(text, stacklevel=1)
+        print("done")
+        return 0
+
+    def add_parser(subparsers) -> None:
+        parser = subparsers.add_parser("warns")
+        parser.add_argument("--text", action="append", default=[])
+        parser.set_defaults(func=run)
+
+    module.add_parser = add_parser
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, module.__name__])
+
+
+def test_warnings_print_as_one_line_naming_the_command(warning_command, capsys):
+    import warnings
+
+    before = warnings.showwarning
+    assert main(["warns", "--text", "first", "--text", "a warning\n  over two lines"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == "done\n"
+    assert printed.err.splitlines() == ["clipforge warns: warning: first",
+                                        "clipforge warns: warning: a warning over two lines"]
+    assert warnings.showwarning is before  # Python's own format is back once the command ends
+
+    # Each run of a command shows its warnings, even where Python would show one only once.
+    assert main(["warns", "--text", "first"]) == 0
+    assert capsys.readouterr().err == "clipforge warns: warning: first\n"
+
+
+def test_a_library_warning_reaches_the_user_as_one_line(monkeypatch, capsys, tmp_path):
+    import clipforge.devices
+    from clipforge.tokenizer import train_bpe
+
+    monkeypatch.setattr(clipforge.devices, "native_cpu_bf16", lambda: False)  # as on an AVX2-only CPU
+    torch.manual_seed(0)
+    tokenizer = train_bpe(["a red circle", "a blue square"] * 5, 600, min_frequency=1, context_length=32)
+    save(load_model("tiny"), tmp_path / "model", tokenizer=tokenizer)
+    code = main(["eval", "zeroshot", "--model", str(tmp_path / "model"), "--data", "shapes://?split=heldout&n=4&size=32",
+                 "--limit", "4", "--device", "cpu", "--precision", "bf16", "--workers", "0", "--quiet"])
+    assert code == 0
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("clipforge eval: warning: precision bf16 on this CPU (") and "is emulated" in line
+
+
 # ----------------------------------------------------------------------------- convert
 
 
@@ -220,20 +301,23 @@ def test_serve_enforces_max_upload_mb(served, uvicorn_runs, capsys):
 
 def test_serve_warns_about_a_non_local_host(served, uvicorn_runs, capsys):
     assert main(["serve", str(served["index"]), "--host", "0.0.0.0", "--port", "9000"]) == 0
-    err = capsys.readouterr().err
-    assert err.startswith("warning: serving on 0.0.0.0: anyone who can reach this address")
+    [warning] = capsys.readouterr().err.splitlines()
+    assert warning.startswith("clipforge serve: warning: serving on 0.0.0.0: anyone who can reach this address")
     assert (uvicorn_runs[-1]["host"], uvicorn_runs[-1]["port"]) == ("0.0.0.0", 9000)
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--threads", "0"], "--threads must be positive, got 0"),
-    (["--max-upload-mb", "0"], "--max-upload-mb must be positive, got 0"),
-    (["--host", "0.0.0.0", "--threads", "-2"], "--threads must be positive, got -2"),
+    (["--threads", "0"], "argument --threads: must be a positive integer, got 0"),
+    (["--max-upload-mb", "0"], "argument --max-upload-mb: must be positive, got 0"),
+    (["--host", "0.0.0.0", "--threads", "-2"], "argument --threads: must be a positive integer, got -2"),
+    (["--port", "70000"], "argument --port: must be a port number from 1 to 65535, got 70000"),
 ])
 def test_serve_refuses_bad_options_in_one_line(served, uvicorn_runs, capsys, extra, message):
-    assert main(["serve", str(served["index"]), *extra]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", str(served["index"]), *extra])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert err.splitlines() == [f"clipforge serve: error: {message}"]
+    assert err.splitlines()[-1] == f"clipforge serve: error: {message}" and err.startswith("usage: clipforge serve")
     assert uvicorn_runs == []
 
 

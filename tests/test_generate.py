@@ -231,8 +231,10 @@ def test_generate_command_writes_the_image_frames_and_both_scores(tmp_path_facto
     result = json.loads(report.read_text())
     assert result["steps_run"] == 6 and len(result["losses"]) == 6 and len(result["frames"]) == 3
     kept = result["seed_kept"] - 1
-    assert len(result["start_cosines"]) == 2 and result["start_cosines"][kept] == max(result["start_cosines"])
-    assert result["score"]["cosine"] == pytest.approx(result["start_cosines"][kept], abs=1e-5)
+    finals = result["final_cosine_by_start"]
+    assert "start_cosines" not in result
+    assert len(finals) == 2 and finals[kept] == max(finals)
+    assert result["score"]["cosine"] == pytest.approx(finals[kept], abs=1e-5)
     assert all(f"seed-{result['seed_kept']}" in frame for frame in result["frames"])
     assert result["config"]["seed"] == 1 and result["config"]["cutouts"] == 4
     assert result["config"]["decay"] == 2 and result["config"]["noise"] == 0.25
@@ -261,16 +263,28 @@ def test_generate_command_writes_the_image_frames_and_both_scores(tmp_path_facto
     [
         (["--strength", "0.5"], "--strength needs --init"),
         (["--init", "nowhere.png"], "--init nowhere.png: cannot read"),
-        (["--cutouts", "0"], "cutouts must be a positive integer"),
-        (["--decay", "-1"], "decay must be non-negative"),
-        (["--best-of", "0"], "best_of must be a positive integer"),
-        (["--negative-weight", "-1"], "negative_weight must be non-negative"),
-        (["--negatives", "nowhere.txt"], "--negatives nowhere.txt: cannot read"),
+        (["--cutouts", "0"], "argument --cutouts: must be a positive integer, got 0"),
+        (["--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+        (["--decay", "-1"], "argument --decay: must be 0 or more, got -1"),
+        (["--best-of", "0"], "argument --best-of: must be a positive integer, got 0"),
+        (["--negative-weight", "-1"], "argument --negative-weight: must be 0 or more, got -1"),
+        (["--strength", "1.5", "--init", "x.png"], "argument --strength: must be in [0, 1], got 1.5"),
+        (["--cut-scale", "0.9", "0.2"], "cut_scale must be (low, high) with 0 < low <= high <= 1"),
+        (["--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
+        (["--size", "4"], "size must be 0 or at least 8 pixels"),
+        (["--negatives", "nowhere.txt"], "--negatives nowhere.txt: no such"),
         (["--negatives", "blank.txt"], "blank.txt: the file has no texts"),
+        (["--json", "blank.txt/r.json"], "blank.txt is a file, not a folder"),
     ],
 )
 def test_generate_command_rejects_bad_options(tmp_path, capsys, extra, message):
     (tmp_path / "blank.txt").write_text("\n  \n")
-    extra = [str(tmp_path / x) if x == "blank.txt" else x for x in extra]
-    code = main(["generate", "a red circle", "--model", "tiny", "--out", str(tmp_path / "x.png"), "--quiet", *extra])
-    assert code == 2 and message in capsys.readouterr().err
+    extra = [str(tmp_path / x) if x.startswith("blank.txt") else x for x in extra]
+    try:
+        code = main(["generate", "a red circle", "--model", "tiny", "--out", str(tmp_path / "x.png"), "--quiet",
+                     *extra])
+    except SystemExit as exit_:  # argparse's refusal of an option value
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err.splitlines()[-1] and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()

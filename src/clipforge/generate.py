@@ -351,7 +351,7 @@ def _optimise(model: nn.Module, texts: Tensor, scale: float, seed: int, config: 
 
     optimizer = torch.optim.Adam(image.parameters(), lr=config.lr)
     losses: list[float] = []
-    with _frozen(model), torch.enable_grad(), tqdm(total=steps, disable=not progress, unit="step") as bar:
+    with _frozen(model), torch.enable_grad(), tqdm(total=steps, disable=None if progress else True, unit="step") as bar:
         for step in range(steps):
             pixels = image()  # [1, 3, size, size]
             if step % config.frame_every == 0:

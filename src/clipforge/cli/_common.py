@@ -1,15 +1,23 @@
-"""What the commands share: `CommandError`, the options that load and run a model, model loading
-for inference, and table and JSON output.
+"""What the commands share: `CommandError`, the checks of option values, the options that load and
+run a model, model loading for inference, input files, warnings, and table and JSON output.
 
 Each option is declared here once, as a function that adds it to a parser; a command that runs a
 model adds the ones it reads (`model_options` adds them all).  `load_model_for_command` reads
 them back and loads through `clipforge.checkpoints.load_for_inference`, the library's one loader.
+
+Every number a command takes is checked while the command line is parsed, by the ``type=``
+functions below (`positive_int`, `fraction`, ...): a bad value ends the command with argparse's
+usage line and one line naming the option and the value, exit status 2, before anything is
+loaded or written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +27,11 @@ from clipforge.checkpoints import InferenceModel, is_preset, load_for_inference
 from clipforge.devices import INFERENCE_PRECISIONS as PRECISIONS
 
 __all__ = [
-    "Clock", "CommandError", "batch_size_option", "device_option", "fmt", "load_model", "load_model_for_command",
-    "model_option", "model_options", "precision_option", "quiet_option", "run_options", "run_setup", "skipped_report",
-    "table", "tokenizer_option", "workers_option", "write_json",
+    "Clock", "CommandError", "available_cores", "batch_size_option", "check_output", "default_workers",
+    "device_name", "device_option", "fmt", "fraction", "load_model", "load_model_for_command", "model_option",
+    "model_options", "non_negative_float", "non_negative_int", "port_number", "positive_float", "positive_int",
+    "precision_option", "quiet_option", "read_text_file", "run_options", "run_setup", "size_in_bytes",
+    "skipped_report", "table", "tokenizer_option", "unit_fraction", "warn", "workers_option", "write_json",
 ]
 
 SKIPPED_LISTED = 20  # skipped files named in the JSON; all are counted
@@ -30,6 +40,119 @@ DEFAULT_BATCH_SIZE = 256
 
 class CommandError(Exception):
     """Bad input to a subcommand: `main` prints the message on one line and returns 2."""
+
+
+def warn(command: str, text: str) -> None:
+    """``clipforge COMMAND: warning: TEXT`` on stderr, on one line (how `main` shows library warnings too)."""
+    flat = " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+    print(f"clipforge {command}: warning: {flat}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- checks
+# argparse ``type=`` functions.  argparse reports an ArgumentTypeError as "argument --flag: MESSAGE".
+
+
+def _number(text: str, kind: type) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1 (sizes, counts, k)."""
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer of at least 0 (worker processes: 0 works in the command's own process)."""
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number above 0."""
+    value = _number(text, float)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number of at least 0 (weights, noise levels: 0 turns the term off)."""
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in (0, 1]: a recall, a share of something that cannot be empty."""
+    value = _number(text, float)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def unit_fraction(text: str) -> float:
+    """A number in [0, 1]."""
+    value = _number(text, float)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 1 to 65535."""
+    value = _number(text, int)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {value}")
+    return value
+
+
+def size_in_bytes(text: str) -> int:
+    """A memory size such as 4G, 512M or 1000000 (`clipforge.search.build.parse_size`'s forms)."""
+    from clipforge.search.build import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def device_name(text: str) -> str:
+    """A device this machine has (cpu, cuda, cuda:1, ...), kept as the text given."""
+    from clipforge.devices import default_device
+
+    try:
+        default_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity masks
+        return os.cpu_count() or 1
+
+
+def default_workers(most: int) -> int:
+    """``most`` decoding processes, fewer on a small machine: one core is left to the process that
+    runs the model, so a 2-core machine decodes in 1 worker (more workers than cores only wait
+    for each other, and PyTorch's DataLoader warns about them)."""
+    return max(0, min(most, available_cores() - 1))
 
 
 # ----------------------------------------------------------------------------- options
@@ -49,7 +172,8 @@ def tokenizer_option(parser: argparse.ArgumentParser, *, flag: str = "--tokenize
 
 
 def device_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--device", type=device_name, default=None,
+                        help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
 
 def precision_option(parser: argparse.ArgumentParser) -> None:
@@ -59,11 +183,16 @@ def precision_option(parser: argparse.ArgumentParser) -> None:
 
 def batch_size_option(parser: argparse.ArgumentParser, *, default: int = DEFAULT_BATCH_SIZE,
                       what: str = "images or texts") -> None:
-    parser.add_argument("--batch-size", type=int, default=default, help=f"{what} per forward pass (default: {default})")
+    parser.add_argument("--batch-size", type=positive_int, default=default,
+                        help=f"{what} per forward pass (default: {default})")
 
 
-def workers_option(parser: argparse.ArgumentParser, *, default: int) -> None:
-    parser.add_argument("--workers", type=int, default=default, help=f"image decoding processes (default: {default})")
+def workers_option(parser: argparse.ArgumentParser, *, most: int) -> None:
+    """``--workers``, by default `default_workers(most)`: what this machine's cores allow, up to ``most``."""
+    default = default_workers(most)
+    fits = f", the {available_cores()} cores this process may use less one, at most {most}" if most else ""
+    parser.add_argument("--workers", type=non_negative_int, default=default,
+                        help=f"image decoding processes; 0 decodes in this one (default: {default}{fits})")
 
 
 def quiet_option(parser: argparse.ArgumentParser) -> None:
@@ -72,13 +201,14 @@ def quiet_option(parser: argparse.ArgumentParser) -> None:
 
 def model_options(parser: argparse.ArgumentParser, *, workers: int, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
     """Every option `load_model_for_command` reads, and how the images are run: the set shared by
-    the commands that embed images and texts (eval, score, rerank)."""
+    the commands that embed images and texts (eval, score, rerank); ``workers`` is the most
+    decoding processes ``--workers`` defaults to (`default_workers`)."""
     model_option(parser)
     tokenizer_option(parser)
     batch_size_option(parser, default=batch_size)
     device_option(parser)
     precision_option(parser)
-    workers_option(parser, default=workers)
+    workers_option(parser, most=workers)
     quiet_option(parser)
 
 
@@ -108,6 +238,15 @@ def run_options(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, An
 def load_model(source: str, *, tokenizer: str | None = None, device: str | None = None,
                precision: str = "fp32") -> tuple[Any, Callable, Any, dict[str, Any]]:
     """model, preprocess, tokenizer and `run_setup` of the model ``source`` (a preset or a checkpoint)."""
+    from clipforge.devices import check_precision, default_device
+
+    try:  # a precision the device cannot run is the user's choice, refused before loading
+        check_precision(precision, default_device(device))
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    if tokenizer is not None and not Path(tokenizer).is_dir():  # named before a large model loads
+        what = "a file, not a tokenizer folder" if Path(tokenizer).exists() else "no such tokenizer folder"
+        raise CommandError(f"{tokenizer}: {what}")
     loaded = load_for_inference(source, tokenizer=tokenizer, device=device, precision=precision)
     return loaded.model, loaded.preprocess, loaded.tokenizer, run_setup(loaded)
 
@@ -115,6 +254,41 @@ def load_model(source: str, *, tokenizer: str | None = None, device: str | None 
 def load_model_for_command(args: argparse.Namespace) -> tuple[Any, Callable, Any, dict[str, Any]]:
     """`load_model` of the parsed ``--model``, ``--tokenizer``, ``--device`` and ``--precision``."""
     return load_model(args.model, tokenizer=args.tokenizer, device=args.device, precision=args.precision)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def read_text_file(path: str, *, option: str) -> str:
+    """The UTF-8 text of the file an option names; a CommandError naming the option and the file
+    when it is missing, a folder, unreadable or not UTF-8 (the data sources' reader: one message
+    for one problem, whichever command meets it)."""
+    from clipforge.data import DataError
+    from clipforge.data.text import read_text
+
+    try:
+        return read_text(path, allow_empty=True)
+    except DataError as err:
+        raise CommandError(f"{option} {err}") from None
+
+
+def check_output(path: str | None, *, option: str, folder: bool = False) -> None:
+    """A CommandError unless ``path`` can be written as a file (a folder when ``folder``): checked
+    before the work, so a long run does not end unable to write its result."""
+    if path is None:
+        return
+    out = Path(path)
+    if not folder and out.is_dir():
+        raise CommandError(f"{option} {path}: a folder; give a file name")
+    if folder and out.exists() and not out.is_dir():
+        raise CommandError(f"{option} {path}: a file, not a folder")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CommandError(f"{option} {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK):
+                raise CommandError(f"{option} {path}: cannot write in {parent}")
+            break
 
 
 # ----------------------------------------------------------------------------- output

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from clipforge.cli._common import (
     Clock,
     CommandError,
+    check_output,
     fmt,
     load_model_for_command,
     model_options,
+    positive_int,
+    read_text_file,
     run_options,
     skipped_report,
     table,
@@ -49,16 +51,16 @@ def add_parser(subparsers: Any) -> None:
     zeroshot.add_argument("--templates", metavar="NAME|FILE",
                           help="a shipped template set (default, single) or a JSON template file "
                           "(default: the data's own prompts, as shapes:// and digits:// have; else default)")
-    zeroshot.add_argument("--topk", metavar="K", type=int, nargs="+", default=[1, 5],
+    zeroshot.add_argument("--topk", metavar="K", type=positive_int, nargs="+", default=[1, 5],
                           help="top-k accuracies (default: 1 5)")
     zeroshot.set_defaults(func=run_zeroshot)
 
     retrieval = tasks.add_parser("retrieval", help="image→text and text→image retrieval over captioned images")
     _common_options(retrieval, data_help="captioned images: csv:FILE or jsonl:FILE (image path and caption per "
                     "row), pairs:DIR (name.jpg + name.txt), shapes://?split=val, digits://?split=test")
-    retrieval.add_argument("--recall-k", metavar="K", type=int, nargs="+", default=[1, 5, 10],
+    retrieval.add_argument("--recall-k", metavar="K", type=positive_int, nargs="+", default=[1, 5, 10],
                            help="k of each recall@k (default: 1 5 10)")
-    retrieval.add_argument("--block-size", type=int, default=4096, help="score tile side (default: 4096)")
+    retrieval.add_argument("--block-size", type=positive_int, default=4096, help="score tile side (default: 4096)")
     retrieval.add_argument("--image-key", help="csv/jsonl: image path column (default: filepath, image, ...)")
     retrieval.add_argument("--caption-key", help="csv/jsonl: caption column (default: title, caption, ...)")
     retrieval.add_argument("--csv-separator",
@@ -69,7 +71,7 @@ def add_parser(subparsers: Any) -> None:
 def _common_options(parser: argparse.ArgumentParser, *, data_help: str) -> None:
     parser.add_argument("--data", required=True, help=data_help)
     model_options(parser, workers=4)
-    parser.add_argument("--limit", metavar="N", type=int,
+    parser.add_argument("--limit", metavar="N", type=positive_int,
                         help="evaluate the first N images only (default: all); the trainer's eval_samples")
     parser.add_argument("--dataset-name", help="the JSON's dataset field (default: the --data value)")
     parser.add_argument("--out", metavar="FILE", help="write the results as JSON (CLIP_benchmark's schema)")
@@ -105,7 +107,7 @@ def _run_options(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, A
 
 def _read_classnames(path: str, classes: list[str], *, what: str) -> list[str]:
     """Class names from --classnames, checked against the data's ``classes`` (``what`` they are)."""
-    text = Path(path).read_text(encoding="utf-8")
+    text = read_text_file(path, option="--classnames")
     if path.endswith(".json"):
         try:
             data = json.loads(text)
@@ -140,6 +142,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     from clipforge.zeroshot import expand_prompts
 
     clock = Clock()
+    check_output(args.out, option="--out")
     model, preprocess, tokenizer, setup = load_model_for_command(args)
     source = open_eval_source(args.data, "zeroshot")
     what = "class folder" if isinstance(source, ImageFolder) else "class"
@@ -148,6 +151,8 @@ def run_zeroshot(args: argparse.Namespace) -> int:
         templates = load_templates(args.templates) if args.templates else None
         if templates is not None:  # a mapping may lack a class: say so before loading any image
             expand_prompts(classnames or list(source.classnames), templates)
+    except UnicodeDecodeError as err:
+        raise CommandError(f"--templates {args.templates}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except ValueError as err:
         raise CommandError(str(err)) from err
     clock.lap("load")
@@ -182,6 +187,7 @@ def run_retrieval(args: argparse.Namespace) -> int:
     from clipforge.evaluate import evaluate_retrieval, open_eval_source
 
     clock = Clock()
+    check_output(args.out, option="--out")
     model, preprocess, tokenizer, setup = load_model_for_command(args)
     options = {"image_key": args.image_key, "caption_key": args.caption_key, "sep": args.csv_separator}
     source = open_eval_source(args.data, "retrieval", **options)  # None options are left out

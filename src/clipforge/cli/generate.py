@@ -16,13 +16,21 @@ from typing import Any
 
 from clipforge.cli._common import (
     CommandError,
+    check_output,
     device_option,
+    fraction,
     load_model,
     load_model_for_command,
     model_option,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
     quiet_option,
+    read_text_file,
     table,
     tokenizer_option,
+    unit_fraction,
     write_json,
 )
 
@@ -42,40 +50,41 @@ def add_parser(subparsers: Any) -> None:
                  help="a second, independently trained model that scores the result")
     tokenizer_option(parser)
     tokenizer_option(parser, flag="--judge-tokenizer", help="the judge's tokenizer folder, if it has none")
-    parser.add_argument("--steps", type=int, default=default.steps, help=f"Adam steps (default: {default.steps})")
-    parser.add_argument("--lr", type=float, default=default.lr, help=f"learning rate (default: {default.lr})")
-    parser.add_argument("--size", type=int, default=default.size,
+    parser.add_argument("--steps", type=positive_int, default=default.steps,
+                        help=f"Adam steps (default: {default.steps})")
+    parser.add_argument("--lr", type=positive_float, default=default.lr, help=f"learning rate (default: {default.lr})")
+    parser.add_argument("--size", type=non_negative_int, default=default.size,
                         help="image side in pixels (default: the model's input size)")
-    parser.add_argument("--cutouts", type=int, default=default.cutouts,
+    parser.add_argument("--cutouts", type=positive_int, default=default.cutouts,
                         help=f"random crops per step (default: {default.cutouts})")
-    parser.add_argument("--cut-scale", type=float, nargs=2, metavar=("LOW", "HIGH"), default=default.cut_scale,
+    parser.add_argument("--cut-scale", type=fraction, nargs=2, metavar=("LOW", "HIGH"), default=default.cut_scale,
                         help="crop side range, fractions of the image side (default: %(default)s)")
     parser.add_argument("--flip", action="store_true", help="random horizontal flips of the crops "
                         "(off by default: they swap left and right, which prompts may name)")
-    parser.add_argument("--noise", type=float, default=default.noise,
+    parser.add_argument("--noise", type=non_negative_float, default=default.noise,
                         help=f"std of the pixel noise added to each crop (default: {default.noise})")
-    parser.add_argument("--jitter", type=float, default=default.jitter,
+    parser.add_argument("--jitter", type=non_negative_float, default=default.jitter,
                         help="brightness/contrast jitter of the crops (default: 0; it moves colours)")
-    parser.add_argument("--tv", type=float, default=default.tv, help="total-variation weight (default: 0)")
-    parser.add_argument("--decay", type=float, default=default.decay,
+    parser.add_argument("--tv", type=non_negative_float, default=default.tv, help="total-variation weight (default: 0)")
+    parser.add_argument("--decay", type=non_negative_float, default=default.decay,
                         help="the spectrum is scaled by 1/frequency^DECAY; higher is smoother "
                              f"(default: {default.decay})")
-    parser.add_argument("--seed", type=int, default=default.seed, help="random seed (default: 0)")
-    parser.add_argument("--best-of", type=int, default=default.best_of, metavar="N",
+    parser.add_argument("--seed", type=non_negative_int, default=default.seed, help="random seed (default: 0)")
+    parser.add_argument("--best-of", type=positive_int, default=default.best_of, metavar="N",
                         help="optimise from N starts (seeds SEED, SEED+1, ...) and keep the image the model "
                              "scores highest (default: 1)")
     parser.add_argument("--negative", action="append", default=[], metavar="TEXT",
                         help="a text the image should not match; repeat for more")
     parser.add_argument("--negatives", metavar="FILE",
                         help="texts the image should not match, one per line (a line equal to the prompt is left out)")
-    parser.add_argument("--negative-weight", type=float, default=default.negative_weight, metavar="W",
+    parser.add_argument("--negative-weight", type=non_negative_float, default=default.negative_weight, metavar="W",
                         help="weight of the prompt's cross-entropy among the prompt and the negatives "
                              f"(default: {default.negative_weight})")
     parser.add_argument("--init", metavar="IMAGE", help="start from this image")
-    parser.add_argument("--strength", type=float, default=None,
+    parser.add_argument("--strength", type=unit_fraction, default=None,
                         help="with --init: fraction of the steps run, 0 keeps the image (default: 0.5)")
     parser.add_argument("--frames", metavar="DIR", help="write frame-NNNNN.png files here as the image forms")
-    parser.add_argument("--frame-every", type=int, default=default.frame_every,
+    parser.add_argument("--frame-every", type=positive_int, default=default.frame_every,
                         help=f"steps between frames (default: {default.frame_every})")
     parser.add_argument("--json", metavar="FILE", help="write the settings and both scores as JSON")
     device_option(parser)
@@ -86,11 +95,7 @@ def add_parser(subparsers: Any) -> None:
 
 def _read_negatives(path: str) -> list[str]:
     """The non-blank lines of a negatives file, stripped."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise CommandError(f"--negatives {path}: cannot read the file ({err})") from err
-    texts = [line.strip() for line in lines if line.strip()]
+    texts = [line.strip() for line in read_text_file(path, option="--negatives").splitlines() if line.strip()]
     if not texts:
         raise CommandError(f"--negatives {path}: the file has no texts (one per line)")
     return texts
@@ -107,8 +112,15 @@ def run_generate(args: argparse.Namespace) -> int:
         raise CommandError("the prompt is empty")
     if args.strength is not None and args.init is None:
         raise CommandError("--strength needs --init IMAGE")
+    if args.judge_tokenizer is not None and args.judge is None:
+        raise CommandError("--judge-tokenizer needs --judge MODEL")
     if not args.out.lower().endswith(".png"):
         raise CommandError(f"--out {args.out}: write a .png file (lossless, so the scores are the file's)")
+    if args.init and Path(args.init).resolve() == Path(args.out).resolve():
+        raise CommandError(f"--out {args.out} is the --init image: give another file, so the image is kept")
+    check_output(args.out, option="--out")
+    check_output(args.json, option="--json")
+    check_output(args.frames, option="--frames", folder=True)
     negatives = list(args.negative)
     if args.negatives:
         negatives += _read_negatives(args.negatives)
@@ -125,8 +137,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.init:
         try:
             init = read_rgb(args.init)
-        except OSError as err:
-            raise CommandError(f"--init {args.init}: cannot read the image ({err})") from err
+        except OSError as err:  # missing, a folder, or not an image
+            reason = err.strerror if isinstance(err.strerror, str) else str(err)
+            raise CommandError(f"--init {args.init}: cannot read the image ({reason})") from None
 
     model, preprocess, tokenizer, setup = load_model_for_command(args)
     judge = load_model(args.judge, tokenizer=args.judge_tokenizer, device=args.device) if args.judge else None
@@ -162,7 +175,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, {"prompt": args.prompt, "out": str(out), "init": args.init, "config": config.to_dict(),
                                "steps_run": result.steps, "seed_kept": result.seed,
-                               "start_cosines": [round(c, 6) for c in result.cosines],
+                               "final_cosine_by_start": [round(c, 6) for c in result.cosines],
                                "losses": [round(x, 6) for x in result.losses],
                                "frames": [str(p) for p in result.frames], "score": scores["model"],
                                "judge_score": scores.get("judge")})

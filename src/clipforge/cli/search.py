@@ -14,17 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from clipforge.cli._common import (
     CommandError,
     batch_size_option,
+    check_output,
     device_option,
+    fraction,
     model_option,
+    port_number,
+    positive_float,
+    positive_int,
     precision_option,
     quiet_option,
+    size_in_bytes,
     tokenizer_option,
+    warn,
     workers_option,
 )
 
@@ -47,11 +53,11 @@ def add_parser(subparsers: Any) -> None:
                        help="index directory; an interrupted build there is continued")
     _embed_options(build)
     precision_option(build)
-    build.add_argument("--memory-budget", default="4G",
+    build.add_argument("--memory-budget", type=size_in_bytes, default="4G",
                        help="memory the faiss index may use; it decides the index type (default: 4G)")
     build.add_argument("--index-type", choices=("auto", "flat", "ivfpq", "hnsw"), default="auto",
                        help="auto: exact for small sets, IVF-PQ with re-ranking for large ones (default: auto)")
-    build.add_argument("--target-recall", type=float, default=0.95,
+    build.add_argument("--target-recall", type=fraction, default=0.95,
                        help="recall@10 the search setting is tuned to reach (default: 0.95)")
     build.set_defaults(func=run_build)
 
@@ -68,7 +74,7 @@ def add_parser(subparsers: Any) -> None:
     search.add_argument("index_dir", metavar="INDEX_DIR")
     search.add_argument("query", nargs="?", help="the text to search for")
     search.add_argument("--image", metavar="FILE", help="search by this image instead of a text")
-    search.add_argument("-k", type=int, default=10, help="results (default: 10)")
+    search.add_argument("-k", type=positive_int, default=10, help="results (default: 10)")
     search.add_argument("--json", action="store_true", help="print JSON instead of a table")
     model_option(search, required=False, help=INDEX_MODEL_HELP)
     device_option(search)
@@ -77,10 +83,10 @@ def add_parser(subparsers: Any) -> None:
     serve = subparsers.add_parser("serve", help="a web page and JSON API to search an index")
     serve.add_argument("index_dir", metavar="INDEX_DIR")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest query image (default: 10)")
+    serve.add_argument("--port", type=port_number, default=8000, help="port (default: 8000)")
+    serve.add_argument("--max-upload-mb", type=positive_float, default=10.0, help="largest query image (default: 10)")
     device_option(serve)
-    serve.add_argument("--threads", type=int, default=1,
+    serve.add_argument("--threads", type=positive_int, default=1,
                        help="PyTorch threads per query (default: 1; concurrent requests run in parallel instead)")
     serve.set_defaults(func=run_serve)
 
@@ -89,8 +95,8 @@ def _embed_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``index build`` and ``index add`` that say how the images are embedded."""
     tokenizer_option(parser)
     batch_size_option(parser, default=64, what="images")
-    workers_option(parser, default=2)
-    parser.add_argument("--chunk-size", type=int, default=10_000,
+    workers_option(parser, most=2)
+    parser.add_argument("--chunk-size", type=positive_int, default=10_000,
                         help="embeddings per file; an interruption loses at most one (default: 10000)")
     device_option(parser)
     quiet_option(parser)
@@ -134,6 +140,8 @@ def run_build(args: argparse.Namespace) -> int:
     """``clipforge index build --model M --data URI --out DIR``: embeds and indexes the images; prints
     how many were embedded and skipped, the faiss index chosen, its recall@10 and the time taken."""
     from clipforge.search.build import build_index
+
+    check_output(args.out, option="--out", folder=True)
 
     def call() -> Any:
         return build_index(args.data, args.out, model=args.model, tokenizer=args.tokenizer, device=args.device,
@@ -196,13 +204,9 @@ def run_serve(args: argparse.Namespace) -> int:
         from clipforge.search.server import create_app
     except ImportError as err:
         raise CommandError(f"clipforge serve needs the search extra: pip install 'clipforge[search]' ({err})") from err
-    if args.threads < 1:
-        raise CommandError(f"--threads must be positive, got {args.threads}")
-    if not args.max_upload_mb > 0:
-        raise CommandError(f"--max-upload-mb must be positive, got {args.max_upload_mb:g}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {args.host}: anyone who can reach this address can search the index and "
-              f"see its images", file=sys.stderr)
+        warn("serve", f"serving on {args.host}: anyone who can reach this address can search the index and "
+             "see its images")
     import torch
 
     # Requests are served by a thread pool; each query's forward pass on several intra-op

@@ -1,8 +1,8 @@
 """Building an index directory: embed every image of a data source in chunks, then index the
 embeddings with faiss.
 
-    report = build_index("imagefolder:photos/", "photos.index", model="runs/demo/checkpoints/step-0000750")
-    report = add_to_index("photos.index", "imagefolder:more-photos/")
+    report = build_index("folder:photos/", "photos.index", model="runs/demo/checkpoints/step-0000750")
+    report = add_to_index("photos.index", "folder:more-photos/")
 
 Both resume: keys already embedded are skipped, so running either again after an interruption
 continues where it stopped (the chunk being written when it stopped is embedded again).
@@ -155,7 +155,7 @@ def _embed_source(store: Store, model: Model, uri: str, source: Any, *, batch_si
         pending_vectors[:] = [vectors[rows:]]
         del pending_rows[:rows]
 
-    with tqdm(total=total, disable=not progress, unit="img", dynamic_ncols=True) as bar:
+    with tqdm(total=total, disable=None if progress else True, unit="img", dynamic_ncols=True) as bar:
         for batch in decoded_batches(todo, model.preprocess, batch_size=batch_size, num_workers=workers):
             good = [d for d in batch if d.pixels is not None]
             for d in batch:
@@ -293,6 +293,8 @@ def add_to_index(
     checked against it either way; other arguments as `build_index`."""
     start = time.perf_counter()
     store = Store.open(directory)
+    for _ in store.vectors(mmap=True):  # a damaged chunk is named before anything is written
+        pass
     loaded = index_model(store, model, tokenizer=tokenizer, device=device)
     embedded, already, skipped = _embed_source(store, loaded, data, open_data(data), batch_size=batch_size,
                                                workers=workers, chunk_size=chunk_size, progress=progress)

@@ -169,7 +169,11 @@ class Store:
     def vectors(self, *, mmap: bool = True) -> Iterator[np.ndarray]:
         """Each chunk's embeddings, in id order."""
         for chunk in self.manifest["chunks"]:
-            array = np.load(self._chunk_paths(chunk["name"])[0], mmap_mode="r" if mmap else None)
+            path = self._chunk_paths(chunk["name"])[0]
+            try:
+                array = np.load(path, mmap_mode="r" if mmap else None)
+            except (OSError, ValueError) as err:  # missing, cut short (a damaged disk), not an array
+                raise IndexDirError(f"{path}: cannot read this chunk of embeddings ({err})") from None
             if array.shape != (chunk["rows"], self.manifest["dim"]):
                 raise IndexDirError(
                     f"{self._chunk_paths(chunk['name'])[0]}: shape {array.shape}, the manifest "
@@ -239,7 +243,13 @@ class Store:
                 f"{self.directory}: the build did not finish (no faiss index yet); run "
                 f"clipforge index build again with the same --out to continue it"
             )
-        index = import_faiss().read_index(str(self.faiss_path))
+        try:
+            index = import_faiss().read_index(str(self.faiss_path))
+        except RuntimeError as err:  # faiss's one error type: a file cut short or not faiss's
+            raise IndexDirError(
+                f"{self.faiss_path}: not a readable faiss index ({str(err).splitlines()[-1][-80:]}); "
+                f"clipforge index add {self.directory} --data URI --reindex rebuilds it from the embeddings"
+            ) from None
         if index.ntotal != info["indexed"] or index.d != self.manifest["dim"]:
             raise IndexDirError(
                 f"{self.faiss_path}: holds {index.ntotal} vectors of dimension {index.d}, the "
