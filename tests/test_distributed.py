@@ -221,3 +221,33 @@ def test_the_training_step_on_two_ranks_is_the_step_on_one():
             assert stats == pytest.approx(ref, rel=1e-12), (name, rank)
             for key, g in ref_grads.items():
                 torch.testing.assert_close(got[key], g, rtol=1e-9, atol=1e-12, msg=f"{name} rank {rank} {key}")
+
+
+# --------------------------------------------------------------------------------------
+# The trainer's agreements: a stop flag and the run's counts
+# --------------------------------------------------------------------------------------
+
+
+def reduce_worker(rank, world, port, results):
+    from clipforge import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cpu = torch.device("cpu")
+        # a stop asked of rank 1 only (15: SIGTERM), then of none
+        results[rank] = (distributed.max_over_ranks(15 if rank == 1 else 0, cpu), distributed.max_over_ranks(0, cpu),
+                         distributed.sum_over_ranks([10 + rank, 3 * rank], cpu))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_a_stop_and_sum_their_counts():
+    from clipforge import distributed
+
+    cpu = torch.device("cpu")
+    assert distributed.max_over_ranks(2, cpu) == 2 and distributed.sum_over_ranks([4, 5], cpu) == [4, 5]  # one process
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(reduce_worker, args=(2, free_port(), results), nprocs=2, join=True)
+    assert results[0] == results[1] == (15, 0, [21, 3])

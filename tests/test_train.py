@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -347,6 +348,18 @@ def test_lr_factor_warms_up_linearly_then_decays_by_cosine_to_the_floor():
     assert lr_factor(500, config) == pytest.approx(0.1)  # past the end: stays at the floor
 
 
+def test_a_replanned_schedule_decays_from_where_it_stood_to_the_floor_at_the_new_end():
+    """A 110-step run extended at step 60 to 210 steps: from step 60 the factor falls by cosine
+    from its value there (0.55) to the floor at step 210 (the steps before 60 were run already)."""
+    old, new = TrainConfig(steps=110, warmup=10, min_lr_ratio=0.1), TrainConfig(steps=210, warmup=10, min_lr_ratio=0.1)
+    since = (60, lr_factor(60, old))
+    assert since[1] == pytest.approx(0.55)
+    assert lr_factor(60, new, replanned=since) == pytest.approx(0.55)
+    assert lr_factor(135, new, replanned=since) == pytest.approx(0.1 + 0.45 * 0.5)  # half way down
+    assert lr_factor(210, new, replanned=since) == pytest.approx(0.1)
+    assert lr_factor(300, new, replanned=since) == pytest.approx(0.1)
+
+
 def test_train_step_clamps_the_stored_temperature():
     """After each update the stored log-scale is clamped back to log 100 (CLIP §2.5), so its
     gradient never vanishes above the cap."""
@@ -500,6 +513,89 @@ def test_tiny_preset_trains_end_to_end_through_main(tmp_path, capsys):
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
 
 
+def test_without_a_terminal_progress_is_a_plain_line_per_log_row(tmp_path, capsys):
+    """capsys is not a terminal, as a log file or CI is not: no bar and its carriage returns, but
+    one line per metrics.jsonl row, with the row's numbers."""
+    short_run(tmp_path / "run", progress=True, log_every=2)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("step ")]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == len(rows) == 3
+    for line, row in zip(lines, rows):
+        numbers = f"step {row['step']}/6  loss {row['loss']:.4f}  lr {row['lr']:.2e}  T {1 / row['logit_scale']:.4f}"
+        assert re.fullmatch(re.escape(numbers) + r"  samples/s \d+  ETA \d+s", line), line
+    short_run(tmp_path / "quiet", progress=False)
+    assert "step " not in capsys.readouterr().err
+
+
+def test_signal_handlers_are_the_runs_only_while_it_runs_and_only_in_the_main_thread(tmp_path):
+    """The stop handlers (tests/test_signals.py sends the signals) are restored when train returns;
+    a run in another thread, where Python sets no handlers, leaves them alone and trains."""
+    import signal
+    import threading
+
+    from clipforge.data.batches import STOP_SIGNALS
+
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    short_run(tmp_path / "main")
+    assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
+    logged = []
+    thread = threading.Thread(target=lambda: logged.append(short_run(tmp_path / "thread")))
+    thread.start()
+    thread.join()
+    assert len(logged) == 1 and len(logged[0]) == 6  # the run's six rows: it raised nothing
+    assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
+
+
+def test_a_batch_larger_than_the_data_is_a_one_line_warning(tmp_path, capsys):
+    """12 pairs in batches of 36: every batch holds each pair 3 times, its copies negatives of each
+    other; the run goes on (the batch is not changed), after saying so once."""
+    config = TrainConfig(model="tiny", data="shapes://?n=12&size=32", out=str(tmp_path / "run"), steps=2,
+                         batch_size=36, warmup=1, vocab_size=600, progress=False)
+    with pytest.warns(UserWarning) as caught:
+        final = train(config)
+    assert [str(w.message) for w in caught] == [
+        "batch_size 36 is larger than the 12 samples of shapes://?n=12&size=32: each batch holds every sample about "
+        "3 times, and its copies are negatives of each other; a batch_size of at most 12 avoids it"]
+    assert final["samples_read"] == 72
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none when the batch fits
+        train(config.replace(out=str(tmp_path / "fits"), batch_size=12))
+    # through the command: one line
+    args = ["train", "--model", "tiny", "--data", "shapes://?n=12&size=32", "--steps", "1", "--batch-size", "36",
+            "--vocab-size", "600", "--no-progress", "--out", str(tmp_path / "cli")]
+    assert main(args) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(lines) == 1 and lines[0].startswith("clipforge train: warning: batch_size 36 is larger than")
+
+
+def test_emulated_bf16_is_one_warning_line_and_fp16_on_a_cpu_one_error_line(tmp_path, capsys, monkeypatch):
+    from clipforge import devices
+
+    monkeypatch.setattr(devices, "native_cpu_bf16", lambda: False)  # as on an AVX2-only CPU
+    args = ["train", "--model", "tiny", "--data", "shapes://?n=8&size=32", "--steps", "1", "--batch-size", "8",
+            "--vocab-size", "600", "--device", "cpu", "--no-progress"]
+    assert main([*args, "--precision", "bf16", "--out", str(tmp_path / "bf16")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "bf16" in line]
+    assert len(lines) == 1 and lines[0].startswith("clipforge train: warning: precision bf16 on this CPU")
+    assert main([*args, "--precision", "fp16", "--out", str(tmp_path / "fp16")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fp16 needs a CUDA device" in err and "Traceback" not in err
+    assert not (tmp_path / "fp16").exists()
+
+
+def test_train_help_reads_as_plain_text_and_lists_the_training_sources(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    description = text.split("\n\n")[1]
+    assert description.startswith("Train a CLIP model.") and "``" not in text
+    data_help = " ".join(text.split("\n  --data DATA")[1].split("\n  --out")[0].split())
+    for uri in ("shapes://", "digits://", "csv:FILE", "jsonl:FILE", "pairs:DIR", "shards:"):
+        assert uri in data_help
+
+
 def short_run(out: Path, **changes) -> list[dict]:
     """6 steps of the tiny preset on 8 shapes, the whole set every step, so the loss falls fast;
     the training rows of metrics.jsonl."""
@@ -509,6 +605,7 @@ def short_run(out: Path, **changes) -> list[dict]:
     return [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
 
 
+@pytest.mark.filterwarnings("ignore:precision bf16 on this CPU")  # the warning on CPUs without native bf16
 def test_bf16_autocast_trains_close_to_fp32(tmp_path):
     """bf16 autocast on the CPU: the loss falls as in fp32.  The first step starts from the same
     weights, so its losses differ by bf16's rounding alone: measured 1.6e-3.  Without autocast

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Comm", "is_initialized", "init_from_env", "data_parallel", "barrier", "shutdown"]
+__all__ = ["Comm", "is_initialized", "init_from_env", "data_parallel", "barrier", "max_over_ranks", "shutdown",
+           "sum_over_ranks"]
 
 
 def is_initialized() -> bool:
@@ -154,6 +155,27 @@ def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.par
 def barrier() -> None:
     if is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def _reduce_ints(values: list[int], device: torch.device, op: object) -> list[int]:
+    if not is_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    # NCCL reduces CUDA tensors only; gloo takes CPU ones
+    x = torch.tensor(values, dtype=torch.long, device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(x, op=op)
+    return [int(v) for v in x.tolist()]
+
+
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest of every rank's ``value`` (the value itself in a single process).  The trainer
+    agrees on a stop this way: one integer a step, so every rank stops after the same step."""
+    return _reduce_ints([value], device, dist.ReduceOp.MAX)[0]
+
+
+def sum_over_ranks(values: list[int], device: torch.device) -> list[int]:
+    """Each of ``values`` summed over the ranks (the values themselves in a single process): counts
+    that each rank keeps for its own share of the data."""
+    return _reduce_ints(values, device, dist.ReduceOp.SUM)
 
 
 def shutdown() -> None:

@@ -84,7 +84,9 @@ def _embed(
     embed_dim: int,
 ) -> Tensor:
     chunks: list[Tensor] = []
-    with torch.inference_mode(), tqdm(total=total, disable=not progress, unit=unit, dynamic_ncols=True) as bar:
+    # disable=None: no bar when stderr is not a terminal (a log file would get every redraw)
+    with torch.inference_mode(), tqdm(total=total, disable=None if progress else True, unit=unit,
+                                      dynamic_ncols=True) as bar:
         for batch in batches:
             batch = batch.to(device, dtype=input_dtype, non_blocking=True)
             with _autocast(device, autocast_dtype):

@@ -14,12 +14,17 @@ a sample can make it bad: an error raised by the transform is a bug and propagat
 
 Rows of a caption file that show the same image carry that image's index
 (`MicroBatch.groups`, from `image_groups`), which the loss takes as group labels.
+
+Loader workers ignore the signals that stop a run (`STOP_SIGNALS`): a terminal's Ctrl-C and a
+scheduler's SIGTERM reach the whole process group, and a worker they killed would end the run
+with an error before it could finish its step and save; the run shuts its workers down itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -33,7 +38,18 @@ from clipforge.data._errors import DataError
 from clipforge.data.captions import CaptionSet
 from clipforge.data.images import READ_ERRORS
 
-__all__ = ["BatchPlan", "BatchStream", "Bad", "MicroBatch", "StreamBatchStream", "image_groups"]
+__all__ = ["STOP_SIGNALS", "BatchPlan", "BatchStream", "Bad", "MicroBatch", "StreamBatchStream", "image_groups"]
+
+# The signals that ask a training run to stop (`clipforge.train.interrupt`): Ctrl-C, a scheduler's
+# SIGTERM, SLURM's advance warning (SIGUSR1, which Windows lacks).
+STOP_SIGNALS: tuple[int, ...] = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1")
+                                      if hasattr(signal, name))
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A loader's ``worker_init_fn``: the worker ignores `STOP_SIGNALS`, which the run handles."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 @dataclass(frozen=True)
@@ -257,7 +273,7 @@ class BatchStream:
         return DataLoader(
             dataset, num_workers=self.workers, persistent_workers=False, prefetch_factor=4 if self.workers else None,
             # its own generator: the loader's seed draw must not advance the global RNG
-            generator=torch.Generator().manual_seed(self.seed), **options,
+            generator=torch.Generator().manual_seed(self.seed), worker_init_fn=_ignore_stop_signals, **options,
         )
 
     def _count(self, micro: MicroBatch) -> None:

@@ -5,10 +5,11 @@
 
 | module | what |
 |---|---|
-| `config` | `TrainConfig`, every setting of a run, validated on construction |
+| `config` | `TrainConfig`, every setting of a run, validated on construction; what a resume may change |
 | `step` | `compute_gradients`, `train_step`, `build_optimizer`, `lr_factor`: no I/O |
 | `loop` | `train(config)`: data, model, resume, the loop, logs and checkpoints |
 | `run_state` | checkpoint directories written atomically, RNG states |
+| `interrupt` | SIGINT, SIGTERM and SIGUSR1: stop after the step with a checkpoint (`Interrupted`) |
 | `report` | ``report.md`` and figures for a finished run |
 """
 

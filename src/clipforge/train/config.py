@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEMO_CONFIG", "TrainConfig", "demo_config", "load_toml"]
+__all__ = ["DEMO_CONFIG", "RESUME_MAY_CHANGE", "ConfigError", "TrainConfig", "check_resume", "demo_config",
+           "load_toml"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOSSES = ("clip", "siglip")
@@ -25,13 +26,19 @@ def _option(default: Any, text: str) -> Any:
     return field(default=default, metadata={"help": text})
 
 
+class ConfigError(ValueError):
+    """Settings a run cannot start with: a device or precision this machine lacks, or a resume that
+    contradicts its checkpoint.  Raised before the run writes anything."""
+
+
 @dataclass
 class TrainConfig:
     """A training run.  Each field's ``help`` (``dataclasses.fields(TrainConfig)[k].metadata["help"]``) is its
     documentation; ``clipforge train --help`` shows them."""
 
     model: str = _option("tiny", "preset name (random init) or checkpoint path to start from")
-    data: str = _option("shapes://", "training data URI: shapes://, digits://, csv:FILE, jsonl:FILE, ...")
+    data: str = _option("shapes://",
+                        "training data URI: shapes://, digits://, csv:FILE, jsonl:FILE, pairs:DIR, shards:URLS")
     out: str = _option("runs/train", "run directory: checkpoints, metrics.jsonl, TensorBoard logs")
     steps: int = _option(1000, "optimiser steps")
     batch_size: int = _option(256, "global batch per step (all ranks and micro-batches together)")
@@ -70,7 +77,7 @@ class TrainConfig:
     eval_retrieval: str = _option("", "captioned data URI for retrieval recall@k")
     eval_samples: int = _option(512, "images per evaluation set (the first N)")
     max_bad_fraction: float = _option(0.1, "stop when more of the samples read are unreadable")
-    progress: bool = _option(True, "tqdm progress bar")
+    progress: bool = _option(True, "a progress bar on a terminal, else a plain line every log_every steps")
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
@@ -128,17 +135,69 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
 
+# The keys a resumed run may set differently from its checkpoint: none of them changes what a step
+# computes.  Every other difference is refused (`check_resume`): the data, the seed and the batch
+# decide which samples each step reads; the model, the loss, the precision, the chunk size and the
+# optimiser's and schedule's keys decide what a step does with them.
+RESUME_MAY_CHANGE = frozenset({
+    "out", "resume",  # where the run lives and which checkpoint it continues from
+    "log_every", "progress",  # logging
+    "eval_every", "eval_zeroshot", "eval_retrieval", "eval_samples",  # evaluation reads the model, never changes it
+    "save_every", "keep_last",  # checkpoint cadence
+    "device",  # where the steps run
+    "max_bad_fraction",  # when unreadable data stops the run, not what it trains on
+})
+# ``workers`` may change too, for map-style sources only: their batch order is a function of
+# (seed, step), whoever loads it; a streamed source (shards:) is split between the loader workers.
+# ``steps`` may grow with ``extend_schedule``: the learning-rate schedule is then re-planned.
+
+
+def check_resume(saved: dict[str, Any], config: TrainConfig, *, run: str | Path, step: int, streaming: bool,
+                 extend_schedule: bool = False) -> None:
+    """A `ConfigError` naming both values of every key where ``config`` contradicts the ``saved``
+    config of the checkpoint at ``step`` that it resumes; None when the run may continue."""
+    where = f"cannot resume {run} at step {step}"
+    if config.steps < step:
+        raise ConfigError(f"{where}: steps is {config.steps}, fewer than the {step} the checkpoint has done")
+    allowed = RESUME_MAY_CHANGE if streaming else RESUME_MAY_CHANGE | {"workers"}
+    defaults = TrainConfig().to_dict()  # a checkpoint written before a key existed ran with its default
+    now = config.to_dict()
+    changed = [(key, saved.get(key, defaults[key]), value) for key, value in now.items()
+               if key not in allowed and saved.get(key, defaults[key]) != value]
+    steps = [c for c in changed if c[0] == "steps"]
+    others = [c for c in changed if c[0] != "steps"]
+    if others:
+        values = "; ".join(f"{key} is {old!r} in the checkpoint, {new!r} now" for key, old, new in others)
+        split = streaming and any(key == "workers" for key, _, _ in others)
+        why = " (a streamed source is split between the loader workers)" if split else ""
+        raise ConfigError(f"{where}: {values}{why}; resume with the checkpoint's values, or start a new run from it "
+                          f"with --model {run}/checkpoints/step-{step:07d}")
+    if steps and not extend_schedule:
+        old = steps[0][1]
+        if config.steps < old:
+            raise ConfigError(f"{where}: steps is {old} in the checkpoint, {config.steps} now; a run cannot be "
+                              "shortened on resume (its learning-rate schedule was planned for its steps)")
+        raise ConfigError(f"{where}: steps is {old} in the checkpoint, {config.steps} now; more steps change the "
+                          "learning-rate schedule: pass --extend-schedule to re-plan it from this step")
+    if steps and config.steps < steps[0][1]:
+        raise ConfigError(f"{where}: steps is {steps[0][1]} in the checkpoint, {config.steps} now; "
+                          "--extend-schedule only lengthens a run")
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     """A TOML file as a dict; a [train] table is accepted as well as top-level keys."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
         import tomli as tomllib
-    with open(path, "rb") as f:
-        try:
-            data = tomllib.load(f)
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{path}: not valid TOML: {err}") from None
+    from clipforge.data.text import read_text
+
+    # missing, a folder or not UTF-8: one line naming the file; an empty run file sets nothing
+    text = read_text(path, what="run file", allow_empty=True)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML: {err}") from None
     return data.get("train", data)
 
 

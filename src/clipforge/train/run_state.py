@@ -2,7 +2,8 @@
 
     out/checkpoints/step-0000500/
         config.json, model.safetensors, tokenizer files   (clipforge's model format)
-        train_state.pt    optimiser, schedule, grad scaler, RNG states, step, run config
+        train_state.pt    optimiser, schedule, grad scaler, RNG states, step, run config,
+                          the run's counts (samples read, bad samples, skipped steps)
 
 A checkpoint is written into ``step-N.tmp`` and renamed when complete: a process killed in
 the middle of a save (even by SIGKILL) leaves the previous checkpoint intact, and the
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "find_checkpoint", "load_train_state", "list_checkpoints"]
+__all__ = ["save_checkpoint", "find_checkpoint", "load_run_config", "load_train_state", "list_checkpoints"]
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "train_state.pt"
@@ -102,3 +103,9 @@ def find_checkpoint(out: Path, resume: str) -> Path | None:
 def load_train_state(path: Path) -> dict[str, Any]:
     # Tensors, numbers, strings and containers only: the safe loader suffices.
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def load_run_config(path: Path) -> dict[str, Any]:
+    """The run config a checkpoint was written with (its `TrainConfig` as a dict), without reading
+    the optimiser's state: the file is memory-mapped and its tensors are never touched."""
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True).get("config", {})

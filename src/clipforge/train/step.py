@@ -222,8 +222,16 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, **kw)
 
 
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio``."""
+def lr_factor(step: int, config: TrainConfig, *, replanned: tuple[int, float] | None = None) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``config.steps``.
+
+    ``replanned``: (k, f) for a run extended on resume at step k, where the factor was f: from k
+    on, the cosine runs from f down to ``min_lr_ratio`` at the new ``config.steps`` instead.
+    """
+    if replanned is not None and step >= replanned[0]:
+        since, start = replanned
+        progress = min(1.0, (step - since) / max(1, config.steps - since))
+        return config.min_lr_ratio + (start - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     if step < config.warmup:
         return (step + 1) / config.warmup
     span = max(1, config.steps - config.warmup)
