@@ -854,3 +854,16 @@ def test_a_set_evaluated_both_ways_keeps_both_tasks_metrics(tmp_path):
              for run in ("both", "zeroshot", "retrieval")}
     assert final["both"] == {**final["zeroshot"], **final["retrieval"]}
     assert "acc1" in final["both"] and "text_to_image_R@1" in final["both"]
+
+
+@pytest.mark.parametrize("scheme", ["folder", "imagefolder"])
+def test_training_on_images_without_captions_is_refused_in_one_line(tmp_path, capsys, scheme):
+    from PIL import Image
+
+    for k in range(2):
+        (tmp_path / "images" / "a").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (40 * k, 0, 0)).save(tmp_path / "images" / "a" / f"{k}.png")
+    code = main(["train", "--model", "tiny", "--data", f"{scheme}:{tmp_path / 'images'}", "--steps", "1",
+                 "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "images without captions" in err and "Traceback" not in err

@@ -2,7 +2,7 @@
 
     clipforge eval zeroshot --model tiny --data imagefolder:val/ --tokenizer tok/
     clipforge eval retrieval --model ckpt/ --data csv:captions.tsv --out result.json
-    clipforge index build --model ckpt/ --data imagefolder:photos/ --out photos.index
+    clipforge index build --model ckpt/ --data folder:photos/ --out photos.index
     clipforge search photos.index "a red star"
 
 Adding a subcommand: write a module with ``add_parser(subparsers)`` that adds its parser with

@@ -1,6 +1,6 @@
 """``clipforge index build|add``, ``clipforge search`` and ``clipforge serve``: image search.
 
-    clipforge index build --model CKPT --data imagefolder:photos/ --out photos.index
+    clipforge index build --model CKPT --data folder:photos/ --out photos.index
     clipforge index add photos.index --data imagefolder:more/
     clipforge search photos.index "a red star" -k 10 [--json]
     clipforge search photos.index --image query.jpg

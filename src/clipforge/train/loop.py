@@ -240,7 +240,7 @@ def train(config: TrainConfig, *, extend_schedule: bool = False) -> dict[str, An
     SIGINT, SIGTERM and SIGUSR1 stop the run after the current step with a checkpoint, and raise
     `clipforge.train.interrupt.Interrupted`; a second signal stops at once.
     """
-    from clipforge.data import open_data
+    from clipforge.data import DataError, open_data
     from clipforge.train.interrupt import Interrupted, StopRequests
     from clipforge.train.run_state import find_checkpoint, load_train_state, save_checkpoint
 
@@ -259,6 +259,10 @@ def train(config: TrainConfig, *, extend_schedule: bool = False) -> dict[str, An
 
         # ---- data, resume, model -------------------------------------------------------------
         source = open_data(config.data)
+        if not (getattr(source, "streaming", False) or hasattr(source, "__getitem__")):
+            # imagefolder: and folder: hold images without captions: nothing to contrast them with
+            raise DataError(f"train cannot use {config.data!r}: it gives a {type(source).__name__}, images "
+                            "without captions; train on csv:, jsonl:, pairs:, shards:, shapes:// or digits://")
         streaming = bool(getattr(source, "streaming", False))
         data_position = _data_position(config, world=world, streaming=streaming)
         resume_from = find_checkpoint(out, config.resume) if config.resume else None
