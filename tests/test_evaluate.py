@@ -301,13 +301,18 @@ def test_a_split_without_labels_fails_before_any_image_is_embedded():
     assert model.calls["image"] == 0
 
 
-def test_pairs_captions_that_are_empty_or_not_utf8_are_skipped(tmp_path):
-    for k, caption in enumerate([b"c0", b"caf\xe9", b"  ", b"c3"]):
+def test_pairs_captions_that_are_empty_are_skipped_and_not_utf8_is_an_error(tmp_path):
+    """An empty caption leaves its image as a distractor; a caption file that is not UTF-8 is bad
+    text input, an error naming the file and byte (docs/evaluation.md, "Unreadable input")."""
+    for k, caption in enumerate([b"c0", b"c1", b"  ", b"c3"]):
         solid(tmp_path / f"{k}.png", k)
         (tmp_path / f"{k}.txt").write_bytes(caption)
     source = open_data(f"pairs:{tmp_path}")
-    assert source.caption_index() == (["c0", "c3"], [0, 3], 2)
+    assert source.caption_index() == (["c0", "c1", "c3"], [0, 1, 3], 1)
     result = evaluate_retrieval(ToyCLIP(), preprocess, tokenizer, source, ks=(1,))
-    # images 1 and 2 stay as distractors; the two captions still find their images first
-    assert (result.images, result.captions_evaluated, result.captions_skipped) == (4, 2, 2)
+    # image 2 stays as a distractor; the three captions still find their images first
+    assert (result.images, result.captions_evaluated, result.captions_skipped) == (4, 3, 1)
     assert result.metrics["text_to_image_R@1"] == 1.0 and result.metrics["image_to_text_R@1"] == 1.0
+    (tmp_path / "1.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(DataError, match=r"1\.txt:1: not UTF-8 text"):
+        open_data(f"pairs:{tmp_path}").caption_index()
