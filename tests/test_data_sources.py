@@ -396,3 +396,26 @@ def test_generate_stops_on_a_negatives_file_that_is_not_utf8_naming_it(tmp_path,
     assert code == 2
     assert_one_line(capsys.readouterr().err, "--negatives", "negatives.txt:2: not UTF-8 text", "at byte 9")
     assert not (tmp_path / "x.png").exists()
+
+
+def _sigint_ignored(image):
+    """A transform that records, in the process that runs it, whether SIGINT is ignored there."""
+    import signal
+
+    return torch.full((3, 1, 1), float(signal.getsignal(signal.SIGINT) == signal.SIG_IGN))
+
+
+def test_image_loader_workers_ignore_the_stop_signals(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: evaluation's decoding workers ignore
+    it (and SIGTERM), leaving the main process to stop and shut them down."""
+    from PIL import Image
+
+    from clipforge.data.images import ImageLoader
+
+    paths = []
+    for k in range(3):
+        Image.new("RGB", (4, 4)).save(tmp_path / f"{k}.png")
+        paths.append(tmp_path / f"{k}.png")
+    in_worker = torch.cat(list(ImageLoader(paths, _sigint_ignored, batch_size=2, num_workers=1)))
+    in_process = torch.cat(list(ImageLoader(paths, _sigint_ignored, batch_size=2, num_workers=0)))
+    assert bool((in_worker == 1).all()) and bool((in_process == 0).all())

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -36,20 +35,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from clipforge.data._errors import DataError
 from clipforge.data.captions import CaptionSet
-from clipforge.data.images import READ_ERRORS
+from clipforge.data.images import READ_ERRORS, STOP_SIGNALS, ignore_stop_signals
 
 __all__ = ["STOP_SIGNALS", "BatchPlan", "BatchStream", "Bad", "MicroBatch", "StreamBatchStream", "image_groups"]
-
-# The signals that ask a training run to stop (`clipforge.train.interrupt`): Ctrl-C, a scheduler's
-# SIGTERM, SLURM's advance warning (SIGUSR1, which Windows lacks).
-STOP_SIGNALS: tuple[int, ...] = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1")
-                                      if hasattr(signal, name))
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    """A loader's ``worker_init_fn``: the worker ignores `STOP_SIGNALS`, which the run handles."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
 
 
 @dataclass(frozen=True)
@@ -273,7 +261,7 @@ class BatchStream:
         return DataLoader(
             dataset, num_workers=self.workers, persistent_workers=False, prefetch_factor=4 if self.workers else None,
             # its own generator: the loader's seed draw must not advance the global RNG
-            generator=torch.Generator().manual_seed(self.seed), worker_init_fn=_ignore_stop_signals, **options,
+            generator=torch.Generator().manual_seed(self.seed), worker_init_fn=ignore_stop_signals, **options,
         )
 
     def _count(self, micro: MicroBatch) -> None:

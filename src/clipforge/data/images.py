@@ -10,6 +10,7 @@ nothing is unreadable and every error is a bug (``read_errors=()``).
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,10 +22,27 @@ from torch.utils.data import DataLoader, Dataset
 
 from clipforge.data._errors import DataError
 
-__all__ = ["READ_ERRORS", "ImageLoader", "Skipped", "describe_skipped", "read_rgb", "skip_reason"]
+__all__ = [
+    "READ_ERRORS", "STOP_SIGNALS", "ImageLoader", "Skipped", "describe_skipped", "ignore_stop_signals", "read_rgb",
+    "skip_reason",
+]
 
 # Decoding failures that mean "bad data"; Pillow raises OSError for truncated or corrupt files.
 READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+# The signals that ask a run to stop (`clipforge.train.interrupt`): Ctrl-C, a scheduler's SIGTERM,
+# SLURM's advance warning (SIGUSR1, which Windows lacks).
+STOP_SIGNALS: tuple[int, ...] = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1")
+                                      if hasattr(signal, name))
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A loader's ``worker_init_fn``: the worker ignores `STOP_SIGNALS`.  A terminal's Ctrl-C reaches
+    the whole process group; the main process handles it (a training run stops after its step,
+    an evaluation ends) and shuts its workers down itself."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 @dataclass(frozen=True)
@@ -139,6 +157,7 @@ class ImageLoader:
             num_workers=self.num_workers,
             collate_fn=_collate,
             generator=torch.Generator(),  # DataLoader would otherwise draw its base seed from the global one
+            worker_init_fn=ignore_stop_signals,
         )
         for indices, batch, skipped in loader:
             self.kept += indices
