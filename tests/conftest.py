@@ -19,10 +19,10 @@ def one_thread() -> Iterator[None]:
     """One intra-op thread for the whole session, in this process and in the processes it starts.
 
     The suite's models are tiny: on a shared two-core machine, OpenMP threads waiting for each
-    other at barriers make their ops many times slower (fifty times, measured on the training
-    tests).  One fixed count also keeps runs that are compared bit for bit (a resumed run against
-    an uninterrupted one, one process against two) on the same summation order.  Session scope:
-    it is set up before any module fixture (a trained collection, a single-process run) runs.
+    other at barriers make their ops slower than one thread does.  One fixed count also keeps
+    runs that are compared bit for bit (a resumed run against an uninterrupted one, one process
+    against two) on the same summation order.  Session scope: it is set up before any module
+    fixture (a trained collection, a single-process run) runs.
     """
     before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)

@@ -194,8 +194,6 @@ def run_rerank(args: argparse.Namespace) -> int:
     from clipforge.data.images import describe_skipped
     from clipforge.score import CLIP_SCORE_W, rerank
 
-    if args.k is not None and args.k < 1:
-        raise CommandError(f"-k must be positive, got {args.k}")
     if not args.prompt.strip():
         raise CommandError("--prompt is empty")
     images = find_images(args.images, name=f"--images {args.images}")  # recursively, as folder: finds them
