@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint test test-slow bench-loss bench-eval bench-index bench-serve bench-generate bench-demo-curve figures figure-search browser demo clean
+.PHONY: install lint test test-slow bench-loss bench-eval bench-index bench-serve bench-generate bench-demo-curve figures fonts figure-search browser demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,7 +58,7 @@ bench-serve: $(STAMP)
 
 # CLIP-guided generation and best-of-16 reranking on shapes://, judged by a second model: trains
 # three demo-recipe models (seeds 0 and 1 for 4,800 steps with --image-noise 0.25, seed 1 for
-# 2,400 steps clean; about 80 minutes together) into runs/generate-proof/ unless they are there, then writes
+# 2,400 steps clean; about 80 minutes together) into runs/bench-generate/ unless they are there, then writes
 # benchmarks/results/bench_generate.json and docs/figures/generate_grid.png.
 bench-generate: $(STAMP)
 	$(BIN)/python benchmarks/bench_generate.py
@@ -72,8 +72,30 @@ bench-demo-curve: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/clipforge demo
 
-figures: $(STAMP)
-	$(BIN)/python docs/make_loss_figures.py
+# Debian's WenQuanYi Micro Hei for the Chinese figure labels: installed with apt-get when missing
+# and make runs as root; otherwise make stops with the command to run.
+fonts:
+	@if [ -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's fonts-wqy-microhei for the Chinese figures"; \
+		apt-get update && apt-get install -y fonts-wqy-microhei; \
+	else \
+		echo "the Chinese figures need the WenQuanYi Micro Hei font; run:" >&2; \
+		echo "    sudo apt-get install fonts-wqy-microhei" >&2; \
+		exit 1; \
+	fi
+
+# Every figure in docs/figures/ that a script redraws in seconds:
+#   loss_*.png and loss_*.zh.png  docs/make_loss_figures.py, from the library's loss (English and Chinese);
+#   demo_curve.png                bench_demo_curve.py --replot, from benchmarks/results/bench_demo_curve.json
+#                                 (the training behind it: `make bench-demo-curve`, about 17 minutes).
+# Not here, because they need more than a script:
+#   generate_grid.png             `make bench-generate` (about 80 minutes of training); once its images are
+#                                 in runs/bench-generate/images, `bench_generate.py --redraw` redraws it;
+#   search_page.png               `make figure-search`, a screenshot taken by the browser test.
+figures: $(STAMP) fonts
+	$(BIN)/python docs/make_loss_figures.py --lang en zh
+	$(BIN)/python benchmarks/bench_demo_curve.py --replot
 
 # The search page screenshot, docs/figures/search_page.png, taken by the browser test
 # (Debian's chromium and chromium-driver, installed by `make browser`).
