@@ -1,6 +1,6 @@
 """CLIP-guided generation and best-of-16 reranking on shapes://, judged by a second model.
 
-    python benchmarks/bench_generate.py                          # `make bench-generate`: the full proof
+    python benchmarks/bench_generate.py                          # `make bench-generate`: the full benchmark
     python benchmarks/bench_generate.py --model runs/a --judge runs/b
     python benchmarks/bench_generate.py --prompts 4 --steps 30 --generator-steps 40 --judge-steps 40 \\
         --clean-judge-steps 40 --runs /tmp/runs --json /tmp/quick.json --figure /tmp/quick.png   # a quick check
@@ -14,15 +14,15 @@ and the judge reads shapes rather than pixel-level detail.  A third model, the *
 judge* (seed 1, 2,400 steps without noise, as every other run trains), classifies the same
 images: how a model of another recipe sees them.  Without ``--model``/``--judge``/
 ``--clean-judge`` (run directories, whose last checkpoint is taken, or checkpoints) the
-script trains them into ``runs/generate-proof/`` and reuses them on the next run of the same
+script trains them into ``runs/bench-generate/`` and reuses them on the next run of the same
 recipe (``--fresh`` trains again, e.g. after a change to the code rather than the config).
 
 1. Generation: for each of the 64 prompts "a {colour} {shape}", `clipforge.generate.generate`
    makes an image with the generator model; the judge classifies it zero-shot among the 64
-   classes (`ShapesDataset.templates`).  Rates: colour and shape both right (the target is
-   >= 80 %), colour right, shape right; the same for the clean judge, and for the generator
-   classifying its own images (a generator far above its judges is making adversarial images).  The generation
-   settings default to the proof's: 200 steps, 16 cutouts with pixel noise of the generator's
+   classes (`ShapesDataset.templates`).  Rates: colour and shape both right, colour right,
+   shape right; the same for the clean judge, and for the generator classifying its own
+   images (a generator far above its judges is making adversarial images).  The generation
+   settings default to the benchmark's: 200 steps, 16 cutouts with pixel noise of the generator's
    training noise, total variation 5, spectrum decay 2, learning rate 0.02, the other 63
    class prompts as negative prompts at weight 0.1 (``--negative-weight 0``: none), one start
    (``--best-of N``: N starts, the generator keeps the image it scores highest).
@@ -30,13 +30,13 @@ recipe (``--fresh`` trains again, e.g. after a change to the code rather than th
    can be: a generator that drew each prompt as shapes:// does would score that.
 2. Reranking: for each prompt, 16 candidate images from the ``seen``/``heldout`` splits (one
    of the prompted pair, 15 of classes drawn at random), ordered by the generator model with
-   `clipforge.score.rerank`; the rate of prompts whose first image is of the prompted pair
-   (the target is >= 90 %).  Reranking always covers the 64 prompts; ``--prompts N``
+   `clipforge.score.rerank`; the rate of prompts whose first image is of the prompted pair.
+   Reranking always covers the 64 prompts; ``--prompts N``
    generates for N of them (spread at random, seeded), for a quick check.
 
 Prints a table, writes benchmarks/results/bench_generate.json and the figure
 docs/figures/generate_grid.png (each image with its prompt, CLIP-S under both models and the
-judge's class), and the images under runs/generate-proof/images/.
+judge's class), and the images under runs/bench-generate/images/.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 CANDIDATES = 16
 STEPS = 4800  # both models: training with noise needs longer for the same clean accuracy
 NOISE = 0.25  # both models are trained with this image noise (docs/generation.md)
-BEST_OF = 1  # starts per prompt (GenerateConfig.best_of): 4 measured no better (docs/benchmarks.md)
+BEST_OF = 1  # starts per prompt (GenerateConfig.best_of): 4 measured no better (docs/benchmarks.md, History)
 CLEAN_JUDGE_STEPS = 2400  # the clean recipe near its plateau (docs/benchmarks.md)
 NEGATIVE_WEIGHT = 0.1  # GenerateConfig.negative_weight, with the other 63 class prompts as negatives (0: none)
 REAL_PER_PROMPT = 8  # real images per prompted class on which the judge's own accuracy is measured
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         default=CLEAN_JUDGE_STEPS,
         help=f"steps when training the clean judge (default: {CLEAN_JUDGE_STEPS}; 0: no clean judge)",
     )
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "generate-proof", help="where to train")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-generate", help="where to train")
     parser.add_argument("--fresh", action="store_true", help="train the models again even if they are there")
     parser.add_argument(
         "--prompts",
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
 
     count = len(chosen)
     table = [
-        ("generation: judge sees colour and shape (target >= 0.80)", generation["colour_and_shape"]),
+        ("generation: judge sees colour and shape", generation["colour_and_shape"]),
         ("generation: judge sees the colour", generation["colour"]),
         ("generation: judge sees the shape", generation["shape"]),
         ("generation: generator sees colour and shape (own images)", self_rates["colour_and_shape"]),
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
             ),
         ]
     table += [
-        ("rerank 16: generator's first image matches (target >= 0.90)", rerank_rate),
+        ("rerank 16: generator's first image matches", rerank_rate),
         ("rerank 16: judge's first image matches", rerank_judge),
     ]
     print(
