@@ -111,7 +111,32 @@ def test_tiled_clip_gradcheck():
         assert torch.autograd.gradcheck(
             lambda a, b, c, lab=lab: clip_loss(a, b, c, labels=lab, label_smoothing=0.1, chunk_size=4), (img, txt, s)
         )
-        assert torch.autograd.gradgradcheck is not None  # backward is first-order only (documented)
+
+
+@pytest.mark.parametrize("name", ["clip_loss", "siglip_loss"])
+def test_tiled_path_refuses_double_backward(name):
+    """The tiled backward recomputes tiles outside autograd, so its gradients carry no graph;
+    create_graph=True is refused at once, naming the limit and chunk_size=None."""
+    img, txt = features(5, 3, seed=4)
+    s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+    loss = clip_loss(img, txt, s, chunk_size=2) if name == "clip_loss" else siglip_loss(img, txt, s, b, chunk_size=2)
+    message = rf"tiled {name} has no double backward \(create_graph=True\).*Pass chunk_size=None"
+    with pytest.raises(RuntimeError, match=message):
+        torch.autograd.grad(loss, (img, txt, s), create_graph=True)
+    assert all(g is not None for g in torch.autograd.grad(loss, (img, txt, s)))  # first order still works
+
+
+def test_plain_path_has_double_backward():
+    """chunk_size=None is ordinary autograd: second derivatives are exact (float64)."""
+    img, txt = features(4, 3, seed=4)
+    s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 2])
+    assert torch.autograd.gradgradcheck(
+        lambda x, y, c: clip_loss(x, y, c, labels=labels, label_smoothing=0.1), (img, txt, s)
+    )
+    assert torch.autograd.gradgradcheck(lambda x, y, c, d: siglip_loss(x, y, c, d, labels=labels), (img, txt, s, b))
 
 
 def test_tiled_clip_float32_large_batch_matches_float64():

@@ -293,6 +293,18 @@ class _RowBlock:
         return t if self.rows is None else t[self.rows]
 
 
+def _refuse_double_backward(loss: str) -> None:
+    """The backward below recomputes tiles from detached features, so the gradients it returns
+    carry no graph: a second derivative taken through them would be missing or silently zero.
+    Autograd enables grad mode inside a backward only for ``create_graph=True``."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"the tiled {loss} has no double backward (create_graph=True): its backward recomputes "
+            f"the logits tile by tile outside autograd. Pass chunk_size=None for the plain formula, "
+            f"which supports higher-order gradients."
+        )
+
+
 class _TiledClipLoss(torch.autograd.Function):
     """CLIP loss over a row block: this process's images against the global captions.
 
@@ -321,6 +333,7 @@ class _TiledClipLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
+        _refuse_double_backward("clip_loss")
         img, txt, scale, r, c = ctx.saved_tensors
         comm, eps = ctx.comm, ctx.eps
         blk = _RowBlock(img, txt, ctx.labels, comm, ctx.gathered)
@@ -361,6 +374,7 @@ class _TiledSigLipLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
+        _refuse_double_backward("siglip_loss")
         img, txt, scale, bias = ctx.saved_tensors
         comm = ctx.comm
         blk = _RowBlock(img, txt, ctx.labels, comm, ctx.gathered)
