@@ -5,7 +5,8 @@
     open_clip_config_json = config_to_openclip(config)
 
 A file without a config (OpenAI's releases, bare OpenCLIP state dicts) is described by its tensor
-shapes, as OpenAI's ``build_model`` reads them; Hugging Face's and OpenCLIP's configs are
+shapes, as OpenAI's ``build_model`` reads them (64-wide heads, except for a ViT shaped as one of
+the presets, which takes that preset's heads); Hugging Face's and OpenCLIP's configs are
 translated both ways, with their own defaults for absent keys.  An option clipforge's model
 cannot express is a CheckpointError, never silently dropped.
 """
@@ -22,7 +23,14 @@ from torch import Tensor
 
 from clipforge.checkpoints._errors import CheckpointError
 from clipforge.loss import CLIP_INIT_SCALE
-from clipforge.model.config import OPENAI_CONTEXT_LENGTH, OPENAI_VOCAB_SIZE, CLIPConfig, TextConfig, VisionConfig
+from clipforge.model.config import (
+    OPENAI_CONTEXT_LENGTH,
+    OPENAI_VOCAB_SIZE,
+    PRESETS,
+    CLIPConfig,
+    TextConfig,
+    VisionConfig,
+)
 from clipforge.transforms import OPENAI_MEAN, OPENAI_STD
 
 __all__ = ["config_from_hf", "config_from_openclip", "config_to_hf", "config_to_openclip", "infer_config"]
@@ -45,6 +53,20 @@ def _heads(width: int, what: str, path: Path) -> int:
     return width // 64
 
 
+def _vit_heads(width: int, layers: int, patch: int, mlp_width: int, path: Path) -> int:
+    """The heads of a ViT image tower known only by its shapes.
+
+    OpenCLIP's larger ViTs have wider heads than OpenAI's 64 (ViT-H/14: 80, ViT-g/14: 88,
+    ViT-bigG/14: 104), which no tensor shape shows: a tower shaped as a preset's takes that
+    preset's heads, any other one 64-wide heads.
+    """
+    for preset in PRESETS.values():
+        v = preset.vision
+        if not v.is_resnet and (v.width, v.layers, v.patch_size, v.mlp_width) == (width, layers, patch, mlp_width):
+            return v.heads
+    return _heads(width, "vision", path)
+
+
 def _shape(state: dict[str, Tensor], key: str, path: Path) -> torch.Size:
     if key not in state:
         raise CheckpointError(f"{path}: missing tensor {key!r}, needed to infer the architecture")
@@ -57,13 +79,15 @@ def infer_config(state: dict[str, Tensor], *, act: str = "gelu", path: str | Pat
     if "visual.proj" in state:  # Vision Transformer
         width, _, patch, _ = _shape(state, "visual.conv1.weight", path)
         grid = round((_shape(state, "visual.positional_embedding", path)[0] - 1) ** 0.5)
+        layers = _count_blocks(state, r"visual\.transformer\.resblocks\.(\d+)\.")
+        mlp_width = _shape(state, "visual.transformer.resblocks.0.mlp.c_fc.weight", path)[0]
         vision = VisionConfig(
             image_size=patch * grid,
             patch_size=patch,
             width=width,
-            layers=_count_blocks(state, r"visual\.transformer\.resblocks\.(\d+)\."),
-            heads=_heads(width, "vision", path),
-            mlp_ratio=_shape(state, "visual.transformer.resblocks.0.mlp.c_fc.weight", path)[0] / width,
+            layers=layers,
+            heads=_vit_heads(width, layers, patch, mlp_width, path),
+            mlp_ratio=mlp_width / width,
             act=act,
         )
     else:  # modified ResNet

@@ -3,8 +3,10 @@
 A `CLIPConfig` holds an image-tower config (`VisionConfig`: a Vision Transformer, or OpenAI's
 modified ResNet when ``patch_size`` is None), a text-tower config (`TextConfig`) and the size
 of the shared embedding.  ``to_dict``/``from_dict`` round-trip through JSON and reject unknown
-keys by name.  The presets carry the published shapes of OpenAI's CLIP models (Radford et al.,
-2021, Tables 19-20; github.com/openai/CLIP ``clip/model.py`` ``build_model``).
+keys by name.  The presets carry the published shapes of OpenAI's nine CLIP models (Radford et
+al., 2021, Tables 19-20; github.com/openai/CLIP ``clip/model.py`` ``build_model``) and of
+OpenCLIP's LAION-2B flagships ViT-H/14, ViT-g/14 and ViT-bigG/14 (open_clip ``model_configs/``):
+the same tensor names and shapes as OpenCLIP's model of the same name.
 
 OpenAI's vocabulary size (``OPENAI_VOCAB_SIZE``) is defined here; its pixel statistics, the
 default ``mean`` and ``std``, come from `clipforge.transforms` (``OPENAI_MEAN``, ``OPENAI_STD``).
@@ -46,6 +48,17 @@ OPENAI_CONTEXT_LENGTH = 77
 QUICKGELU_SUFFIX = "-quickgelu"
 
 
+def _mlp_width(width: int, mlp_ratio: float) -> int:
+    """The MLP's hidden width: ``int(width * mlp_ratio)``, truncated as OpenCLIP builds it.
+
+    OpenCLIP (open_clip/transformer.py) truncates, so ViT-g/14's ratio 4.3637 gives 1408 -> 6144
+    and ViT-bigG/14's 4.9231 gives 1664 -> 8192.  A ratio read back as hidden / width (Hugging Face's
+    intermediate_size, a tensor's shape) can land a hair below the integer it came from, so a
+    product within 1e-6 of the next integer counts as that integer.
+    """
+    return math.floor(width * mlp_ratio + 1e-6)
+
+
 def _positive_int(owner: str, name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
@@ -61,6 +74,14 @@ def _positive_float(owner: str, name: str, value: Any) -> None:
 def _check_activation(owner: str, value: Any) -> None:
     if value not in ACTIVATIONS:
         raise ValueError(f"{owner}.act must be one of {ACTIVATIONS}, got {value!r}")
+
+
+def _check_mlp_width(owner: str, width: int, mlp_ratio: float) -> None:
+    if _mlp_width(width, mlp_ratio) < 1:
+        raise ValueError(
+            f"{owner}.mlp_ratio={mlp_ratio!r} gives the MLP int({width} * {mlp_ratio!r}) = 0 hidden units; "
+            "it needs at least 1"
+        )
 
 
 def _from_dict(cls: type, data: dict[str, Any]) -> dict[str, Any]:
@@ -131,6 +152,7 @@ class VisionConfig:
                 )
             if self.width % self.heads:
                 raise ValueError(f"{owner}.heads={self.heads} must divide width={self.width}")
+            _check_mlp_width(owner, self.width, self.mlp_ratio)
         for name in ("mean", "std"):
             value = getattr(self, name)
             if len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
@@ -144,7 +166,7 @@ class VisionConfig:
 
     @property
     def mlp_width(self) -> int:
-        return round(self.width * self.mlp_ratio)
+        return _mlp_width(self.width, self.mlp_ratio)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -180,10 +202,11 @@ class TextConfig:
         _check_activation(owner, self.act)
         if self.width % self.heads:
             raise ValueError(f"{owner}.heads={self.heads} must divide width={self.width}")
+        _check_mlp_width(owner, self.width, self.mlp_ratio)
 
     @property
     def mlp_width(self) -> int:
-        return round(self.width * self.mlp_ratio)
+        return _mlp_width(self.width, self.mlp_ratio)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -251,14 +274,18 @@ def check_image_shape(images: Tensor, image_size: int) -> None:
         )
 
 
-def _openai_text(width: int) -> TextConfig:
-    # OpenAI's text towers: 12 layers, 64-wide heads, 77 positions, 49,408-token BPE vocabulary.
-    return TextConfig(width=width, heads=width // 64, layers=12)
+def _openai_text(width: int, layers: int = 12) -> TextConfig:
+    # OpenAI's text towers: 64-wide heads, 77 positions, 49,408-token BPE vocabulary; 12 layers in
+    # OpenAI's models, more in OpenCLIP's larger ones.
+    return TextConfig(width=width, heads=width // 64, layers=layers)
 
 
-def _vit(embed_dim: int, image: int, patch: int, width: int, layers: int, text_width: int) -> CLIPConfig:
-    vision = VisionConfig(image_size=image, patch_size=patch, width=width, layers=layers, heads=width // 64)
-    return CLIPConfig(embed_dim=embed_dim, vision=vision, text=_openai_text(text_width))
+def _vit(embed_dim: int, image: int, patch: int, width: int, layers: int, text_width: int, *,
+         head_width: int = 64, mlp_ratio: float = 4.0, text_layers: int = 12) -> CLIPConfig:
+    # OpenCLIP gives the ViT's head width (default 64, as OpenAI's build_model), not the head count.
+    vision = VisionConfig(image_size=image, patch_size=patch, width=width, layers=layers,
+                          heads=width // head_width, mlp_ratio=mlp_ratio)
+    return CLIPConfig(embed_dim=embed_dim, vision=vision, text=_openai_text(text_width, text_layers))
 
 
 def _resnet(embed_dim: int, image: int, layers: tuple[int, int, int, int], width: int, text_width: int) -> CLIPConfig:
@@ -284,6 +311,7 @@ PRESETS: dict[str, CLIPConfig] = {
         vision=VisionConfig(image_size=64, patch_size=16, width=128, layers=4, heads=2),
         text=TextConfig(context_length=32, vocab_size=4096, width=128, heads=2, layers=4),
     ),
+    # OpenAI's nine released models (build_model; sizes as OpenCLIP's model_configs/ give them).
     "ViT-B-32": _vit(512, 224, 32, 768, 12, 512),
     "ViT-B-16": _vit(512, 224, 16, 768, 12, 512),
     "ViT-L-14": _vit(768, 224, 14, 1024, 24, 768),
@@ -291,6 +319,15 @@ PRESETS: dict[str, CLIPConfig] = {
     "RN50": _resnet(1024, 224, (3, 4, 6, 3), 64, 512),
     "RN101": _resnet(512, 224, (3, 4, 23, 3), 64, 512),
     "RN50x4": _resnet(640, 288, (4, 6, 10, 6), 80, 640),
+    "RN50x16": _resnet(768, 384, (6, 8, 18, 8), 96, 768),
+    "RN50x64": _resnet(1024, 448, (3, 15, 36, 10), 128, 1024),
+    # OpenCLIP's LAION-2B flagships (model_configs/ViT-H-14.json, ViT-g-14.json, ViT-bigG-14.json):
+    # 80-, 88- and 104-wide heads (16 each), non-integer MLP ratios for g and bigG, 24- and 32-layer
+    # text towers.  LAION's weights use GELU; MetaCLIP's H/14 and bigG/14 and DFN's H/14 use QuickGELU
+    # (open_clip/pretrained.py), hence the "-quickgelu" names.
+    "ViT-H-14": _vit(1024, 224, 14, 1280, 32, 1024, head_width=80, text_layers=24),
+    "ViT-g-14": _vit(1024, 224, 14, 1408, 40, 1024, head_width=88, mlp_ratio=4.3637, text_layers=24),
+    "ViT-bigG-14": _vit(1280, 224, 14, 1664, 48, 1280, head_width=104, mlp_ratio=4.9231, text_layers=32),
 }
 
 
