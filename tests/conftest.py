@@ -3,11 +3,16 @@
 - Every test runs on one intra-op thread (`one_thread`, automatic).
 - ``device``: a test that takes it runs once on "cpu" and once on "cuda", the latter skipped
   with a reason where CUDA is not available.
+- No test reaches outside this machine (`loopback_only`, automatic): a name lookup or a
+  connection to anything but the loopback interface is an OSError naming the host, and the
+  Hugging Face hub client is offline (``HF_HUB_OFFLINE=1``) unless a test says otherwise.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -33,6 +38,50 @@ def one_thread() -> Iterator[None]:
         os.environ.pop("OMP_NUM_THREADS", None)
     else:
         os.environ["OMP_NUM_THREADS"] = env
+
+
+def _is_loopback(host: object) -> bool:
+    if host in (None, "", "localhost", b"localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.decode() if isinstance(host, bytes) else str(host)).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture(autouse=True, scope="session")
+def loopback_only() -> Iterator[None]:
+    """Name lookups and connections reach the loopback interface only (the tests' own servers).
+
+    A test that would download from a model hub or any other host fails at once with an OSError
+    naming the host, rather than depending on, or waiting for, a network.  Unix sockets are free.
+    """
+    mp = pytest.MonkeyPatch()
+    real_getaddrinfo = socket.getaddrinfo
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def refuse(host: object) -> OSError:
+        return OSError(f"the tests reach the loopback interface only, not {host!r}")
+
+    def getaddrinfo(host, *args, **kwargs):
+        if not _is_loopback(host):
+            raise refuse(host)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    def checked(real):
+        def connect(self, address):
+            if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
+                raise refuse(address[0])
+            return real(self, address)
+
+        return connect
+
+    mp.setattr(socket, "getaddrinfo", getaddrinfo)
+    mp.setattr(socket.socket, "connect", checked(real_connect))
+    mp.setattr(socket.socket, "connect_ex", checked(real_connect_ex))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    yield
+    mp.undo()
 
 
 _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
