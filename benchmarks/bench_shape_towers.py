@@ -7,8 +7,9 @@ Towers: each image tower is trained alone, with a linear head, to classify the 8
 single-object images of the ``seen`` split (batches of 128, AdamW lr 1e-3, the same images
 for every tower), then scored on 512 images of the seen and of the held-out pairs; the
 seconds per step are measured side by side in one run.  ``--model``: the 64-way zero-shot
-predictions of a trained model split into colour and shape, and a logistic-regression probe
-for shape on its image features, fitted on seen pairs and scored on seen and held-out ones.
+predictions of a trained model split into colour and shape, and a linear probe for shape on
+its image features (`clipforge.evaluate.fit_linear_probe` with its defaults, CLIP_benchmark's
+method), fitted on seen pairs and scored on seen and held-out ones.
 
 Prints tables and writes benchmarks/results/bench_shape_towers.json.
 """
@@ -95,11 +96,10 @@ def towers(args: argparse.Namespace) -> list[dict]:
 
 
 def model_errors(path: str) -> dict:
-    from sklearn.linear_model import LogisticRegression
-
     import clipforge
     from clipforge.data.shapes import ShapesDataset, class_names
     from clipforge.embed import embed_images
+    from clipforge.evaluate import fit_linear_probe
     from clipforge.zeroshot import build_zeroshot_classifier
 
     model, preprocess, tokenizer = clipforge.load(path)
@@ -119,9 +119,12 @@ def model_errors(path: str) -> dict:
     feats = {}
     for name, split, n, seed in (("fit", "seen", 3072, 5), ("seen", "seen", 512, 7), ("heldout", "heldout", 512, 6)):
         images, labels = _images(split, n, seed, preprocess)
-        feats[name] = (embed_images(model, images, progress=False).numpy(), (labels % 8).numpy())
-    probe = LogisticRegression(max_iter=2000, C=10).fit(*feats["fit"])
-    out["shape_probe"] = {split: float(probe.score(*feats[split])) for split in ("seen", "heldout")}
+        feats[name] = (embed_images(model, images, progress=False), labels % 8)
+    probe = fit_linear_probe(*feats["fit"], 8)
+    out["shape_probe"] = {
+        split: float((probe.logits(x).argmax(1).cpu() == y).double().mean()) for split, (x, y) in feats.items()
+        if split != "fit"
+    }
     print(
         f"shape probe fitted on seen pairs: seen {out['shape_probe']['seen']:.3f}, "
         f"held-out {out['shape_probe']['heldout']:.3f}"

@@ -1,4 +1,4 @@
-"""``clipforge eval zeroshot|retrieval``: benchmarks whose JSON follows CLIP_benchmark's result schema.
+"""``clipforge eval zeroshot|retrieval|linear-probe``: benchmarks whose JSON follows CLIP_benchmark's result schema.
 
 The work is `clipforge.evaluate`'s, the one evaluation path the trainer's evaluation runs too.
 The JSON written by ``--out`` is CLIP_benchmark's (``clip_benchmark/cli.py``)::
@@ -7,8 +7,10 @@ The JSON written by ``--out`` is CLIP_benchmark's (``clip_benchmark/cli.py``)::
      "metrics": {...}, "language": "en", "clipforge": {...}}
 
 ``metrics`` holds exactly the keys CLIP_benchmark writes for the task (``acc1``, ``acc5``,
-``mean_per_class_recall``; ``image_retrieval_recall@k``, ``text_retrieval_recall@k``), so tools
-that read its results read these; an undefined value is ``null``.  Everything else sits under
+``mean_per_class_recall``; ``image_retrieval_recall@k``, ``text_retrieval_recall@k``; for the
+linear probe ``lp_acc1``, ``lp_acc5``, ``lp_mean_per_class_recall``, ``weight_decay``, ``epochs``,
+``seed``, ``fewshot_k``, ``normalized``), so tools that read its results read these; an
+undefined value is ``null``.  Everything else sits under
 ``clipforge``: the library's full metrics dict (ranks, per-class accuracy, confusion matrix),
 skipped images, counts, device, precision and timings.
 """
@@ -26,6 +28,9 @@ from clipforge.cli._common import (
     fmt,
     load_model_for_command,
     model_options,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
     positive_int,
     read_text_file,
     run_options,
@@ -34,12 +39,14 @@ from clipforge.cli._common import (
     write_json,
 )
 
-__all__ = ["add_parser", "run_retrieval", "run_zeroshot"]
+__all__ = ["add_parser", "run_linear_probe", "run_retrieval", "run_zeroshot"]
+
+LABELLED_DATA = "imagefolder:DIR (one sub-folder per class), shapes://?split=seen|heldout, digits://?split=train|test"
 
 
 def add_parser(subparsers: Any) -> None:
-    """Registers ``eval zeroshot`` and ``eval retrieval``."""
-    parser = subparsers.add_parser("eval", help="zero-shot classification and retrieval benchmarks")
+    """Registers ``eval zeroshot``, ``eval retrieval`` and ``eval linear-probe``."""
+    parser = subparsers.add_parser("eval", help="zero-shot classification, retrieval and linear-probe benchmarks")
     tasks = parser.add_subparsers(dest="task", metavar="TASK", required=True)
 
     zeroshot = tasks.add_parser("zeroshot", help="zero-shot classification of labelled images")
@@ -66,6 +73,7 @@ def add_parser(subparsers: Any) -> None:
     retrieval.add_argument("--csv-separator",
                            help="CSV separator: tab, comma or one character (default: tab if the header has one)")
     retrieval.set_defaults(func=run_retrieval)
+    _linear_probe_parser(tasks)
 
 
 def _common_options(parser: argparse.ArgumentParser, *, data_help: str) -> None:
@@ -80,10 +88,10 @@ def _common_options(parser: argparse.ArgumentParser, *, data_help: str) -> None:
 def _result(args: argparse.Namespace, setup: dict[str, Any], task: str, metrics: dict, extra: dict) -> dict[str, Any]:
     from clipforge import __version__
 
-    extra = {"version": __version__, "data": args.data, "device": setup["device"],
-             "precision": setup["precision"], **extra}
+    data = args.data if args.data is not None else {"train": args.train, "test": args.test}
+    extra = {"version": __version__, "data": data, "device": setup["device"], "precision": setup["precision"], **extra}
     return {
-        "dataset": args.dataset_name or args.data,
+        "dataset": args.dataset_name or args.data or args.test,
         "model": setup["model"],
         "pretrained": setup["pretrained"],
         "task": task,
@@ -95,7 +103,8 @@ def _result(args: argparse.Namespace, setup: dict[str, Any], task: str, metrics:
 
 def _headline(task: str, args: argparse.Namespace, setup: dict[str, Any]) -> str:
     model = f"model {setup['model']} ({setup['pretrained']})"
-    return f"eval {task}  {args.data}  {model}  {setup['device']} {setup['precision']}"
+    data = args.data if args.data is not None else f"{args.train} → {args.test}"
+    return f"eval {task}  {data}  {model}  {setup['device']} {setup['precision']}"
 
 
 def _run_options(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
@@ -214,4 +223,122 @@ def run_retrieval(args: argparse.Namespace) -> int:
     print(table(["metric", "text→image", "image→text"], rows))
     print(f"time {clock.timings()['total']:.1f}s")
     write_json(args.out, _result(args, setup, "zeroshot_retrieval", benchmark, extra))
+    return 0
+
+
+# ----------------------------------------------------------------------------- linear probe
+
+
+def _open_fraction(text: str) -> float:
+    """A number strictly between 0 and 1: a share of each class that leaves some on both sides."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
+def _linear_probe_parser(tasks: Any) -> None:
+    probe = tasks.add_parser(
+        "linear-probe", help="a linear classifier on the model's frozen image features (CLIP_benchmark's linear_probe)",
+        description="Fits a linear classifier on the model's frozen, L2-normalised image features and scores it on "
+        "test images, by CLIP_benchmark's method (its --task linear_probe) and with its defaults: one linear layer "
+        "trained with AdamW, learning rate 0.1 on a cosine schedule without warm-up, 10 epochs in batches of 64. "
+        "The weight decay is fixed (default 0, CLIP_benchmark's when it has no validation set) or, with "
+        "--val-proportion, searched on a validation share of the training images over CLIP_benchmark's grid of "
+        "97 values from 1e-6 to 1e2, after which the classifier is refitted on all the training images. Where it "
+        "differs: the validation share is stratified (theirs is a plain random split) and the classifier trains in "
+        "float32 (theirs under CUDA fp16 autocast). The test images come from --test, or from a seeded stratified "
+        "split of --data (--split).")
+    probe.add_argument("--train", metavar="URI", help=f"training images: {LABELLED_DATA}")
+    probe.add_argument("--test", metavar="URI", help="test images, with the training images' class names")
+    probe.add_argument("--data", metavar="URI", help="one labelled source instead of --train and --test: --split "
+                       "holds out a share of each class for testing")
+    probe.add_argument("--split", metavar="F", type=_open_fraction,
+                       help="with --data: the share of each class held out for testing, e.g. 0.2")
+    probe.add_argument("--seed", type=non_negative_int, default=0,
+                       help="seeds the split, the validation share, the classifier's initialisation and its batch "
+                       "order (default: 0)")
+    model_options(probe, workers=4)
+    probe.add_argument("--lr", type=positive_float, default=0.1, help="AdamW learning rate (default: 0.1)")
+    probe.add_argument("--epochs", type=positive_int, default=10,
+                       help="passes over the training features (default: 10)")
+    probe.add_argument("--probe-batch-size", metavar="N", type=positive_int, default=64,
+                       help="features per classifier step (default: 64); --batch-size is images per forward pass")
+    decay = probe.add_mutually_exclusive_group()
+    decay.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay (default: 0)")
+    decay.add_argument("--val-proportion", metavar="F", type=_open_fraction,
+                       help="search the weight decay on this share of each class of the training images")
+    probe.add_argument("--fewshot-k", metavar="K", type=positive_int,
+                       help="fit on K training images of each class (default: all of them)")
+    probe.add_argument("--dataset-name", help="the JSON's dataset field (default: the --test or --data value)")
+    probe.add_argument("--out", metavar="FILE", help="write the results as JSON (CLIP_benchmark's schema)")
+    probe.set_defaults(func=run_linear_probe)
+
+
+def _probe_sources(args: argparse.Namespace) -> None:
+    """One line when the data options do not name a training and a test set."""
+    if args.data is not None:
+        if args.train is not None or args.test is not None:
+            raise CommandError("give --train and --test, or --data with --split, not both")
+        if args.split is None:
+            raise CommandError(f"--data {args.data} needs --split F, the share of each class held out for testing "
+                               "(or give --train and --test)")
+        return
+    if args.split is not None:
+        raise CommandError("--split divides the images of --data; with --train, give --test")
+    if args.train is None or args.test is None:
+        given = "--train" if args.train is not None else "--test" if args.test is not None else None
+        raise CommandError(f"{given} needs {'--test' if given == '--train' else '--train'}" if given else
+                           "give the images: --train URI --test URI, or --data URI --split F")
+
+
+def run_linear_probe(args: argparse.Namespace) -> int:
+    """``clipforge eval linear-probe --model M --train URI --test URI | --data URI --split F [--out FILE]``:
+    prints the data, the classifier's settings and a table of the probe's top-1, top-5 and mean
+    per-class recall on the test images."""
+    from clipforge.data.images import describe_skipped
+    from clipforge.evaluate import evaluate_linear_probe, open_eval_source
+
+    clock = Clock()
+    _probe_sources(args)
+    check_output(args.out, option="--out")
+    train = open_eval_source(args.data or args.train, "linear_probe")  # bad data is named before the model loads
+    test = open_eval_source(args.test, "linear_probe") if args.test is not None else None
+    model, preprocess, _, setup = load_model_for_command(args)
+    clock.lap("load")
+    fit = {"lr": args.lr, "epochs": args.epochs, "probe_batch_size": args.probe_batch_size,
+           "weight_decay": args.weight_decay, "val_proportion": args.val_proportion, "fewshot_k": args.fewshot_k}
+    result = evaluate_linear_probe(model, preprocess, train, test, split=args.split, seed=args.seed, **fit,
+                                   **run_options(args, setup), workers=args.workers)
+    clock.laps.update(result.timings_s)
+
+    probe, metrics = result.probe, result.metrics
+    benchmark = {"lp_acc1": metrics["acc1"], "lp_acc5": metrics["acc5"],
+                 "lp_mean_per_class_recall": metrics["mean_per_class_recall"], "weight_decay": probe.weight_decay,
+                 "epochs": args.epochs, "seed": args.seed, "fewshot_k": args.fewshot_k or -1, "normalized": True}
+    if args.val_proportion is None:
+        decay = f"weight decay {probe.weight_decay:g} (fixed)"
+    else:
+        decay = (f"weight decay {probe.weight_decay:.3g} chosen on a {args.val_proportion:g} validation share "
+                 f"({probe.val_size} images, {len(probe.search)} fits)")
+    shots = f", {args.fewshot_k} image(s) of each class" if args.fewshot_k else ""
+    full = {**metrics, "per_class_accuracy": dict(zip(result.classnames, metrics["per_class_accuracy"]))}
+    extra = {"split": result.split, "train_images": result.train_images, "test_images": result.test_images,
+             **skipped_report(result), "classes": result.classnames, "lr": args.lr,
+             "probe_batch_size": args.probe_batch_size, "val_proportion": args.val_proportion,
+             "weight_decay_search": [{"weight_decay": wd, "val_acc1": acc} for wd, acc in probe.search],
+             "metrics": full, "timings_s": clock.timings()}
+    print(_headline("linear-probe", args, setup))
+    if args.data is not None:  # with --train and --test, the headline says where the images come from
+        print(result.split)
+    print(f"{result.train_images} training and {result.test_images} test images, {len(result.classnames)} classes; "
+          f"{describe_skipped(result.skipped)}")
+    print(f"linear classifier on normalised features: AdamW lr {args.lr:g} on a cosine schedule, {args.epochs} "
+          f"epochs in batches of {args.probe_batch_size}{shots}, {decay}")
+    print(table(["metric", "value"], [[k, fmt(benchmark[k])] for k in list(benchmark)[:3]]))
+    print(f"time {clock.timings()['total']:.1f}s")
+    write_json(args.out, _result(args, setup, "linear_probe", benchmark, extra))
     return 0
