@@ -238,10 +238,11 @@ def test_infonce_bound_numbers(docs):
     clip_batch = 32768  # Radford et al. 2021, §2.5
     said(docs, ("CLIP's batch of", "CLIP 的批大小"), f"{clip_batch:,}",
          f"log {clip_batch:,} = {math.log(clip_batch):.2f}")
+    said(docs, ("temperature, its cap", "温度、其上限"), f"{clip_batch:,}")  # the reference list
     loss = float(clip_loss(img, txt, CLIP_INIT_SCALE))
     uniform = float(clip_loss(img, txt, 1e-9))  # s → 0: uniform softmaxes, chance level
     assert math.isclose(uniform, math.log(n), rel_tol=1e-6) and 0 < math.log(n) - loss < math.log(n)
-    said(docs, ("so its bound is", "因此它的界是"), f"{loss:.3f}", f"log {n} − {loss:.3f} = {math.log(n) - loss:.3f}",
+    said(docs, ("so its bound", "它的界是"), f"{loss:.3f}", f"log {n} − {loss:.3f} = {math.log(n) - loss:.3f}",
          f"{math.log(n):.3f}")
 
 
@@ -616,8 +617,11 @@ def test_gather_against_ring_numbers(docs):
     b = n // w
     said(docs, ("W = 8 ranks", "W = 8 个 rank"), f"N = {n:,}", f"d = {d}", f"W = {w}", f"B = {b}",
          f"{n * d * f32 // MIB} MiB", f"{b * d * f32 // MIB} MiB")
-    million = 2**20
-    said(docs, ("a million pairs", "百万级批次"), f"N = {million:,}", f"d = {d}", f"{million * d * f32 // GIB} GiB")
+    exponent = 20  # "up to one million" (Zhai et al. 2023), taken as a power of two
+    million = 2**exponent
+    power = "2" + str(exponent).translate(str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹"))
+    said(docs, ("a million pairs", "约一百万的批大小"), f"N = {million:,}", power, f"d = {d}",
+         f"{million * d * f32 // GIB} GiB")
     forward = (w - 1) * b * d * f32
     all_reduce = 2 * (w - 1) / w * n * d * f32  # what a ring all-reduce sends per rank
     assert all_reduce == 2 * forward
