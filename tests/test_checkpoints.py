@@ -389,13 +389,6 @@ def test_load_for_inference_warns_for_a_name_and_not_for_a_checkpoint(tmp_path):
     assert not [w for w in caught if issubclass(w.category, RandomWeightsWarning)]
 
 
-@pytest.mark.parametrize("name", ["openai", "laion2b_s34b_b79k"])
-def test_released_weights_by_name_are_refused_for_now(name):
-    with pytest.raises(ValueError, match=f"pretrained='{name}': released weights by name are not available yet") as err:
-        load("ViT-B-32", pretrained=name)
-    assert "\n" not in str(err.value) and "checkpoint file or directory" in str(err.value)
-
-
 class Payload:
     """Unpickling this would append to a list: proof that code ran."""
 

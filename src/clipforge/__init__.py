@@ -2,7 +2,8 @@
 training and applications.
 
     import clipforge
-    model, preprocess, tokenizer = clipforge.load("ViT-B-32")      # or a checkpoint path
+    model, preprocess, tokenizer = clipforge.load("ViT-B-32", pretrained="openai")  # or a checkpoint path
+    clipforge.list_pretrained("laion2b")                           # the released weights it knows by name
     ready = clipforge.load_for_inference("ViT-B-32.pt")            # + device and precision, for use
     loss = clipforge.clip_loss(img, txt, model.logit_scale(), chunk_size="auto")
 
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ClipLoss", "SigLipLoss", "LogitScale", "clip_loss", "siglip_loss",
     "CLIP", "CLIPConfig", "get_config", "load", "load_for_inference", "convert", "save", "RandomWeightsWarning",
+    "list_pretrained", "CheckpointError", "DownloadError", "UnknownModelError",
     "Tokenizer", "tokenize", "image_transform",
     "__version__",
 ]
@@ -34,13 +36,27 @@ _LAZY = {
     "convert": "clipforge.checkpoints",
     "save": "clipforge.checkpoints",
     "RandomWeightsWarning": "clipforge.checkpoints",
+    "list_pretrained": "clipforge.checkpoints.registry",
+    "CheckpointError": "clipforge.checkpoints",
+    "DownloadError": "clipforge.checkpoints",
+    "UnknownModelError": "clipforge.checkpoints",
     "Tokenizer": "clipforge.tokenizer",
     "tokenize": "clipforge.tokenizer",
     "image_transform": "clipforge.transforms",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from clipforge.checkpoints import RandomWeightsWarning, convert, load, load_for_inference, save
+    from clipforge.checkpoints import (
+        CheckpointError,
+        DownloadError,
+        RandomWeightsWarning,
+        UnknownModelError,
+        convert,
+        load,
+        load_for_inference,
+        save,
+    )
+    from clipforge.checkpoints.registry import list_pretrained
     from clipforge.model import CLIP, CLIPConfig, get_config
     from clipforge.tokenizer import Tokenizer, tokenize
     from clipforge.transforms import image_transform

@@ -1,5 +1,6 @@
 """Reading, loading, writing and converting CLIP checkpoints: OpenAI, OpenCLIP, Hugging Face and clipforge's own.
 
+    model, preprocess, tokenizer = load("ViT-B-32", pretrained="openai")  # released weights, downloaded once
     model, preprocess, tokenizer = load("ViT-B-32.pt")   # OpenAI's release, a TorchScript archive
     model = load_model("clip-vit-base-patch32/")           # a Hugging Face directory
     ready = load_for_inference("ViT-B-32.pt", precision="bf16")  # + device, tokenizer: for eval, search, ...
@@ -10,6 +11,9 @@ What `load` accepts (`convert` writes the last three formats, and OpenCLIP's bar
 | source | weights | architecture from |
 |---|---|---|
 | a preset name (``"ViT-B-32"``, ``"tiny"``) | random (`load` warns) | the preset |
+| a pretrained name (``"ViT-B-32:openai"``, ``pretrained="openai"``) | downloaded | the preset; the entry's activation |
+| ``"hf-hub:ORG/NAME[@REV]"`` (an OpenCLIP/timm Hub repository) | downloaded | ``open_clip_config.json`` |
+| ``"ORG/NAME[@REV]"`` (a Hub repository holding a transformers ``CLIPModel``) | downloaded | ``config.json`` |
 | OpenAI ``.pt`` (TorchScript archive or state dict) | read | tensor shapes; QuickGELU |
 | OpenCLIP ``.pt``/``.bin``/``.safetensors`` (bare, under ``state_dict``, ``module.``) | read | tensor shapes |
 | OpenCLIP hub directory (``open_clip_config.json``) | read | the config |
@@ -29,6 +33,12 @@ GELU; ``act=`` overrides.  Nothing but tensors is ever unpickled.
 3. the architecture, from the file's config or the tensors' shapes (`configs`).
 
 `_errors` holds `CheckpointError`, which every step raises with the file's name in the message.
+
+Names are resolved in one place, `registry.resolve` (its notes give the grammar and the
+precedence: an existing path, then a registry name, then a preset, then a Hub repository id);
+`download` fetches what a name needs into the Hugging Face cache or clipforge's own
+(``CLIPFORGE_CACHE``); `_read_source` below reads it.  A registry entry's activation and
+preprocessing are applied over whatever its files say; ``act=`` overrides both.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +63,16 @@ from clipforge.checkpoints.configs import (
     config_to_openclip,
     infer_config,
 )
+from clipforge.checkpoints.download import DownloadError, fetch_entry, fetch_repo
 from clipforge.checkpoints.names import from_hf, to_clipforge_names, to_hf, to_openclip
+from clipforge.checkpoints.registry import Preprocessing, Pretrained, UnknownModelError, resolve
 from clipforge.devices import check_precision, default_device
 from clipforge.model.clip import CLIP
 from clipforge.model.config import OPENAI_VOCAB_SIZE, PRESETS, QUICKGELU_SUFFIX, CLIPConfig, get_config
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "InferenceModel", "RandomWeightsWarning", "convert", "is_preset", "load",
-    "load_for_inference", "load_model", "read_checkpoint", "save",
+    "Checkpoint", "CheckpointError", "DownloadError", "InferenceModel", "RandomWeightsWarning", "UnknownModelError",
+    "convert", "is_preset", "load", "load_for_inference", "load_model", "read_checkpoint", "save",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -222,92 +234,163 @@ def is_preset(name_or_path: PathLike) -> bool:
     return str(name_or_path).removesuffix(QUICKGELU_SUFFIX) in PRESETS
 
 
-def _warn_if_random(name_or_path: PathLike, *, stacklevel: int) -> None:
-    """Says that a preset name gives random weights; ``stacklevel`` 2 names the caller's caller."""
-    if is_preset(name_or_path):
+def _warn_if_random(name_or_path: PathLike, *, stacklevel: int, pretrained: PathLike | None = None) -> None:
+    """Says that a preset name without ``pretrained`` gives random weights; ``stacklevel`` 2
+    names the caller's caller."""
+    if pretrained is None and is_preset(name_or_path):
         warnings.warn(
             f"{str(name_or_path)!r} is an architecture name, so its weights are random (untrained); "
-            "give a checkpoint file or directory for trained weights",
+            "give a pretrained name (`clipforge models` lists them) or a checkpoint for trained weights",
             RandomWeightsWarning,
             stacklevel=stacklevel + 1,
         )
 
 
-def _load(
-    name_or_path: PathLike, *, device: str | torch.device, dtype: torch.dtype | None, act: str | None
-) -> tuple[CLIP, Path | None]:
-    """The model, and the directory holding its tokenizer files if there is one."""
-    if is_preset(name_or_path):
-        config = get_config(str(name_or_path))
-        model, tokenizer_dir = CLIP(config.with_activation(act) if act else config), None
-    elif Path(name_or_path).exists():
-        checkpoint = read_checkpoint(name_or_path, act=act)
-        model, tokenizer_dir = _assemble(checkpoint), checkpoint.tokenizer_dir
+def _preset_config(architecture: str, name: str) -> CLIPConfig:
+    """The preset ``architecture`` (``-quickgelu`` suffix included), or a CheckpointError naming
+    ``name`` when this version of clipforge does not define it."""
+    try:
+        return get_config(architecture)
+    except ValueError:
+        raise CheckpointError(f"{name}: needs the {architecture} architecture, which this version of clipforge "
+                              f"does not define (presets: {', '.join(PRESETS)})") from None
+
+
+def _weights_into(config: CLIPConfig, path: Path) -> Checkpoint:
+    """The tensors of a weights file (or a checkpoint folder) for the architecture ``config``."""
+    if path.is_dir():
+        state = read_checkpoint(path).state_dict
     else:
-        raise FileNotFoundError(
-            f"{str(name_or_path)!r} is neither an existing file or directory nor a preset ({', '.join(PRESETS)})"
-        )
-    return model.to(device=device, dtype=dtype or torch.float32).eval(), tokenizer_dir
+        state = to_clipforge_names(read_tensors(path)[0], path)[0]
+    return Checkpoint(config, state, path, "openclip")
+
+
+def _with_entry(config: CLIPConfig, entry: Pretrained, act: str | None, source: Path) -> CLIPConfig:
+    """``config`` with the entry's activation (or ``act``) and pixel statistics, after checking
+    that its image size is the entry's."""
+    pre = entry.preprocessing
+    if config.vision.image_size != pre.image_size:
+        raise CheckpointError(f"{source}: images of {config.vision.image_size} pixels, but {entry.name} is "
+                              f"registered at {pre.image_size}")
+    config = replace(config, vision=replace(config.vision, mean=pre.mean, std=pre.std))
+    return config.with_activation(act or entry.activation)
+
+
+def _read_source(
+    name_or_path: PathLike, *, pretrained: PathLike | None, act: str | None
+) -> tuple[CLIPConfig, Checkpoint | None, Preprocessing | None, str]:
+    """What a model name holds, downloaded if needed: (architecture, checkpoint or None for a
+    preset, the registry's preprocessing or None, the name to report it by)."""
+    where = resolve(name_or_path, None if pretrained is None else str(pretrained))
+    if where.kind == "preset":
+        config = _preset_config(str(where.architecture), where.name)
+        return (config.with_activation(act) if act else config), None, None, where.name
+    if where.kind == "weights":  # an architecture + a weights file, as OpenCLIP's pretrained=FILE
+        config = _preset_config(str(where.architecture), where.name)
+        checkpoint = _weights_into(config.with_activation(act) if act else config, where.path)
+        return checkpoint.config, checkpoint, None, where.name
+    if where.kind == "path":
+        checkpoint = read_checkpoint(where.path, act=act)
+        return checkpoint.config, checkpoint, None, where.name
+    if where.kind == "hub":
+        checkpoint = read_checkpoint(fetch_repo(where.repo_id, revision=where.revision, layout=where.layout), act=act)
+        return checkpoint.config, checkpoint, None, where.name
+    entry = where.entry
+    if entry.layout == "hf":  # a CLIPModel repository: its own config
+        checkpoint = read_checkpoint(fetch_entry(entry, revision=where.revision))
+    else:  # one weights file: the registered architecture, checked before anything is downloaded
+        config = _preset_config(entry.architecture, entry.name)
+        checkpoint = _weights_into(config, fetch_entry(entry, revision=where.revision))
+    checkpoint.config = _with_entry(checkpoint.config, entry, act, checkpoint.source)
+    return checkpoint.config, checkpoint, entry.preprocessing, where.name
+
+
+def _load(
+    name_or_path: PathLike, *, pretrained: PathLike | None, device: str | torch.device, dtype: torch.dtype | None,
+    act: str | None,
+) -> tuple[CLIP, Path | None, Preprocessing | None, str]:
+    """The model, the directory holding its tokenizer files if there is one, the registry's
+    preprocessing if it is a registered model, and the name to report it by."""
+    config, checkpoint, preprocessing, name = _read_source(name_or_path, pretrained=pretrained, act=act)
+    if checkpoint is None:
+        model, tokenizer_dir = CLIP(config), None
+    else:
+        model, tokenizer_dir = _assemble(checkpoint), checkpoint.tokenizer_dir
+    return model.to(device=device, dtype=dtype or torch.float32).eval(), tokenizer_dir, preprocessing, name
 
 
 def load_model(
     name_or_path: PathLike,
     *,
+    pretrained: PathLike | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     act: str | None = None,
 ) -> CLIP:
-    """A `CLIP` in eval mode: a preset with random weights, or a checkpoint's (see the module notes).
+    """A `CLIP` in eval mode: a preset with random weights, or released or saved weights (the
+    names of `load`).
 
     Floating-point weights are cast to ``dtype`` (float32 when None, whatever the file holds);
     ``act`` ("gelu" or "quick_gelu") overrides the activation.  A preset name builds a fresh
     model without a warning: this is the call that makes a model to train or save, where random
     weights are what is asked for (`load` warns).
     """
-    return _load(name_or_path, device=device, dtype=dtype, act=act)[0]
+    return _load(name_or_path, pretrained=pretrained, device=device, dtype=dtype, act=act)[0]
 
 
 def _load_with_tools(
-    name_or_path: PathLike, *, device: str | torch.device, dtype: torch.dtype | None, act: str | None
-) -> tuple[CLIP, Callable, Any]:
+    name_or_path: PathLike, *, pretrained: PathLike | None, device: str | torch.device, dtype: torch.dtype | None,
+    act: str | None,
+) -> tuple[CLIP, Callable, Any, str]:
     from clipforge.tokenizer import Tokenizer, load_tokenizer
     from clipforge.transforms import image_transform
 
-    model, tokenizer_dir = _load(name_or_path, device=device, dtype=dtype, act=act)
+    model, tokenizer_dir, pre, name = _load(name_or_path, pretrained=pretrained, device=device, dtype=dtype, act=act)
     vision, text = model.config.vision, model.config.text
-    preprocess = image_transform(vision.image_size, mean=vision.mean, std=vision.std)
+    pre = pre or Preprocessing(vision.image_size, vision.mean, vision.std)
+    preprocess = image_transform(pre.image_size, mean=pre.mean, std=pre.std, resize_mode=pre.resize_mode,
+                                 interpolation=pre.interpolation)
     if tokenizer_dir is not None:
         tokenizer = Tokenizer.from_dir(tokenizer_dir, context_length=text.context_length)
     elif text.vocab_size == OPENAI_VOCAB_SIZE:
         tokenizer = load_tokenizer(context_length=text.context_length)
     else:
         tokenizer = None
-    return model, preprocess, tokenizer
+    return model, preprocess, tokenizer, name
 
 
 def load(
     name_or_path: PathLike,
     *,
-    pretrained: str | None = None,
+    pretrained: PathLike | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     act: str | None = None,
 ) -> tuple[CLIP, Callable, Any]:
-    """(model, preprocess, tokenizer) for a preset name or a checkpoint; the model as `load_model`'s.
+    """(model, preprocess, tokenizer) for a model name or a checkpoint; the model as `load_model`'s.
+
+        load("ViT-B-32", pretrained="openai")               # OpenCLIP's pair; also "ViT-B-32:openai"
+        load("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")  # an OpenCLIP Hub repository (@REV pins one)
+        load("openai/clip-vit-base-patch32")                 # a Hub repository holding a CLIPModel
+        load("ckpt/")                                        # a file or folder; "ViT-B-32" alone: random
+
+    The names, in full (`clipforge.checkpoints.registry`): an existing path first; then a registry
+    name, ``ARCH:TAG`` (``pretrained=TAG``) or a registered repository id, whose entry sets the
+    activation and the preprocessing; then a preset, with random weights and a
+    `RandomWeightsWarning`; then ``hf-hub:ORG/NAME`` or ``ORG/NAME``, optionally ``@REVISION``.
+    ``pretrained`` may also be a weights file for the architecture ``name_or_path`` names.
+    Downloads go to the Hugging Face cache (Hub repositories) or ``CLIPFORGE_CACHE`` (plain
+    addresses), once (`clipforge.checkpoints.download`).  An unknown name is an
+    `UnknownModelError`, a failed download a `DownloadError`: one line each, saying what to do.
 
     ``preprocess`` maps a PIL image to the model's input tensor.  The tokenizer is the one
     stored with the checkpoint, else OpenAI's when the vocabulary is OpenAI's 49,408 ids, else
-    None (a custom vocabulary whose tokenizer was not saved with the weights).  A preset name
-    gives random weights and a `RandomWeightsWarning`.  ``pretrained`` will name released
-    weights for an architecture; none are available by name yet, so anything but None is a
-    ValueError.
+    None (a custom vocabulary whose tokenizer was not saved with the weights).
     """
-    if pretrained is not None:
-        raise ValueError(f"pretrained={pretrained!r}: released weights by name are not available yet; "
-                         "give the path of a checkpoint file or directory instead")
-    loaded = _load_with_tools(name_or_path, device=device, dtype=dtype, act=act)
-    _warn_if_random(name_or_path, stacklevel=2)
-    return loaded
+    model, preprocess, tokenizer, _ = _load_with_tools(name_or_path, pretrained=pretrained, device=device,
+                                                       dtype=dtype, act=act)
+    _warn_if_random(name_or_path, stacklevel=2, pretrained=pretrained)
+    return model, preprocess, tokenizer
 
 
 # ----------------------------------------------------------------------------- for inference
@@ -332,34 +415,38 @@ class InferenceModel:
 def load_for_inference(
     name_or_path: PathLike,
     *,
+    pretrained: PathLike | None = None,
     tokenizer: PathLike | None = None,
     device: str | torch.device | None = None,
     precision: str = "fp32",
 ) -> InferenceModel:
     """The one way to load a model for use (evaluation, search, scoring, generation, serving).
 
-    ``tokenizer`` is a tokenizer folder that replaces the checkpoint's own; ``device`` None picks
-    CUDA when available (`default_device`); ``precision`` is "fp32" or "bf16" (autocast over fp32
-    weights).  A CheckpointError when the model comes without a tokenizer and none is given; a
-    `RandomWeightsWarning` for a preset name, as from `load`.
+    ``name_or_path`` and ``pretrained`` take the names `load` takes (``"ViT-B-32:openai"``,
+    ``hf-hub:...``, a repository id, a path); ``tokenizer`` is a tokenizer folder that replaces
+    the checkpoint's own; ``device`` None picks CUDA when available (`default_device`);
+    ``precision`` is "fp32" or "bf16" (autocast over fp32 weights).  A CheckpointError when the
+    model comes without a tokenizer and none is given; a `RandomWeightsWarning` for a preset
+    name, as from `load`.  The result's ``source`` is the name as the registry spells it.
     """
     run_on = default_device(device)
     note = check_precision(precision, run_on)
     if note:
         warnings.warn(note, stacklevel=2)
-    model, preprocess, loaded_tokenizer = _load_with_tools(name_or_path, device=run_on, dtype=None, act=None)
+    model, preprocess, loaded_tokenizer, source = _load_with_tools(name_or_path, pretrained=pretrained,
+                                                                   device=run_on, dtype=None, act=None)
     if tokenizer is not None:
         from clipforge.tokenizer import Tokenizer
 
         loaded_tokenizer = Tokenizer.from_dir(tokenizer, context_length=model.context_length)
     if loaded_tokenizer is None:
         raise CheckpointError(
-            f"{name_or_path}: no tokenizer comes with this model (its vocabulary has "
+            f"{source}: no tokenizer comes with this model (its vocabulary has "
             f"{model.config.text.vocab_size} ids, not OpenAI's); give its tokenizer folder "
             "(--tokenizer DIR; tokenizer= in Python)"
         )
-    _warn_if_random(name_or_path, stacklevel=2)  # after the checks: a load that fails says only why
-    return InferenceModel(model, preprocess, loaded_tokenizer, run_on, precision, str(name_or_path))
+    _warn_if_random(name_or_path, stacklevel=2, pretrained=pretrained)  # after the checks: a failed load says why
+    return InferenceModel(model, preprocess, loaded_tokenizer, run_on, precision, source)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -377,25 +464,32 @@ def save(model: CLIP, directory: PathLike, *, tokenizer: Any = None) -> Path:
     return directory
 
 
-def convert(src: PathLike, dst: PathLike, *, to: str, act: str | None = None) -> Path:
+def convert(src: PathLike | Checkpoint, dst: PathLike, *, to: str, act: str | None = None,
+            tokenizer: PathLike | None = None) -> Path:
     """Rewrites the checkpoint ``src`` in another format; every tensor is kept bit for bit.
 
-    ``to``: "clipforge" (a directory), "hf" (a Hugging Face CLIPModel directory) or "openclip"
-    (a directory with ``open_clip_config.json``, or a bare state dict when ``dst`` ends in
-    ``.safetensors``, ``.pt`` or ``.bin``).  Weights are kept in the dtype they were stored in.
+    ``to``: "clipforge" (a directory), "hf" (a Hugging Face directory: ``CLIPModel`` weights and
+    config, the tokenizer's files and ``preprocessor_config.json``, which ``AutoModel`` and
+    ``AutoProcessor`` load as they are) or "openclip" (OpenCLIP's hub layout, a directory with
+    ``open_clip_config.json``, or a bare state dict when ``dst`` ends in ``.safetensors``, ``.pt``
+    or ``.bin``; `export.openclip_usage` names the OpenCLIP call that loads it).  Weights keep the
+    dtype they were stored in.  ``tokenizer`` is a tokenizer folder to write instead of the
+    checkpoint's own; without either, exports carry OpenAI's for OpenAI's vocabulary (see
+    `clipforge.checkpoints.export`).  ``dst`` must be a new path or an empty folder.  ``src`` may
+    be a `Checkpoint` already read (``act`` then has no effect).
     """
+    from clipforge.checkpoints.export import check_destination, export_tokenizer, hf_extras, read_tokenizer
+
     if to not in ("clipforge", "hf", "openclip"):
         raise ValueError(f"to must be 'clipforge', 'hf' or 'openclip', got {to!r}")
-    checkpoint = read_checkpoint(src, act=act)
+    checkpoint = src if isinstance(src, Checkpoint) else None
+    check_destination(checkpoint.source if checkpoint else src, dst)
+    checkpoint = checkpoint or read_checkpoint(src, act=act)
     model = _assemble(checkpoint)
-    tokenizer = None
-    if checkpoint.tokenizer_dir is not None:
-        from clipforge.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.from_dir(checkpoint.tokenizer_dir, context_length=model.context_length)
+    folder = tokenizer if tokenizer is not None else checkpoint.tokenizer_dir
     dst = Path(dst)
     if to == "clipforge":
-        return save(model, dst, tokenizer=tokenizer)
+        return save(model, dst, tokenizer=None if folder is None else read_tokenizer(folder, model.config))
     state = model.state_dict()
     if to == "openclip" and dst.suffix in (".safetensors", ".pt", ".bin"):
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -404,15 +498,22 @@ def convert(src: PathLike, dst: PathLike, *, to: str, act: str | None = None) ->
     if to == "openclip":
         configs = {OPENCLIP_CONFIG: config_to_openclip(model.config)}
         weights, weights_file = to_openclip(state), OPENCLIP_WEIGHTS[0]
+        own = None  # OpenAI's vocabulary needs no files: OpenCLIP's own tokenizer is OpenAI's, exactly
+        if folder is not None or model.config.text.vocab_size != OPENAI_VOCAB_SIZE:
+            own = export_tokenizer(model.config, folder, to=to)
+        if own is not None and model.config.text.vocab_size != OPENAI_VOCAB_SIZE:
+            # open_clip.get_tokenizer("local-dir:DIR") then reads the directory's tokenizer files.
+            configs[OPENCLIP_CONFIG]["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = str(dst)
     else:
         hf, preprocessor = config_to_hf(model.config)
         hf["torch_dtype"] = str(state["visual.conv1.weight"].dtype).removeprefix("torch.")
-        configs = {CONFIG_FILE: hf, "preprocessor_config.json": preprocessor}
+        own = export_tokenizer(model.config, folder, to=to)
+        configs = hf_extras(hf, preprocessor, own)
         weights, weights_file = to_hf(state), WEIGHTS_FILE
     dst.mkdir(parents=True, exist_ok=True)
     for name, content in configs.items():
         (dst / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
     write_tensors(weights, dst / weights_file)
-    if tokenizer is not None:
-        tokenizer.save(dst)
+    if own is not None:
+        own.save_hf(dst)
     return dst

@@ -4,6 +4,7 @@
     clipforge eval retrieval --model ckpt/ --data csv:captions.tsv --out result.json
     clipforge index build --model ckpt/ --data folder:photos/ --out photos.index
     clipforge search photos.index "a red star"
+    clipforge models laion2b                          # the pretrained names --model takes
 
 Adding a subcommand: write a module with ``add_parser(subparsers)`` that adds its parser with
 ``subparsers.add_parser(name, ...)`` and sets ``func`` (a function of the parsed arguments that
@@ -32,6 +33,7 @@ COMMANDS: list[str] = [
     "clipforge.cli.search",
     "clipforge.cli.score",
     "clipforge.cli.generate",
+    "clipforge.cli.models",
 ]
 
 

@@ -158,11 +158,20 @@ def default_workers(most: int) -> int:
 # ----------------------------------------------------------------------------- options
 
 
+MODEL_HELP = ("a pretrained name (ViT-B-32:openai, hf-hub:ORG/NAME, ORG/NAME; `clipforge models` lists them), "
+              "a checkpoint file or folder, or a preset name (random weights)")
+
+
 def model_option(parser: argparse.ArgumentParser, *, flag: str = "--model", required: bool = True,
-                 help: str = "a preset name (random weights) or a checkpoint file/folder",
-                 metavar: str | None = None) -> None:
-    """The model to load: a preset name or a checkpoint (``flag`` for a second model, as ``--judge``)."""
+                 help: str = MODEL_HELP, metavar: str | None = None, pretrained: bool = False) -> None:
+    """The model to load: any name `clipforge.load` takes (``flag`` for a second model, as
+    ``--judge``); with ``pretrained``, also ``--pretrained TAG`` beside it, which
+    `load_model_for_command` reads (``--model ViT-B-32 --pretrained openai``, OpenCLIP's pair)."""
     parser.add_argument(flag, required=required, metavar=metavar, help=help)
+    if pretrained:
+        parser.add_argument("--pretrained", metavar="TAG",
+                            help="released weights for the architecture --model names (openai, laion2b_s34b_b79k, "
+                                 "...; or a weights file); the same as --model ARCH:TAG")
 
 
 def tokenizer_option(parser: argparse.ArgumentParser, *, flag: str = "--tokenizer",
@@ -203,7 +212,7 @@ def model_options(parser: argparse.ArgumentParser, *, workers: int, batch_size: 
     """Every option `load_model_for_command` reads, and how the images are run: the set shared by
     the commands that embed images and texts (eval, score, rerank); ``workers`` is the most
     decoding processes ``--workers`` defaults to (`default_workers`)."""
-    model_option(parser)
+    model_option(parser, pretrained=True)
     tokenizer_option(parser)
     batch_size_option(parser, default=batch_size)
     device_option(parser)
@@ -236,8 +245,9 @@ def run_options(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, An
 
 
 def load_model(source: str, *, tokenizer: str | None = None, device: str | None = None,
-               precision: str = "fp32") -> tuple[Any, Callable, Any, dict[str, Any]]:
-    """model, preprocess, tokenizer and `run_setup` of the model ``source`` (a preset or a checkpoint)."""
+               precision: str = "fp32", pretrained: str | None = None) -> tuple[Any, Callable, Any, dict[str, Any]]:
+    """model, preprocess, tokenizer and `run_setup` of the model ``source`` (any name `clipforge.load`
+    takes; ``pretrained`` is ``--pretrained``)."""
     from clipforge.devices import check_precision, default_device
 
     try:  # a precision the device cannot run is the user's choice, refused before loading
@@ -247,13 +257,16 @@ def load_model(source: str, *, tokenizer: str | None = None, device: str | None 
     if tokenizer is not None and not Path(tokenizer).is_dir():  # named before a large model loads
         what = "a file, not a tokenizer folder" if Path(tokenizer).exists() else "no such tokenizer folder"
         raise CommandError(f"{tokenizer}: {what}")
-    loaded = load_for_inference(source, tokenizer=tokenizer, device=device, precision=precision)
+    loaded = load_for_inference(source, pretrained=pretrained, tokenizer=tokenizer, device=device,
+                                precision=precision)
     return loaded.model, loaded.preprocess, loaded.tokenizer, run_setup(loaded)
 
 
 def load_model_for_command(args: argparse.Namespace) -> tuple[Any, Callable, Any, dict[str, Any]]:
-    """`load_model` of the parsed ``--model``, ``--tokenizer``, ``--device`` and ``--precision``."""
-    return load_model(args.model, tokenizer=args.tokenizer, device=args.device, precision=args.precision)
+    """`load_model` of the parsed ``--model``, ``--pretrained`` (where the command has it),
+    ``--tokenizer``, ``--device`` and ``--precision``."""
+    return load_model(args.model, tokenizer=args.tokenizer, device=args.device, precision=args.precision,
+                      pretrained=getattr(args, "pretrained", None))
 
 
 # ----------------------------------------------------------------------------- files
