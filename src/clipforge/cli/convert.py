@@ -1,11 +1,23 @@
 """``clipforge convert`` and ``clipforge tokenizer train``: checkpoint and vocabulary tools.
 
     clipforge convert openai.pt ViT-B-32-hf --to hf     # prints the written path
+    clipforge convert openai.pt vit-b-32.safetensors --to openclip   # + on stderr, the OpenCLIP call that loads it
     clipforge tokenizer train captions.txt tok/ --vocab-size 4096
+
+``--to hf`` writes a directory that transformers' ``AutoModel.from_pretrained`` and
+``AutoProcessor.from_pretrained`` load as it is (weights, config, tokenizer files,
+``preprocessor_config.json``).  ``--to openclip`` writes a bare state dict (a .safetensors, .pt or
+.bin DST), which ``open_clip.create_model_and_transforms(NAME, pretrained=DST)`` loads where NAME
+is OpenCLIP's name for the architecture: the preset's name (RN50 ... RN50x64, ViT-B-32, ViT-B-16,
+ViT-L-14, ViT-L-14-336, ViT-H-14, ViT-g-14, ViT-bigG-14), with ``-quickgelu`` for QuickGELU
+weights such as OpenAI's (ViT-g-14: ``force_quick_gelu=True``); or a directory, which
+``open_clip.create_model_and_transforms("local-dir:DST")`` loads whatever the architecture.  The
+command prints the call on stderr (`clipforge.checkpoints.export` holds the table).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +31,13 @@ STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".bin")  # --to openclip writes a 
 def add_parser(subparsers: Any) -> None:
     """Registers ``convert`` and ``tokenizer train``."""
     convert = subparsers.add_parser(
-        "convert", help="rewrite a checkpoint as clipforge, Hugging Face or OpenCLIP files (lossless)"
+        "convert", help="rewrite a checkpoint as clipforge, Hugging Face or OpenCLIP files (lossless)",
+        epilog="--to hf: transformers' AutoModel.from_pretrained(DST) and AutoProcessor.from_pretrained(DST) load it "
+        "(tokenizer files and preprocessor_config.json included). --to openclip with a .safetensors/.pt/.bin DST: "
+        "open_clip.create_model_and_transforms(NAME, pretrained=DST), NAME the preset's name (RN50, ..., ViT-B-32, "
+        "ViT-L-14-336, ViT-H-14, ViT-g-14, ViT-bigG-14) plus -quickgelu for QuickGELU weights such as OpenAI's "
+        "(ViT-g-14: force_quick_gelu=True); other architectures have no name: give a directory DST and load it with "
+        "open_clip.create_model_and_transforms('local-dir:DST'). The command prints that call on stderr.",
     )
     convert.add_argument("src", help="a checkpoint: OpenAI .pt, OpenCLIP file or directory, HF directory, "
                          "clipforge directory")
@@ -28,14 +46,18 @@ def add_parser(subparsers: Any) -> None:
     convert.add_argument("--to", required=True, choices=("clipforge", "hf", "openclip"), help="output format")
     convert.add_argument("--act", choices=("gelu", "quick_gelu"),
                          help="MLP activation when the source carries no config (default: inferred)")
+    convert.add_argument("--tokenizer", metavar="DIR",
+                         help="tokenizer folder to write with the model instead of the source's own (default: the "
+                         "source's, else OpenAI's for OpenAI's vocabulary)")
     convert.set_defaults(func=_run_convert)
 
     tokenizer = subparsers.add_parser("tokenizer", help="byte-level BPE vocabularies")
     actions = tokenizer.add_subparsers(dest="action", metavar="ACTION", required=True)
     train = actions.add_parser("train", help="train a BPE vocabulary on a caption corpus (one caption per line)")
     train.add_argument("corpus", help="UTF-8 text file, one caption per line")
-    train.add_argument("out", help="output directory (tokenizer.json and clipforge_tokenizer.json): a new folder "
-                       "or one holding only a tokenizer, never a checkpoint's")
+    train.add_argument("out", help="output directory (tokenizer.json, clipforge_tokenizer.json and Hugging Face's "
+                       "tokenizer_config.json, special_tokens_map.json): a new folder or one holding only a "
+                       "tokenizer, never a checkpoint's")
     train.add_argument("--vocab-size", type=positive_int, default=4096,
                        help="ids including 512 byte symbols and 2 specials (default: 4096)")
     train.add_argument("--min-frequency", type=non_negative_int, default=2,
@@ -46,18 +68,23 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _run_convert(args: Any) -> int:
-    """``clipforge convert SRC DST --to FORMAT``: writes the checkpoint in that format; prints the written path."""
-    from clipforge.checkpoints import convert
+    """``clipforge convert SRC DST --to FORMAT``: writes the checkpoint in that format; prints the written
+    path (and, for ``--to openclip``, the OpenCLIP call that loads it on stderr)."""
+    from clipforge.checkpoints import convert, read_checkpoint
+    from clipforge.checkpoints.export import check_destination, openclip_usage
 
     dst = Path(args.dst)
     to_file = args.to == "openclip" and dst.suffix in STATE_DICT_SUFFIXES
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        same = Path(args.src).exists() and dst.resolve() == Path(args.src).resolve()
-        raise CommandError(f"{args.dst}: " + ("the source itself" if same else "already exists") +
-                           "; give a new path (or an empty folder): convert never overwrites a checkpoint")
+    check_destination(args.src, dst)  # before reading the source: a mistake costs no time
     check_output(args.dst, option="DST", folder=not to_file)
-    out = convert(args.src, dst, to=args.to, act=args.act)
+    if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
+        raise CommandError(f"--tokenizer {args.tokenizer}: " + ("a file, not a folder" if Path(args.tokenizer).exists()
+                                                                 else "no such folder"))
+    checkpoint = read_checkpoint(args.src, act=args.act)
+    out = convert(checkpoint, dst, to=args.to, tokenizer=args.tokenizer)
     print(out)
+    if args.to == "openclip":
+        print(f"note: {openclip_usage(checkpoint.config, out)}", file=sys.stderr)
     return 0
 
 
@@ -81,14 +108,14 @@ def _check_corpus(path: str) -> None:
 def _run_tokenizer_train(args: Any) -> int:
     """``clipforge tokenizer train CORPUS OUT --vocab-size N``: trains and saves the vocabulary; prints its
     size and folder (and says on stderr when the corpus holds too few pairs to reach N)."""
-    from clipforge.tokenizer import CONFIG_FILE, train_tokenizer_cli
+    from clipforge.tokenizer import CONFIG_FILE, HF_FILES, train_tokenizer_cli
 
     if Path(args.corpus).is_dir():
         raise CommandError(f"{args.corpus}: a folder, not a text file")
     _check_corpus(args.corpus)
     check_output(args.out, option="OUT", folder=True)
     out = Path(args.out)
-    own = ("tokenizer.json", CONFIG_FILE)  # what `Tokenizer.save` writes; retraining may replace them
+    own = (*HF_FILES, CONFIG_FILE)  # what `Tokenizer.save` writes; retraining may replace them
     others = sorted(p.name for p in out.iterdir() if p.name not in own) if out.is_dir() else []
     if others:  # a checkpoint's folder: a new vocabulary there would no longer fit its weights
         raise CommandError(f"{args.out}: holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, not "

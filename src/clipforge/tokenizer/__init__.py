@@ -28,7 +28,7 @@ import ftfy
 import numpy as np
 import regex
 import torch
-from tokenizers import Regex, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _RustTokenizer
 
 from clipforge.model.config import OPENAI_CONTEXT_LENGTH
@@ -58,6 +58,10 @@ DEFAULT_CONTEXT_LENGTH = OPENAI_CONTEXT_LENGTH
 CONFIG_FILE = "clipforge_tokenizer.json"
 # OpenAI's pre-tokenisation pattern after the special tokens (simple_tokenizer.py, re.IGNORECASE).
 _PIECES = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# Hugging Face's CLIP files: transformers' CLIPTokenizer splits with OpenAI's pattern, special tokens
+# spelled as in OpenAI's code, and always treats pad and unknown as the end-of-text token.
+_HF_SPLIT = r"<\|startoftext\|>|<\|endoftext\|>|" + _PIECES
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # what `save` and `save_hf` share
 # Printable ASCII, tabs and line breaks but no "&": ftfy.fix_text and html.unescape leave such
 # text unchanged (tests/test_tokenizer.py checks), so it can skip them; they dominate the cost.
 _PLAIN = re.compile(r"[\t\n\r\x20-\x25\x27-\x7e]*")
@@ -117,6 +121,7 @@ class Tokenizer:
         self._byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
         specials = "|".join(regex.escape(t) for t in self._special_ids)
         self._pattern = regex.compile(f"{specials}|{_PIECES}", regex.IGNORECASE)
+        self._vocab, self._merges = dict(vocab), [tuple(m) for m in merges]
         self._rust_pieces = _piece_bpe(vocab, merges)
         self._memo = self._fresh_memo()
 
@@ -182,25 +187,68 @@ class Tokenizer:
 
     # ----------------------------------------------------------------- files
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Writes ``tokenizer.json`` and ``clipforge_tokenizer.json`` into ``directory``; returns it.
+        """Writes the tokenizer into ``directory``; returns it.
 
-        ``tokenizer.json`` is Hugging Face's format, with the normaliser of Hugging Face's CLIP files
-        and OpenAI's split, for use by `tokenizers` alone; `from_dir` reads only its vocabulary.
+        ``clipforge_tokenizer.json`` (context length, special tokens) and Hugging Face's files as
+        `save_hf` writes them but for ``vocab.json`` and ``merges.txt``: transformers'
+        ``AutoTokenizer.from_pretrained(directory)`` reads them too.  `from_dir` reads the vocabulary back.
         """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        full = _RustTokenizer.from_str(self._rust_pieces.to_str())
-        full.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-        )
-        full.pre_tokenizer = _clip_pre_tokenizer()
-        full.save(str(directory / "tokenizer.json"))
+        directory = self._write_hf(directory)
         config = {
             "context_length": self.context_length,
             "sot_token": self.sot_token,
             "eot_token": self.eot_token,
         }
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        return directory
+
+    def save_hf(self, directory: str | os.PathLike[str]) -> Path:
+        """Writes Hugging Face's CLIP tokenizer files into ``directory``; returns it.
+
+        ``vocab.json`` and ``merges.txt`` (the vocabulary, as older tools read it), ``tokenizer.json``
+        (the whole pipeline, as transformers' ``CLIPTokenizer`` builds it: `tokenizers` alone gives
+        its ids), ``tokenizer_config.json`` (``CLIPTokenizer``, ``model_max_length`` = the context
+        length) and ``special_tokens_map.json``.  Pad and unknown are the end-of-text token, as in
+        Hugging Face's own CLIP files: rows padded by transformers hold it where clipforge's hold 0,
+        which changes no feature (the text tower reads the first end-of-text token, causally).
+
+        transformers does not clean text as OpenAI does: where ``ftfy`` or ``html.unescape``
+        change a caption (curly quotes, HTML entities, mojibake, ligatures, full-width forms) its
+        ids differ from clipforge's, as with Hugging Face's copies of OpenAI's models.
+        """
+        directory = self._write_hf(directory)
+        (directory / "vocab.json").write_text(json.dumps(self._vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+        lines = ["#version: 0.2", *(" ".join(merge) for merge in self._merges)]
+        (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return directory
+
+    def _write_hf(self, directory: str | os.PathLike[str]) -> Path:
+        """``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` (`save_hf`)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        sot, eot = self.sot_token, self.eot_token
+        full = _RustTokenizer(models.BPE(
+            self._vocab, self._merges, unk_token=eot, continuing_subword_prefix="", end_of_word_suffix=END_OF_WORD,
+            fuse_unk=False,
+        ))
+        full.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
+        full.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_HF_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+        full.decoder = decoders.ByteLevel()
+        full.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (sot, eot)])
+        full.post_processor = processors.RobertaProcessing(
+            (eot, self.eot_token_id), (sot, self.sot_token_id), trim_offsets=False, add_prefix_space=False
+        )
+        full.save(str(directory / "tokenizer.json"))
+        specials = {"bos_token": sot, "eos_token": eot, "unk_token": eot, "pad_token": eot}
+        config = {"tokenizer_class": "CLIPTokenizer", **specials, "model_max_length": self.context_length,
+                  "clean_up_tokenization_spaces": False}
+        for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
+            (directory / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return directory
 
     @classmethod
