@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime as dt
 import json
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -169,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         open_clip_version = None
     result = {
+        "date": dt.date.today().isoformat(),
+        "command": "python " + shlex.join(["benchmarks/bench_model.py", *sys.argv[1:]]),
         "torch": torch.__version__,
         "open_clip": open_clip_version,
         "threads": torch.get_num_threads(),

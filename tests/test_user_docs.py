@@ -1,4 +1,4 @@
-"""The user pages (README.md, docs/evaluation.md, docs/training.md, docs/search.md) against the code
+"""The user pages (README.md, docs/evaluation.md, docs/training.md, docs/search.md, docs/pretrained.md) against the code
 and the recorded benchmarks.
 
 Each test reads what a page says and checks it against its source: a default against the
@@ -33,7 +33,10 @@ from clipforge.train.config import DEMO_CONFIG, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-PAGES = {name: ROOT / name for name in ("README.md", "docs/evaluation.md", "docs/training.md", "docs/search.md")}
+PAGES = {
+    name: ROOT / name
+    for name in ("README.md", "docs/evaluation.md", "docs/training.md", "docs/search.md", "docs/pretrained.md")
+}
 
 
 def page(name: str) -> str:
@@ -463,3 +466,46 @@ def test_eval_option_defaults_are_the_parsers():
             assert str(actions[name].default) == default.group(1), name
             checked += 1
     assert checked == 2  # --batch-size, --precision
+
+
+# ----------------------------------------------------------------------------- pretrained.md
+
+
+def table_rows(name: str, header: str) -> list[list[str]]:
+    """The cells of the rows of the table whose header line starts with ``header``."""
+    lines = page(name).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_the_model_table_is_the_registrys():
+    from clipforge.checkpoints.registry import list_pretrained
+
+    entries = {entry.name: entry for entry in list_pretrained()}
+    rows = table_rows("docs/pretrained.md", "| model | parameters |")
+    assert len(rows) >= 10
+    for name, params, download, top1 in rows:
+        entry = entries[name.strip("`")]
+        assert params == f"{entry.params / 1e6:.0f} M", name
+        assert download == f"{entry.download_size / 1e6:,.0f} MB", name
+        assert top1 == f"{entry.top1 * 100:.1f} %", name
+
+
+def test_the_speed_table_is_the_record():
+    result = record("bench_model_pick")
+    speed = {(r["model"], r["precision"], r["modality"]): r["clipforge_per_s"] for r in result["rows"]}
+    rows = table_rows("docs/pretrained.md", "| architecture | images/s")
+    assert [row[0] for row in rows] == ["ViT-B-32", "ViT-B-16"]
+    for arch, fp32, bf16, text in rows:
+        assert (fp32, bf16, text) == (
+            f"{speed[arch, 'fp32', 'image']:.1f}", f"{speed[arch, 'bf16', 'image']:.1f}",
+            f"{speed[arch, 'fp32', 'text']:.1f}"), arch
+    assert_said("docs/pretrained.md", "bench_model_pick.json", result["date"])
+    ratio = speed["ViT-B-32", "fp32", "image"] / speed["ViT-B-16", "fp32", "image"]
+    assert_said("docs/pretrained.md", "embeds images about", f"{ratio:.1f}×")
+    assert result["cpu"]["model"] in sentence("docs/pretrained.md", "bench_model_pick.json")
