@@ -43,6 +43,7 @@ from clipforge.loss import CLIP_INIT_SCALE, MAX_SCALE, auto_chunk_size  # noqa: 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_JSON = ROOT / "benchmarks" / "results" / "bench_loss.json"
 DPI = 110
+GRAD_NORM = r"$\|\partial\,\mathrm{loss}/\partial I\|_F$"  # mathtext: an italic I, not a sans-serif l
 
 # --------------------------------------------------------------------------------------
 # The toy batch
@@ -153,9 +154,9 @@ TEXT = {
                     "(< 0: gradient descent raises L_ij;  > 0: it lowers L_ij)",
         "temp_title": "What the temperature does: a toy batch (N = 8, d = 16) "
                       "and random unit features (N = 8, d = 512)",
-        "temp_panels": ["loss", "gradient norm ‖∂loss/∂I‖_F",
+        "temp_panels": ["loss", "gradient norm " + GRAD_NORM,
                         "hardest negative's share of the negatives'\nsoftmax weight (mean over images)"],
-        "temp_ylabels": ["loss (nats, log scale)", "‖∂loss/∂I‖_F (log scale)", "share (1: all on one negative)"],
+        "temp_ylabels": ["loss (nats, log scale)", GRAD_NORM + " (log scale)", "share (1: all on one negative)"],
         "temp_x": "logit scale s = 1/τ (log scale)",
         "temp_toy": "toy batch: matched pairs, d = 16",
         "temp_random": "random unit features, d = 512 (an untrained model)",
@@ -185,9 +186,9 @@ TEXT = {
                       "玩具批次（N = 8），初始缩放系数 s = 1/0.07 ≈ {s:.1f}",
         "grad_bar": "G_ij：损失对 logit L_ij 的梯度\n（< 0：梯度下降使 L_ij 升高；> 0：使其降低）",
         "temp_title": "温度的作用：玩具批次（N = 8，d = 16）与随机单位特征（N = 8，d = 512）",
-        "temp_panels": ["损失", "梯度范数 ‖∂loss/∂I‖_F",
+        "temp_panels": ["损失", "梯度范数 " + GRAD_NORM,
                         "最难负样本在负样本 softmax 权重中的份额\n（对所有图像取平均）"],
-        "temp_ylabels": ["损失（nat，对数坐标）", "‖∂loss/∂I‖_F（对数坐标）", "份额（1：全部落在一个负样本上）"],
+        "temp_ylabels": ["损失（nat，对数坐标）", GRAD_NORM + "（对数坐标）", "份额（1：全部落在一个负样本上）"],
         "temp_x": "logit 缩放系数 s = 1/τ（对数坐标）",
         "temp_toy": "玩具批次：匹配的图文对，d = 16",
         "temp_random": "随机单位特征，d = 512（未训练的模型）",
