@@ -2,8 +2,10 @@
 
 The matrix is generated from the command table.  `leaf_commands` walks `build_parser()`; each
 command's cases come from its options (every number gets out-of-range values, every ``--model``
-the files that are not a checkpoint, every input file and folder missing, empty, wrong-type and
-non-UTF-8 ones, every output a path under a regular file) and from the hand-written cases of
+the files that are not a checkpoint and the names that name nothing or weights not downloaded,
+every ``--pretrained`` a tag that does not exist or goes with no architecture, every input file
+and folder missing, empty, wrong-type and non-UTF-8 ones, every output a path under a regular
+file) and from the hand-written cases of
 `CASES` (contradictory options, an index queried with another model, very long inputs,
 interrupted writes).  A command with no cases fails `test_every_command_has_cases`, so a new
 command joins the matrix when it is registered, and a new option of a known kind brings its
@@ -18,6 +20,10 @@ Each case runs through ``main(argv)`` in this process and asserts:
 - that nothing already written was damaged: no file of the workspace (checkpoints, tokenizer,
   index, training run, result files) or of the case's own copies changed, appeared or vanished.
 A sample runs through ``python -m clipforge.cli`` and ``python -m clipforge`` too.
+
+Nothing is downloaded: the suite is offline (conftest's `loopback_only`), and here both download
+caches are empty folders (`empty_caches`), so a name whose weights would need the network fails
+at once with its one line, whatever the machine's own caches hold.
 """
 
 from __future__ import annotations
@@ -75,12 +81,15 @@ BASE: dict[str, tuple[list[str], dict[str, list[str]]]] = {
                            "--batch-size": ["4"], "--quiet": [], "--out": ["{case}/result.json"]}),
     "eval retrieval": ([], {"--model": ["{ckpt}"], "--data": ["csv:{captions}"], "--workers": ["0"],
                             "--batch-size": ["4"], "--quiet": [], "--out": ["{case}/result.json"]}),
+    "eval linear-probe": ([], {"--model": ["{ckpt}"], "--data": ["imagefolder:{labelled}"], "--split": ["0.5"],
+                               "--workers": ["0"], "--batch-size": ["4"], "--quiet": [],
+                               "--out": ["{case}/result.json"]}),
     "train": ([], {"--model": ["tiny"], "--tokenizer": ["{tok}"], "--data": ["pairs:{pairs}"], "--steps": ["1"],
                    "--batch-size": ["4"], "--warmup": ["0"], "--workers": ["0"], "--out": ["{case}/run"],
                    "--no-progress": []}),
     "demo": ([], {"--out": ["{case}/demo"], "--steps": ["1"], "--no-progress": []}),
     "report": (["{run}"], {}),
-    "convert": (["{ckpt}", "{case}/converted"], {"--to": ["hf"]}),
+    "convert": (["{vit}", "{case}/converted"], {"--to": ["hf"]}),  # a ViT: a ResNet has no CLIPModel form
     "tokenizer train": (["{corpus}", "{case}/tok"], {"--vocab-size": ["600"], "--min-frequency": ["1"]}),
     "index build": ([], {"--model": ["{ckpt}"], "--data": ["pairs:{pairs}"], "--out": ["{case}/index"],
                          "--workers": ["0"], "--batch-size": ["4"], "--quiet": []}),
@@ -93,6 +102,7 @@ BASE: dict[str, tuple[list[str], dict[str, list[str]]]] = {
                     "--quiet": []}),
     "generate": (["a red image"], {"--model": ["{ckpt}"], "--out": ["{case}/image.png"], "--steps": ["1"],
                                    "--cutouts": ["1"], "--quiet": []}),
+    "models": (["ViT-B-32"], {}),
 }
 
 
@@ -156,6 +166,26 @@ NOT_A_CHECKPOINT = {
     "another architecture's weights": "{mixed}",
     "interrupted (a step-N.tmp checkpoint)": "{run_tmp}/checkpoints/step-0000003.tmp",
 }
+# Model names that name nothing, or weights that are not downloaded (the caches are empty and the
+# suite offline): (name, words of the message).
+NOT_A_NAME = {
+    "unknown name (a misspelt tag)": ("ViT-B-32:opnai", ("did you mean openai",)),
+    "unknown name (no such architecture)": ("ViT-B-23", ("did you mean ViT-B-32",)),
+    "unknown name (OpenAI's spelling)": ("ViT-B/32", ("ViT-B-32:openai",)),
+    "missing (released weights not downloaded, offline)": ("RN50:openai", ("resnet50_clip.openai",)),
+    "missing (a Hub repository not downloaded, offline)": ("hf-hub:clipforge-tests/absent",
+                                                           ("clipforge-tests/absent",)),
+}
+# --pretrained beside --model: (the options, words of the message).
+NOT_PRETRAINED = {
+    "contradictory (--pretrained with a checkpoint)": ({"--model": ["{ckpt}"], "--pretrained": ["openai"]},
+                                                       ("goes with an architecture name",)),
+    "unknown name (a tag the architecture lacks)": ({"--model": ["ViT-B-32"], "--pretrained": ["opnai"]},
+                                                    ("did you mean openai",)),
+    "unknown name (an architecture without released weights)": ({"--model": ["tiny"], "--pretrained": ["openai"]},
+                                                                ("no released weights for tiny",)),
+    "missing (a weights file)": ({"--model": ["tiny"], "--pretrained": ["{files}/missing.pt"]}, ("missing.pt",)),
+}
 NOT_A_FILE = {
     "missing": "{files}/missing.txt",
     "empty (zero-byte)": "{files}/empty",
@@ -174,7 +204,15 @@ OUTPUTS = {"out", "json", "frames", "dst"}
 # Options that replace part of `BASE`'s invocation: their cases start from this argv instead.
 STANDALONE = {("search", "--image"): ["search", "{index}"]}
 # Options that take effect only with another: their cases add it.
-COMPANIONS = {("generate", "--judge-tokenizer"): {"--judge": ["{other}"]}}
+COMPANIONS: dict[tuple[str, str], dict[str, list[str] | None]] = {
+    ("generate", "--judge-tokenizer"): {"--judge": ["{other}"]},
+    ("eval linear-probe", "--train"): {"--data": None, "--split": None, "--test": ["imagefolder:{labelled}"]},
+    ("eval linear-probe", "--test"): {"--data": None, "--split": None, "--train": ["imagefolder:{labelled}"]},
+}
+PROBE_TRAIN = COMPANIONS["eval linear-probe", "--test"]  # linear-probe's --train (and --test) instead of --data
+# Data options (linear-probe's --train and --test too), and the commands whose data is labelled images.
+DATA_OPTIONS = {"data", "train", "test"}
+LABELLED = {"eval zeroshot", "eval linear-probe"}
 # Inputs that may legitimately be empty files: an empty TOML run file has no keys, so the
 # command line alone says what to run.
 EMPTY_IS_VALID = {("train", "config")}
@@ -211,10 +249,22 @@ def option_cases(command: str, parser: argparse.ArgumentParser) -> list[Case]:
         if action.dest == "device":
             for bad in ("cuda:99", "gpu"):
                 cases.append(Case(command, "out-of-range", replaced(bad), (flag, "device"), name=f"--device {bad}"))
-        # Models: everything that is not a checkpoint of the architecture its config names.
+        # Models: everything that is not a checkpoint of the architecture its config names, and
+        # names that name nothing or weights that are not here.
         if action.dest in ("model", "judge") and command != "train":
             for kind, path in NOT_A_CHECKPOINT.items():
                 cases.append(Case(command, kind, replaced(path), expected_names(path), name=where))
+        if action.dest in ("model", "judge") or (command == "convert" and action.dest == "src"):
+            for kind, (name, expect) in NOT_A_NAME.items():
+                cases.append(Case(command, kind, replaced(name), expect, name=where))
+        if action.dest == "pretrained":
+            for kind, (options, expect) in NOT_PRETRAINED.items():
+                if command == "convert":  # SRC is the model: a positional
+                    argv = [*invocation(command, positionals={0: options["--model"][0]}), "--pretrained",
+                            *options["--pretrained"]]
+                else:
+                    argv = invocation(command, options=options)
+                cases.append(Case(command, kind, argv, expect, name=flag))
         # Input files and folders.
         if action.dest in INPUT_FILES:
             wanted = NOT_A_FOLDER if action.metavar in ("DIR", "INDEX_DIR") or action.dest in (
@@ -223,8 +273,8 @@ def option_cases(command: str, parser: argparse.ArgumentParser) -> list[Case]:
                 status = 0 if kind.startswith("empty") and (command, action.dest) in EMPTY_IS_VALID else 2
                 cases.append(Case(command, kind, replaced(path), expected_names(path), status=status, name=where))
         # Data sources: a missing, empty, wrong-type or non-UTF-8 file behind the URI.
-        if action.dest == "data":
-            scheme = "imagefolder" if command == "eval zeroshot" else "csv"
+        if action.dest in DATA_OPTIONS:
+            scheme = "imagefolder" if command in LABELLED else "csv"
             bad_data = {"missing": f"{scheme}:{{files}}/missing.tsv", "empty (zero-byte)": f"{scheme}:{{files}}/empty",
                         "non-UTF-8": "csv:{files}/binary.bin", "wrong-type (a folder as csv)": "csv:{files}/emptydir",
                         "wrong-type (a file as a folder)": "imagefolder:{files}/text.txt",
@@ -289,6 +339,32 @@ CASES: list[Case] = [
     Case("eval retrieval", "truncated (a csv cut mid-line)",
          given("eval retrieval", "--data", "csv:{case}/cut.tsv"), ("cut.tsv",),
          setup=write("cut.tsv", "filepath\ttitle\n{pairs}/0.png")),
+    # eval linear-probe
+    Case("eval linear-probe", "contradictory (--data and --train)",
+         given("eval linear-probe", "--train", "imagefolder:{labelled}"), ("not both",)),
+    Case("eval linear-probe", "missing (--data without --split)",
+         invocation("eval linear-probe", options={"--split": None}), ("--split",)),
+    Case("eval linear-probe", "missing (--train without --test)",
+         invocation("eval linear-probe", options={**PROBE_TRAIN, "--test": None}), ("--test",)),
+    Case("eval linear-probe", "out-of-range", given("eval linear-probe", "--split", "1"), ("--split",),
+         name="--split 1"),
+    Case("eval linear-probe", "out-of-range", given("eval linear-probe", "--val-proportion", "0"),
+         ("--val-proportion",), name="--val-proportion 0"),
+    Case("eval linear-probe", "contradictory (--weight-decay and --val-proportion)",
+         invocation("eval linear-probe", options={"--weight-decay": ["0.1"], "--val-proportion": ["0.5"]}),
+         ("not allowed with",)),
+    Case("eval linear-probe", "wrong-type (captioned images, no labels)", given("eval linear-probe", "--data",
+                                                                                "csv:{captions}"),
+         ("captions.tsv", "label", "class")),
+    Case("eval linear-probe", "truncated (test images)",
+         invocation("eval linear-probe", options={**PROBE_TRAIN, "--test": ["imagefolder:{case}/test"]}),
+         status=0, setup=lambda ws, case: (shutil.copytree(ws["labelled"], case / "test"),
+                                           shutil.copytree(Path(ws["broken_labelled"]) / "red", case / "test" / "red",
+                                                           dirs_exist_ok=True))),
+    # models
+    Case("models", "unknown name", invocation("models", positionals={0: "ViT-B-99"}), ("no pretrained model matches",)),
+    Case("models", "contradictory (PATTERN and another --filter)", given("models", "--filter", "openai"),
+         ("one pattern",)),
     # train (options contradicting each other or the checkpoint resumed)
     Case("train", "contradictory", invocation("train", options={"--lock-image": [], "--lock-text": []}), ("lock",)),
     Case("train", "contradictory", given("train", "--accum-steps", "3"), ("accum",),
@@ -328,9 +404,16 @@ CASES: list[Case] = [
                                                     (case / "run" / "metrics.json").write_text('{"step": 2, "ev'))),
     Case("report", "interrupted (a step-N.tmp left behind)", invocation("report", positionals={0: "{case}/run"}),
          status=0, setup=copy("run_tmp", "run")),
+    Case("train", "missing (released weights, no tokenizer of the preset's vocabulary)",
+         invocation("train", options={"--model": ["tiny"], "--pretrained": ["{case}/w.safetensors"],
+                                      "--tokenizer": None}),
+         ("--tokenizer",), setup=lambda ws, case: shutil.copy(Path(ws["ckpt"]) / "model.safetensors",
+                                                              case / "w.safetensors")),
     # convert and tokenizer train
-    Case("convert", "contradictory (the destination is the source)", invocation("convert", positionals={1: "{ckpt}"}),
-         ("ckpt",)),
+    Case("convert", "wrong-type (a preset: random weights)", invocation("convert", positionals={0: "tiny"}),
+         ("preset",)),
+    Case("convert", "contradictory (the destination is the source)", invocation("convert", positionals={1: "{vit}"}),
+         ("the source itself",)),
     Case("convert", "contradictory (an existing checkpoint as the destination)",
          invocation("convert", positionals={1: "{other}"}), ("other",)),
     Case("tokenizer train", "out-of-range", given("tokenizer train", "--vocab-size", "10"),
@@ -358,7 +441,11 @@ CASES: list[Case] = [
     Case("index build", "truncated (images)", given("index build", "--data", "pairs:{broken}"), status=0),
     Case("index build", "very long caption", given("index build", "--data", "pairs:{case}/pairs"),
          status=0, setup=captioned(LONG)),
+    Case("index build", "wrong-type (a preset: random weights)", given("index build", "--model", "tiny"),
+         ("random weights",)),
     Case("index add", "another model", given("index add", "--model", "{other}"), ("never mixes models",)),
+    Case("index add", "missing (--pretrained without --model)", given("index add", "--pretrained", "openai"),
+         ("needs --model",)),
     Case("index add", "another architecture", given("index add", "--model", "{vit}"),
          ("never mixes models",)),
     Case("index add", "interrupted (a half-written chunk left behind)",
@@ -369,6 +456,11 @@ CASES: list[Case] = [
          ("manifest.json",)),
     # search and serve
     Case("search", "another model", given("search", "--model", "{other}"), ("never mixes models",)),
+    Case("search", "missing (--pretrained without --model)", given("search", "--pretrained", "openai"),
+         ("needs --model",)),
+    Case("serve", "another model", given("serve", "--model", "{other}"), ("never mixes models",)),
+    Case("serve", "missing (--pretrained without --model)", given("serve", "--pretrained", "openai"),
+         ("needs --model",)),
     Case("search", "another architecture", given("search", "--model", "{vit}"), ("never mixes models",)),
     Case("search", "contradictory (a text and --image)", given("search", "--image", "{pairs}/0.png"),
          ("either",)),
@@ -549,6 +641,19 @@ def snapshot(folder: Path) -> dict[str, str]:
             _digests[key] = hashlib.sha256(path.read_bytes()).hexdigest()
         state[str(path)] = _digests[key]
     return state
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("caches")
+
+
+@pytest.fixture(autouse=True)
+def empty_caches(caches, monkeypatch):
+    """Both download caches empty and the Hub client offline: released weights are never here."""
+    monkeypatch.setenv("CLIPFORGE_CACHE", str(caches / "clipforge"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(caches / "hf"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture(autouse=True)

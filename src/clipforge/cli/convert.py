@@ -2,6 +2,7 @@
 
     clipforge convert openai.pt ViT-B-32-hf --to hf     # prints the written path
     clipforge convert openai.pt vit-b-32.safetensors --to openclip   # + on stderr, the OpenCLIP call that loads it
+    clipforge convert ViT-B-32:openai ViT-B-32-hf --to hf   # released weights by name (--pretrained TAG too)
     clipforge tokenizer train captions.txt tok/ --vocab-size 4096
 
 ``--to hf`` writes a directory that transformers' ``AutoModel.from_pretrained`` and
@@ -13,6 +14,12 @@ ViT-L-14, ViT-L-14-336, ViT-H-14, ViT-g-14, ViT-bigG-14), with ``-quickgelu`` fo
 weights such as OpenAI's (ViT-g-14: ``force_quick_gelu=True``); or a directory, which
 ``open_clip.create_model_and_transforms("local-dir:DST")`` loads whatever the architecture.  The
 command prints the call on stderr (`clipforge.checkpoints.export` holds the table).
+
+SRC is any name ``--model`` takes but a preset's (random weights): a checkpoint file or folder,
+whose tensors are written bit for bit in their stored dtype; a Hub repository (``hf-hub:ORG/NAME``,
+``ORG/NAME``), read as it is with its tokenizer files; or a registry name (``ViT-B-32:openai``,
+``--pretrained TAG``), loaded with the entry's activation and pixel statistics, its tensors
+written as float32 (exactly the values stored, in any narrower float dtype).
 """
 
 from __future__ import annotations
@@ -39,11 +46,15 @@ def add_parser(subparsers: Any) -> None:
         "(ViT-g-14: force_quick_gelu=True); other architectures have no name: give a directory DST and load it with "
         "open_clip.create_model_and_transforms('local-dir:DST'). The command prints that call on stderr.",
     )
-    convert.add_argument("src", help="a checkpoint: OpenAI .pt, OpenCLIP file or directory, HF directory, "
-                         "clipforge directory")
+    convert.add_argument("src", help="a checkpoint (OpenAI .pt, OpenCLIP file or directory, HF directory, clipforge "
+                         "directory) or a pretrained name (ViT-B-32:openai, hf-hub:ORG/NAME, ORG/NAME; `clipforge "
+                         "models` lists them)")
     convert.add_argument("dst", help="output directory (or a .safetensors/.pt/.bin file for --to openclip); "
                          "a new path or an empty folder, so no checkpoint is overwritten")
     convert.add_argument("--to", required=True, choices=("clipforge", "hf", "openclip"), help="output format")
+    convert.add_argument("--pretrained", metavar="TAG",
+                         help="released weights for the architecture SRC names (openai, laion2b_s34b_b79k, ...; or a "
+                         "weights file); the same as SRC ARCH:TAG")
     convert.add_argument("--act", choices=("gelu", "quick_gelu"),
                          help="MLP activation when the source carries no config (default: inferred)")
     convert.add_argument("--tokenizer", metavar="DIR",
@@ -67,10 +78,30 @@ def add_parser(subparsers: Any) -> None:
     train.set_defaults(func=_run_tokenizer_train)
 
 
+def _checkpoint_of(src: str, *, pretrained: str | None, act: str | None) -> Any:
+    """The `Checkpoint` that SRC (and ``--pretrained``) name, as the module notes say; downloaded if needed."""
+    from clipforge.checkpoints import Checkpoint, load_model, read_checkpoint
+    from clipforge.checkpoints.download import fetch_repo
+    from clipforge.checkpoints.registry import resolve
+
+    where = resolve(src, pretrained)  # an unknown name: one line with the closest known names
+    if where.kind == "preset":
+        raise CommandError(f"{src}: a preset, whose weights are random; convert a checkpoint or a pretrained name "
+                           "(`clipforge models` lists them)")
+    if where.kind == "path":
+        return read_checkpoint(where.path, act=act)
+    if where.kind == "hub":  # the repository's own files, tokenizer included
+        return read_checkpoint(fetch_repo(where.repo_id, revision=where.revision, layout=where.layout), act=act)
+    # A registry entry or an architecture with a weights file: loaded as `clipforge.load` loads them, so
+    # that the entry's activation and pixel statistics are applied (float32 tensors, the values stored).
+    model = load_model(src, pretrained=pretrained, act=act)
+    return Checkpoint(model.config, model.state_dict(), Path(where.name), "clipforge")
+
+
 def _run_convert(args: Any) -> int:
     """``clipforge convert SRC DST --to FORMAT``: writes the checkpoint in that format; prints the written
     path (and, for ``--to openclip``, the OpenCLIP call that loads it on stderr)."""
-    from clipforge.checkpoints import convert, read_checkpoint
+    from clipforge.checkpoints import convert
     from clipforge.checkpoints.export import check_destination, openclip_usage
 
     dst = Path(args.dst)
@@ -80,7 +111,7 @@ def _run_convert(args: Any) -> int:
     if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
         raise CommandError(f"--tokenizer {args.tokenizer}: " + ("a file, not a folder" if Path(args.tokenizer).exists()
                                                                  else "no such folder"))
-    checkpoint = read_checkpoint(args.src, act=args.act)
+    checkpoint = _checkpoint_of(args.src, pretrained=args.pretrained, act=args.act)
     out = convert(checkpoint, dst, to=args.to, tokenizer=args.tokenizer)
     print(out)
     if args.to == "openclip":

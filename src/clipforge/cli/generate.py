@@ -2,6 +2,8 @@
 
     clipforge generate --model runs/a/checkpoints/step-0000600 "a red circle" --out red.png \\
         --judge runs/b/checkpoints/step-0000600 --seed 0 --frames frames/
+    clipforge generate --model ViT-B-32 --pretrained openai "a red circle" --out red.png \\
+        --judge ViT-B-16:laion2b_s34b_b88k
 
 An image optimised against one model can fool that model (an adversarial image) without
 showing the prompt; ``--judge`` scores the result under a second, independently trained
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from clipforge.cli._common import (
+    MODEL_HELP,
     CommandError,
     check_output,
     device_option,
@@ -44,10 +47,11 @@ def add_parser(subparsers: Any) -> None:
     default = GenerateConfig()
     parser = subparsers.add_parser("generate", help="make an image for a prompt by optimising it against CLIP")
     parser.add_argument("prompt", help="the text the image should show")
-    model_option(parser, help="the model to optimise against: a preset or a checkpoint")
+    model_option(parser, help=f"the model to optimise against: {MODEL_HELP}", pretrained=True)
     parser.add_argument("--out", required=True, metavar="FILE", help="the image to write (PNG)")
     model_option(parser, flag="--judge", required=False, metavar="MODEL",
-                 help="a second, independently trained model that scores the result")
+                 help="a second, independently trained model that scores the result (any --model name; "
+                      "ARCH:TAG for released weights)")
     tokenizer_option(parser)
     tokenizer_option(parser, flag="--judge-tokenizer", help="the judge's tokenizer folder, if it has none")
     parser.add_argument("--steps", type=positive_int, default=default.steps,

@@ -1,6 +1,7 @@
 """``clipforge index build|add``, ``clipforge search`` and ``clipforge serve``: image search.
 
     clipforge index build --model CKPT --data folder:photos/ --out photos.index
+    clipforge index build --model ViT-B-32:openai --data folder:photos/ --out photos.index   # released weights
     clipforge index add photos.index --data imagefolder:more/
     clipforge search photos.index "a red star" -k 10 [--json]
     clipforge search photos.index --image query.jpg
@@ -8,6 +9,8 @@
 
 ``index build`` prints the number of images embedded and skipped, the faiss index chosen and
 its recall@10 against exact search; ``search`` prints a table of rank, score and path (or JSON).
+The index records its model (a checkpoint's path, or a pretrained name with ``--pretrained``'s
+tag folded in), and ``index add``, ``search`` and ``serve`` reload it from there.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from clipforge.cli._common import (
 __all__ = ["add_parser", "run_add", "run_build", "run_search", "run_serve"]
 
 SKIPPED_SHOWN = 10
+BUILD_MODEL_HELP = ("a checkpoint file or folder, or a pretrained name (ViT-B-32:openai, hf-hub:ORG/NAME, ORG/NAME; "
+                    "`clipforge models` lists them); not a random preset")
 INDEX_MODEL_HELP = "the index's model, checked against it (default: the one recorded)"
 
 
@@ -46,7 +51,7 @@ def add_parser(subparsers: Any) -> None:
     actions = index.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     build = actions.add_parser("build", help="embed every image of a data source and build its faiss index")
-    model_option(build, help="a checkpoint file or folder (not a random preset)")
+    model_option(build, help=BUILD_MODEL_HELP, pretrained=True)
     build.add_argument("--data", required=True,
                        help="imagefolder:DIR, csv:FILE, jsonl:FILE, pairs:DIR, or any other data URI")
     build.add_argument("--out", required=True, metavar="INDEX_DIR",
@@ -64,7 +69,7 @@ def add_parser(subparsers: Any) -> None:
     add = actions.add_parser("add", help="add the images of a data source that are not in the index yet")
     add.add_argument("index_dir", metavar="INDEX_DIR")
     add.add_argument("--data", required=True, help="a data URI, as for index build")
-    model_option(add, required=False, help=INDEX_MODEL_HELP)
+    model_option(add, required=False, help=INDEX_MODEL_HELP, pretrained=True)
     _embed_options(add)
     add.add_argument("--reindex", action="store_true",
                      help="rebuild the faiss index from all embeddings, choosing its type for the new size")
@@ -76,7 +81,7 @@ def add_parser(subparsers: Any) -> None:
     search.add_argument("--image", metavar="FILE", help="search by this image instead of a text")
     search.add_argument("-k", type=positive_int, default=10, help="results (default: 10)")
     search.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    model_option(search, required=False, help=INDEX_MODEL_HELP)
+    model_option(search, required=False, help=INDEX_MODEL_HELP, pretrained=True)
     device_option(search)
     search.set_defaults(func=run_search)
 
@@ -85,6 +90,7 @@ def add_parser(subparsers: Any) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=port_number, default=8000, help="port (default: 8000)")
     serve.add_argument("--max-upload-mb", type=positive_float, default=10.0, help="largest query image (default: 10)")
+    model_option(serve, required=False, help=INDEX_MODEL_HELP, pretrained=True)
     device_option(serve)
     serve.add_argument("--threads", type=positive_int, default=1,
                        help="PyTorch threads per query (default: 1; concurrent requests run in parallel instead)")
@@ -100,6 +106,14 @@ def _embed_options(parser: argparse.ArgumentParser) -> None:
                         help="embeddings per file; an interruption loses at most one (default: 10000)")
     device_option(parser)
     quiet_option(parser)
+
+
+def _check_pretrained(args: argparse.Namespace) -> None:
+    """``--pretrained`` names weights for the architecture ``--model`` names: alone it means nothing
+    (the index's own model is recorded whole)."""
+    if args.pretrained is not None and args.model is None:
+        raise CommandError(f"--pretrained {args.pretrained} needs --model, the architecture it is for (without "
+                           "either, the index's own model is used)")
 
 
 def _guard(call: Any) -> Any:
@@ -144,9 +158,10 @@ def run_build(args: argparse.Namespace) -> int:
     check_output(args.out, option="--out", folder=True)
 
     def call() -> Any:
-        return build_index(args.data, args.out, model=args.model, tokenizer=args.tokenizer, device=args.device,
-                           precision=args.precision, batch_size=args.batch_size, workers=args.workers,
-                           chunk_size=args.chunk_size, memory_budget=args.memory_budget, kind=args.index_type,
+        return build_index(args.data, args.out, model=args.model, pretrained=args.pretrained,
+                           tokenizer=args.tokenizer, device=args.device, precision=args.precision,
+                           batch_size=args.batch_size, workers=args.workers, chunk_size=args.chunk_size,
+                           memory_budget=args.memory_budget, kind=args.index_type,
                            target_recall=args.target_recall, progress=not args.quiet)
 
     _report(_guard(call), "built")
@@ -158,10 +173,13 @@ def run_add(args: argparse.Namespace) -> int:
     prints how many were embedded, already there and skipped, and the index's size and recall@10."""
     from clipforge.search.build import add_to_index
 
+    _check_pretrained(args)
+
     def call() -> Any:
-        return add_to_index(args.index_dir, args.data, model=args.model, tokenizer=args.tokenizer,
-                            device=args.device, batch_size=args.batch_size, workers=args.workers,
-                            chunk_size=args.chunk_size, reindex=args.reindex, progress=not args.quiet)
+        return add_to_index(args.index_dir, args.data, model=args.model, pretrained=args.pretrained,
+                            tokenizer=args.tokenizer, device=args.device, batch_size=args.batch_size,
+                            workers=args.workers, chunk_size=args.chunk_size, reindex=args.reindex,
+                            progress=not args.quiet)
 
     _report(_guard(call), "added to")
     return 0
@@ -175,7 +193,9 @@ def run_search(args: argparse.Namespace) -> int:
         raise CommandError("give either a query text or --image FILE")
     if args.query is not None and not args.query.strip():
         raise CommandError("the query text is empty")
-    index = _guard(lambda: Index.load(args.index_dir, model=args.model, device=args.device))
+    _check_pretrained(args)
+    index = _guard(lambda: Index.load(args.index_dir, model=args.model, pretrained=args.pretrained,
+                                      device=args.device))
     try:
         hits = index.search_text(args.query, args.k) if args.image is None else index.search_image(args.image, args.k)
     except ValueError as err:
@@ -194,10 +214,11 @@ def run_search(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """``clipforge serve DIR [--host H] [--port P]``: prints the address, then serves the search page
+    """``clipforge serve DIR [--host H] [--port P] [--model M]``: prints the address, then serves the search page
     and its JSON API until interrupted (with a warning on stderr for an address other machines reach)."""
     from clipforge.search.index import Index
 
+    _check_pretrained(args)
     try:
         import uvicorn
 
@@ -212,7 +233,8 @@ def run_serve(args: argparse.Namespace) -> int:
     # Requests are served by a thread pool; each query's forward pass on several intra-op
     # threads as well would put more threads than cores to work, waiting on each other.
     torch.set_num_threads(args.threads)
-    index = _guard(lambda: Index.load(args.index_dir, device=args.device))
+    index = _guard(lambda: Index.load(args.index_dir, model=args.model, pretrained=args.pretrained,
+                                      device=args.device))
     app = create_app(index, max_upload_bytes=int(args.max_upload_mb * (1 << 20)))
     print(f"serving {args.index_dir} ({len(index)} images) on http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

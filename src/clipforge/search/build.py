@@ -2,11 +2,14 @@
 embeddings with faiss.
 
     report = build_index("folder:photos/", "photos.index", model="runs/demo/checkpoints/step-0000750")
+    report = build_index("folder:photos/", "photos.index", model="ViT-B-32:openai")   # released weights
     report = add_to_index("photos.index", "folder:more-photos/")
 
 Both resume: keys already embedded are skipped, so running either again after an interruption
 continues where it stopped (the chunk being written when it stopped is embedded again).
 Unreadable images are skipped and listed in ``skipped.jsonl``; a later run retries them.
+The index records its model, a checkpoint by its path or released weights by their name, and
+`index_model` reloads it from there for ``add`` and for search.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from clipforge.checkpoints import is_preset, load_for_inference
+from clipforge.checkpoints import load_for_inference
+from clipforge.checkpoints.registry import resolve
 from clipforge.data import open_data
 from clipforge.search import ann
 from clipforge.search._items import Decoded, Item, decoded_batches, items_of
@@ -60,38 +64,59 @@ class Model:
         return features.cpu().numpy()
 
 
-def load_search_model(source: str | os.PathLike[str], *, tokenizer: str | os.PathLike[str] | None = None,
-                      device: str | None = None, precision: str = "fp32") -> Model:
-    """The model of a checkpoint (file or folder) with its tokenizer (``tokenizer`` overrides it),
-    loaded by `clipforge.checkpoints.load_for_inference`.  An IndexDirError for a preset (random
-    weights) or a missing path; a CheckpointError when no tokenizer comes with the model."""
-    if is_preset(source):
-        raise IndexDirError(f"{source!r} is a preset with random weights, different each time it loads: an index "
-                            f"must be queried with the model that built it, so give a checkpoint "
-                            f"(clipforge.save writes one)")
-    path = Path(source)
-    if not path.exists():
-        raise IndexDirError(f"{source!r}: no checkpoint file or folder there")
-    loaded = load_for_inference(path, tokenizer=tokenizer, device=device, precision=precision)
-    identity = model_identity(loaded.model, loaded.tokenizer, source=str(path.resolve()))
+def load_search_model(source: str | os.PathLike[str], *, pretrained: str | os.PathLike[str] | None = None,
+                      tokenizer: str | os.PathLike[str] | None = None, device: str | None = None,
+                      precision: str = "fp32") -> Model:
+    """The model ``source`` names (a checkpoint file or folder, or a pretrained name:
+    ``ViT-B-32:openai``, ``hf-hub:ORG/NAME``, ``ORG/NAME``; ``pretrained`` as `clipforge.load`'s)
+    with its tokenizer (``tokenizer`` overrides it), loaded by
+    `clipforge.checkpoints.load_for_inference`.
+
+    Its identity records where it comes from so that the index reloads the same model: a
+    checkpoint by its absolute path, a pretrained name as the registry spells it (never the
+    cache's path: the entry's activation and preprocessing come with the name), an architecture
+    with a weights file as both.  An IndexDirError for a preset (random weights); an
+    UnknownModelError for a name that means nothing; a CheckpointError when no tokenizer comes
+    with the model."""
+    where = resolve(source, None if pretrained is None else str(pretrained))
+    if where.kind == "preset":
+        raise IndexDirError(f"{str(source)!r} is a preset with random weights, different each time it loads: an index "
+                            f"must be queried with the model that built it, so give a checkpoint (clipforge.save "
+                            f"writes one) or a pretrained name (`clipforge models` lists them)")
+    loaded = load_for_inference(source, pretrained=pretrained, tokenizer=tokenizer, device=device,
+                                precision=precision)
+    recorded: dict[str, str] = {"source": loaded.source}
+    if where.kind == "path":
+        recorded["source"] = str(Path(source).resolve())
+    elif where.kind == "weights":  # OpenCLIP's pretrained=FILE: the architecture, and the file
+        recorded = {"source": str(where.architecture), "pretrained": str(Path(str(pretrained)).resolve())}
+    identity = model_identity(loaded.model, loaded.tokenizer, source=recorded["source"])
+    if "pretrained" in recorded:
+        identity["pretrained"] = recorded["pretrained"]
     if tokenizer is not None:
         identity["tokenizer"] = str(Path(tokenizer).resolve())
     return Model(loaded.model, loaded.preprocess, loaded.tokenizer, identity, loaded.device, loaded.autocast_dtype)
 
 
 def index_model(store: Store, model: str | os.PathLike[str] | Model | None = None, *,
-                tokenizer: str | os.PathLike[str] | None = None, device: str | None = None) -> Model:
-    """The model that embeds for ``store``: ``model`` (a checkpoint or a `Model`), by default the
-    one its manifest records, at the index's precision; an IndexDirError unless it is the
-    index's model (`Store.check_model`)."""
+                pretrained: str | os.PathLike[str] | None = None, tokenizer: str | os.PathLike[str] | None = None,
+                device: str | None = None) -> Model:
+    """The model that embeds for ``store``: ``model`` (a checkpoint, a pretrained name, or a
+    `Model`; ``pretrained`` as `load_search_model`'s), by default the one its manifest records,
+    at the index's precision; an IndexDirError unless it is the index's model (`Store.check_model`)."""
     if isinstance(model, Model):
         loaded = model
     else:
         identity = store.manifest["model"]
-        if model is None and not Path(identity["source"]).exists():
-            raise IndexDirError(f"{store.directory}: its model {identity['source']!r} is not there any more; "
-                                f"pass the model")
-        loaded = load_search_model(model if model is not None else identity["source"],
+        recorded = identity["source"]
+        # A checkpoint is recorded by its absolute path, a pretrained name never so.
+        if model is None and pretrained is not None:
+            raise ValueError(f"pretrained={str(pretrained)!r} goes with model=, the architecture it is for")
+        if model is None and Path(recorded).is_absolute() and not Path(recorded).exists():
+            raise IndexDirError(f"{store.directory}: its model {recorded!r} is not there any more; pass the model")
+        if model is None:
+            model, pretrained = recorded, identity.get("pretrained")
+        loaded = load_search_model(model, pretrained=pretrained,
                                    tokenizer=tokenizer if tokenizer is not None else identity.get("tokenizer"),
                                    device=device, precision=store.manifest["precision"])
     store.check_model(loaded.identity)
@@ -218,6 +243,7 @@ def build_index(
     out: str | os.PathLike[str],
     *,
     model: str | os.PathLike[str] | Model,
+    pretrained: str | os.PathLike[str] | None = None,
     tokenizer: str | os.PathLike[str] | None = None,
     device: str | None = None,
     precision: str = "fp32",
@@ -233,7 +259,10 @@ def build_index(
     its faiss index; a directory left by an interrupted build of the same model is continued.
 
     Args:
-        model: a checkpoint (file or folder), or a `Model` from `load_search_model`.
+        model: a checkpoint (file or folder), a pretrained name (``ViT-B-32:openai``, ``hf-hub:ORG/NAME``,
+            ``ORG/NAME``), or a `Model` from `load_search_model`; the index records it to reload it.
+        pretrained: a pretrained tag (or weights file) for the architecture ``model`` names, as
+            `clipforge.load`'s ``pretrained=``.
         tokenizer: a tokenizer folder, for checkpoints saved without one.
         precision: "fp32", or "bf16" autocast over fp32 weights.
         batch_size: images per forward pass.
@@ -253,8 +282,8 @@ def build_index(
     if kind not in ann.KINDS:
         raise ValueError(f"index kind must be one of {ann.KINDS}, got {kind!r}")
     start = time.perf_counter()
-    loaded = model if isinstance(model, Model) else load_search_model(model, tokenizer=tokenizer, device=device,
-                                                                      precision=precision)
+    loaded = model if isinstance(model, Model) else load_search_model(model, pretrained=pretrained, tokenizer=tokenizer,
+                                                                      device=device, precision=precision)
     out = Path(out)
     if (out / "manifest.json").exists():
         store = Store.open(out)
@@ -279,6 +308,7 @@ def add_to_index(
     data: str,
     *,
     model: str | os.PathLike[str] | Model | None = None,
+    pretrained: str | os.PathLike[str] | None = None,
     tokenizer: str | os.PathLike[str] | None = None,
     device: str | None = None,
     batch_size: int = 64,
@@ -295,7 +325,7 @@ def add_to_index(
     store = Store.open(directory)
     for _ in store.vectors(mmap=True):  # a damaged chunk is named before anything is written
         pass
-    loaded = index_model(store, model, tokenizer=tokenizer, device=device)
+    loaded = index_model(store, model, pretrained=pretrained, tokenizer=tokenizer, device=device)
     embedded, already, skipped = _embed_source(store, loaded, data, open_data(data), batch_size=batch_size,
                                                workers=workers, chunk_size=chunk_size, progress=progress)
     embed_s = time.perf_counter() - start

@@ -58,18 +58,20 @@ class Index:
         directory: str | os.PathLike[str],
         *,
         model: str | os.PathLike[str] | Model | None = None,
+        pretrained: str | os.PathLike[str] | None = None,
         tokenizer: str | os.PathLike[str] | None = None,
         device: str | None = None,
         load_model: bool = True,
     ) -> Index:
-        """Opens ``directory``; ``model`` defaults to the one recorded in it, and any model is
+        """Opens ``directory``; ``model`` (with ``pretrained``, as `clipforge.load`'s) defaults to
+        the one recorded in it, a checkpoint's path or a pretrained name, and any model is
         checked against the index's fingerprint (an IndexDirError if it is another).
         ``load_model=False`` opens it for `search_vectors` and `search_similar` only."""
         store = Store.open(directory)
         faiss_index = store.read_faiss()
         loaded = None
         if load_model or model is not None:
-            loaded = index_model(store, model, tokenizer=tokenizer, device=device)
+            loaded = index_model(store, model, pretrained=pretrained, tokenizer=tokenizer, device=device)
         return cls(store, faiss_index, loaded)
 
     # ---------------------------------------------------------------- lookups

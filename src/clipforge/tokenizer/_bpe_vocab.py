@@ -136,8 +136,13 @@ def _packaged_bpe() -> Path | None:
 
 
 def cache_dir() -> Path:
-    """Where a downloaded vocabulary is kept: ``$XDG_CACHE_HOME/clipforge`` or ``~/.cache/clipforge``."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipforge"
+    """Where a downloaded vocabulary is kept: clipforge's download cache (``$CLIPFORGE_CACHE``, else
+    ``$XDG_CACHE_HOME/clipforge``, i.e. ``~/.cache/clipforge``), beside the released weights."""
+    # Imported when called: the checkpoints package imports the tokenizer (for its exports), and
+    # loading the tokenizer need not load the checkpoints package and the model with it.
+    from clipforge.checkpoints.download import cache_dir as downloads
+
+    return downloads()
 
 
 def _sha256(path: Path) -> str:

@@ -36,7 +36,10 @@ class TrainConfig:
     """A training run.  Each field's ``help`` (``dataclasses.fields(TrainConfig)[k].metadata["help"]``) is its
     documentation; ``clipforge train --help`` shows them."""
 
-    model: str = _option("tiny", "preset name (random init) or checkpoint path to start from")
+    model: str = _option("tiny", "what to start from: a preset name (random init), a checkpoint path, or a "
+                         "pretrained name (ViT-B-32:openai, hf-hub:ORG/NAME, ORG/NAME; `clipforge models` lists them)")
+    pretrained: str = _option("", "released weights for the architecture model names (openai, laion2b_s34b_b79k, ...; "
+                              "or a weights file), the same as model ARCH:TAG; empty: model alone says")
     data: str = _option("shapes://",
                         "training data URI: shapes://, digits://, csv:FILE, jsonl:FILE, pairs:DIR, shards:URLS")
     out: str = _option("runs/train", "run directory: checkpoints, metrics.jsonl, TensorBoard logs")
@@ -119,6 +122,9 @@ class TrainConfig:
         need(not (self.lock_image and self.lock_text), "lock_text", "cannot be set together with lock_image")
         need(self.batch_size % self.accum_steps == 0, "accum_steps", f"must divide batch_size={self.batch_size}")
         need(isinstance(self.eval_zeroshot, list), "eval_zeroshot", "must be a list of data URIs")
+        for name in ("model", "pretrained"):
+            need(isinstance(getattr(self, name), str), name, "must be a string")
+        need(bool(self.model.strip()), "model", "must name a preset, a checkpoint or pretrained weights")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TrainConfig:

@@ -105,7 +105,8 @@ def _device(name: str, local_rank: int) -> torch.device:
 
 
 def build_model(config: TrainConfig, source: Any) -> tuple[nn.Module, Callable, Callable]:
-    """(model, preprocess, tokenizer) to train: a checkpoint as it is, or a fresh preset whose
+    """(model, preprocess, tokenizer) to train: a checkpoint or released weights (``model`` and
+    ``pretrained``, any name `clipforge.load` takes) as they are, or a fresh preset whose
     vocabulary is a BPE trained on the data's captions when the preset has none of its own."""
     from clipforge.checkpoints import is_preset, load
     from clipforge.data.batches import captions_of
@@ -115,7 +116,8 @@ def build_model(config: TrainConfig, source: Any) -> tuple[nn.Module, Callable, 
     from clipforge.transforms import image_transform
 
     tokenizer = Tokenizer.from_dir(config.tokenizer) if config.tokenizer else None
-    if is_preset(config.model):
+    pretrained = config.pretrained or None
+    if pretrained is None and is_preset(config.model):
         cfg = get_config(config.model)
         if tokenizer is None and cfg.text.vocab_size != OPENAI_VOCAB_SIZE:  # no OpenAI BPE to use: train one
             captions = captions_of(source, 20_000)
@@ -135,10 +137,11 @@ def build_model(config: TrainConfig, source: Any) -> tuple[nn.Module, Callable, 
 
             tokenizer = load_tokenizer(context_length=cfg.text.context_length)
         return model, preprocess, tokenizer
-    model, _, loaded_tok = load(config.model)
+    model, _, loaded_tok = load(config.model, pretrained=pretrained)
     tokenizer = tokenizer or loaded_tok
     if tokenizer is None:
-        raise ValueError(f"{config.model} has no tokenizer of its own: pass --tokenizer DIR")
+        named = config.model if pretrained is None else f"{config.model} --pretrained {pretrained}"
+        raise ConfigError(f"{named} has no tokenizer of its own: pass --tokenizer DIR")
     vision = model.config.vision
     preprocess = image_transform(vision.image_size, mean=vision.mean, std=vision.std, train=config.augment)
     model.train()
@@ -276,8 +279,8 @@ def train(config: TrainConfig, *, extend_schedule: bool = False) -> dict[str, An
             if precision_note:
                 warnings.warn(precision_note, stacklevel=2)
             _warn_small_data(config, source)
-        # a resumed run takes model and tokenizer from its checkpoint
-        start_from = config.replace(model=str(resume_from)) if resume_from else config
+        # a resumed run takes model and tokenizer from its checkpoint (its config keeps the names it started from)
+        start_from = config.replace(model=str(resume_from), pretrained="") if resume_from else config
         model, preprocess, tokenizer = build_model(start_from, source)
         model.to(device)
         if config.lock_image or config.lock_text:
