@@ -150,3 +150,9 @@ def test_bad_names_are_one_line(entries, tokenizer_dir, tmp_path, capsys, model,
     err = capsys.readouterr().err
     assert err.startswith("clipforge eval: error: ") and len(err.strip().splitlines()) == 1
     assert message in err, err
+
+
+def test_a_long_pattern_that_matches_nothing_is_shortened_in_the_message(caches, capsys):
+    assert main(["models", "x" * 1200]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no pretrained model matches 'xxx" in err and "..." in err and len(err) < 250

@@ -197,3 +197,11 @@ def test_the_grammar_is_written_where_users_read_it():
         for form in ("hf-hub:", "pretrained=", "@", "ViT-B-32:openai"):
             assert form in doc
         assert re.search(r"existing (local )?path.*then a registry name", " ".join(doc.split()))
+
+
+@pytest.mark.parametrize("missing", ["/no/such/dir/weights.pt", "weights.safetensors", "sub/dir/model"])
+def test_a_missing_weights_file_is_named_as_such(missing):
+    with pytest.raises(UnknownModelError) as err:
+        resolve("ViT-B-32", pretrained=missing)
+    message = str(err.value)
+    assert message.startswith(f"pretrained={missing!r}: no such file") and "\n" not in message

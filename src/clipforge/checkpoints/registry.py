@@ -410,6 +410,9 @@ def _repo(text: str, given: str) -> tuple[str, str | None]:
     return match["repo"], match["revision"]
 
 
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
 def resolve(name: str | Path, pretrained: str | Path | None = None) -> Resolved:
     """What ``name`` (and ``pretrained``) mean, by the grammar and precedence of the module notes.
 
@@ -426,6 +429,9 @@ def resolve(name: str | Path, pretrained: str | Path | None = None) -> Resolved:
             if arch not in PRESETS:
                 raise _unknown_architecture(arch, text)
             return Resolved("weights", f"{text}:{pretrained}", path=Path(pretrained), architecture=text)
+        if Path(pretrained).suffix in _WEIGHT_SUFFIXES or any(sep in str(pretrained) for sep in ("/", "\\")):
+            raise UnknownModelError(f"pretrained={str(pretrained)!r}: no such file (a weights file for {text}, "
+                                    "or a pretrained tag; `clipforge models` lists the tags)")
         entry = _pretrained_entry(text, str(pretrained), f"{text} --pretrained {pretrained}")
         return Resolved("pretrained", entry.name, entry=entry)
     if Path(text).exists():

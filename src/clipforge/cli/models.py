@@ -78,7 +78,8 @@ def run_models(args: argparse.Namespace) -> int:
     pattern = args.pattern or args.filter
     entries = list_pretrained(pattern)
     if not entries:
-        raise CommandError(f"no pretrained model matches {pattern!r}; `clipforge models` lists them all")
+        shown = pattern if len(pattern) <= 80 else pattern[:77] + "..."
+        raise CommandError(f"no pretrained model matches {shown!r}; `clipforge models` lists them all")
     rows = [_row(e, is_cached(e)) for e in entries]
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
