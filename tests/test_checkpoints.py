@@ -285,7 +285,7 @@ NOT_CHECKPOINTS = {
     "directory without config": (lambda t: _downloads(t), "not a checkpoint directory (no config.json or "
                                  "open_clip_config.json; it holds 2 entries (ViT.pt, notes.txt)); give a weights file"),
     "directory of another model": (lambda t: _hf_directory_of(t, "bert"), "describes a Hugging Face 'bert' model"),
-    "directory of SigLIP": (lambda t: _hf_directory_of(t, "siglip"), "'siglip' model (its model_type), not CLIP"),
+    "directory of BLIP": (lambda t: _hf_directory_of(t, "blip"), "'blip' model (its model_type), not CLIP or SigLIP"),
 }
 
 

@@ -57,6 +57,7 @@ from torch import Tensor
 from clipforge.checkpoints._errors import CheckpointError, few
 from clipforge.checkpoints._files import read_json, read_tensors, write_tensors
 from clipforge.checkpoints.configs import (
+    HF_MODEL_TYPES,
     config_from_hf,
     config_from_openclip,
     config_to_hf,
@@ -142,9 +143,9 @@ def _read_directory(directory: Path) -> Checkpoint:
         raise _not_a_checkpoint_directory(directory)
     data = read_json(directory / CONFIG_FILE)
     model_type = data.get("model_type")
-    if isinstance(model_type, str) and model_type != "clip":  # SigLIP, BLIP, ... also have a vision_config
+    if isinstance(model_type, str) and model_type not in HF_MODEL_TYPES:  # BLIP, ... also have a vision_config
         raise CheckpointError(f"{directory / CONFIG_FILE}: describes a Hugging Face {model_type!r} model "
-                              "(its model_type), not CLIP; clipforge reads CLIP models only")
+                              "(its model_type), not CLIP or SigLIP, the models clipforge reads")
     if data.get("format") == "clipforge":
         try:
             config = CLIPConfig.from_dict(data["model"])
@@ -152,7 +153,7 @@ def _read_directory(directory: Path) -> Checkpoint:
             raise CheckpointError(f"{directory / CONFIG_FILE}: invalid clipforge config: {err}") from err
         state = read_tensors(directory / WEIGHTS_FILE)[0]
         return Checkpoint(config, state, directory / WEIGHTS_FILE, "clipforge", tokenizer_dir)
-    if data.get("model_type") == "clip" or "vision_config" in data:
+    if model_type in HF_MODEL_TYPES or "vision_config" in data:
         pre = directory / "preprocessor_config.json"
         config = config_from_hf(data, read_json(pre) if pre.is_file() else None, directory / CONFIG_FILE)
         state = from_hf(_read_hf_weights(directory))

@@ -3,8 +3,9 @@
 The modules form a one-way chain, each importing only those before it:
 
 - `config`: the dataclass configs, the presets, OpenAI's constants and the input-shape check;
-- `transformer`: the pre-LN Transformer both towers share, with a hook for a faster pooled path;
-- the towers: `vision` (ViT), `resnet` (OpenAI's modified ResNet) and `text`;
+- `transformer`: the pre-LN Transformer every tower shares, with a hook for a faster path;
+- the towers: `vision` (ViT), `resnet` (OpenAI's modified ResNet), `text`, and `siglip` (SigLIP's
+  attention-pooled ViT and non-causal text tower);
 - `_inference`: the packed fp32 CPU path, which fills the towers' hooks;
 - `clip`: the composed `CLIP`, whose ``optimize_for_inference`` calls `_inference`.
 """
@@ -12,6 +13,7 @@ The modules form a one-way chain, each importing only those before it:
 from clipforge.model.clip import CLIP
 from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig, get_config, list_presets
 from clipforge.model.resnet import ModifiedResNet
+from clipforge.model.siglip import SigLipTextTransformer, SigLipVisionTransformer
 from clipforge.model.text import TextTransformer
 from clipforge.model.vision import VisionTransformer
 
@@ -25,4 +27,6 @@ __all__ = [
     "VisionTransformer",
     "ModifiedResNet",
     "TextTransformer",
+    "SigLipVisionTransformer",
+    "SigLipTextTransformer",
 ]

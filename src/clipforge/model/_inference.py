@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clipforge.model.siglip import SigLipTextTransformer, SigLipVisionTransformer
 from clipforge.model.text import TextTransformer
 from clipforge.model.transformer import ResidualAttentionBlock, Transformer
 from clipforge.model.vision import VisionTransformer
@@ -165,7 +166,10 @@ class _PackedBlock:
         """`ResidualAttentionBlock.forward` on x [B*L, D] (rows of each sequence together)."""
         H, D = self.heads, self.width
         h = self._ln(self.block.ln_1, x)
-        qkv = self.qkv(h)  # [B*L, 3D]
+        if hasattr(self, "qkv"):
+            qkv = self.qkv(h)  # [B*L, 3D]
+        else:  # a last block, packed for one query row, run on every row (Transformer.forward)
+            qkv = torch.cat([self.q(h), self.kv(h)], dim=1)  # [B*L, 3D]
         q, k, v = qkv.view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, L, D/H]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # [B, H, L, D/H]
         y = y.transpose(1, 2).reshape(B * L, D)  # [B*L, D]
@@ -209,17 +213,26 @@ class PackedTransformer(_Packed):
             x = block.forward(x, B, L, causal)
         return last.forward_query(x, B, L, index, causal)
 
+    def forward(self, x: Tensor, *, causal: bool) -> Tensor:
+        """[B, L, D] -> [B, L, D], as `Transformer.forward` (SigLIP's image tower reads every token)."""
+        self.refresh()
+        B, L, D = x.shape
+        x = x.reshape(B * L, D)
+        for block in self.blocks:
+            x = block.forward(x, B, L, causal)
+        return x.view(B, L, D)
+
 
 class PackedPatchEmbedding(_Packed):
-    """The ViT's bias-free patch convolution (stride = kernel) as one matrix multiply."""
+    """The ViT's patch convolution (stride = kernel; OpenAI's without bias, SigLIP's with) as one matrix multiply."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
         self.conv = conv
-        super().__init__([self.conv.weight])
+        super().__init__([p for p in (conv.weight, conv.bias) if p is not None])
 
     def _pack(self) -> None:
         w = self.conv.weight  # [D, 3, P, P]
-        self.linear = _Linear(w.reshape(w.shape[0], -1), None)
+        self.linear = _Linear(w.reshape(w.shape[0], -1), self.conv.bias)
 
     def applies(self, images: Tensor) -> bool:
         return applies(images)
@@ -230,7 +243,8 @@ class PackedPatchEmbedding(_Packed):
         B, C, S, _ = images.shape
         P = self.conv.kernel_size[0]
         g = S // P
-        patches = images.view(B, C, g, P, g, P).permute(0, 2, 4, 1, 3, 5)  # [B, g, g, C, P, P]
+        images = images[:, :, : g * P, : g * P]  # what the convolution sees: a remainder of S / P is dropped
+        patches = images.reshape(B, C, g, P, g, P).permute(0, 2, 4, 1, 3, 5)  # [B, g, g, C, P, P]
         x = self.linear(patches.reshape(B * g * g, C * P * P))  # [B*g*g, D]
         return x.view(B, g * g, -1)
 
@@ -238,10 +252,11 @@ class PackedPatchEmbedding(_Packed):
 def install(tower: nn.Module, *, enable: bool = True) -> None:
     """Fills a tower's hooks with packed copies of its weights, or empties them (``enable=False``).
 
-    The text tower and a ViT hold a `Transformer` (``_packed``); a ViT also its patch convolution
-    (``_packed_patches``).  A ResNet image tower has no hook and is left as it is.
+    The text towers and the ViTs (CLIP's and SigLIP's) hold a `Transformer` (``_packed``); a ViT
+    also its patch convolution (``_packed_patches``).  A ResNet image tower has no hook and is
+    left as it is; so is SigLIP's attention-pooling head (one query row: nothing to gain).
     """
-    if isinstance(tower, VisionTransformer):
+    if isinstance(tower, (VisionTransformer, SigLipVisionTransformer)):
         tower._packed_patches = PackedPatchEmbedding(tower.conv1) if enable else None
-    if isinstance(tower, (VisionTransformer, TextTransformer)):
+    if isinstance(tower, (VisionTransformer, SigLipVisionTransformer, TextTransformer, SigLipTextTransformer)):
         tower.transformer._packed = PackedTransformer(tower.transformer) if enable else None

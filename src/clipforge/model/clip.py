@@ -3,7 +3,9 @@
     model = CLIP(get_config("ViT-B-32"))
     image_features, text_features, logit_scale = model(images, tokens)  # normalised features
     logits = logit_scale * image_features @ text_features.T
+    logits = model.logits(image_features, text_features)  # the same, plus SigLIP's bias if it has one
 
+The same class holds SigLIP's towers when the config asks for them (`clipforge.model.siglip`).
 The loss lives in `clipforge.loss`; the model only returns features.
 """
 
@@ -18,6 +20,7 @@ from clipforge.loss import LogitScale
 from clipforge.model import _inference
 from clipforge.model.config import CLIPConfig
 from clipforge.model.resnet import ModifiedResNet
+from clipforge.model.siglip import SigLipTextTransformer, SigLipVisionTransformer
 from clipforge.model.text import TextTransformer
 from clipforge.model.vision import VisionTransformer
 
@@ -27,16 +30,22 @@ __all__ = ["CLIP"]
 class CLIP(nn.Module):
     """Contrastive language-image model (Radford et al., 2021).
 
-    Submodules: ``visual`` (a `VisionTransformer` or `ModifiedResNet`), ``text`` (a
-    `TextTransformer`) and ``logit_scale`` (a `LogitScale`).
+    Submodules: ``visual`` (a `VisionTransformer`, `ModifiedResNet` or, for SigLIP,
+    `SigLipVisionTransformer`), ``text`` (a `TextTransformer`, or SigLIP's
+    `SigLipTextTransformer`) and ``logit_scale`` (a `LogitScale`, with SigLIP's bias).
     """
 
     def __init__(self, config: CLIPConfig) -> None:
         super().__init__()
         self.config = config
-        tower = ModifiedResNet if config.vision.is_resnet else VisionTransformer
-        self.visual = tower(config.vision, config.embed_dim)
-        self.text = TextTransformer(config.text, config.embed_dim)
+        if config.vision.is_resnet:
+            self.visual: nn.Module = ModifiedResNet(config.vision, config.embed_dim)
+        elif config.vision.pool == "map":
+            self.visual = SigLipVisionTransformer(config.vision, config.embed_dim)
+        else:
+            self.visual = VisionTransformer(config.vision, config.embed_dim)
+        text = SigLipTextTransformer if config.text.pool == "last" else TextTransformer
+        self.text = text(config.text, config.embed_dim)
         self.logit_scale = LogitScale(config.init_logit_scale, init_bias=config.init_logit_bias)
 
     @property
@@ -64,6 +73,14 @@ class CLIP(nn.Module):
             self.encode_text(tokens, normalize=True),
             self.logit_scale(),
         )
+
+    def logits(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        """Scores [N_images, N_texts]: scale * cosine similarity, plus the learned bias if the
+        model has one (SigLIP, whose sigmoid of each score is a probability)."""
+        cos = F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T
+        logits = self.logit_scale() * cos
+        bias = self.logit_scale.bias
+        return logits if bias is None else logits + bias
 
     def optimize_for_inference(self, enable: bool = True) -> CLIP:
         """Faster fp32 CPU inference with the same outputs (within fp32 rounding); returns self.

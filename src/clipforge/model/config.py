@@ -2,11 +2,18 @@
 
 A `CLIPConfig` holds an image-tower config (`VisionConfig`: a Vision Transformer, or OpenAI's
 modified ResNet when ``patch_size`` is None), a text-tower config (`TextConfig`) and the size
-of the shared embedding.  ``to_dict``/``from_dict`` round-trip through JSON and reject unknown
-keys by name.  The presets carry the published shapes of OpenAI's nine CLIP models (Radford et
-al., 2021, Tables 19-20; github.com/openai/CLIP ``clip/model.py`` ``build_model``) and of
-OpenCLIP's LAION-2B flagships ViT-H/14, ViT-g/14 and ViT-bigG/14 (open_clip ``model_configs/``):
-the same tensor names and shapes as OpenCLIP's model of the same name.
+of the shared embedding.  Each tower comes in two families, chosen by its ``pool``: CLIP's
+(a ViT read at its class token; a causal text tower read at the end-of-text token) and
+SigLIP's (a ViT without class token, pooled by a multi-head attention-pooling head; a
+non-causal text tower read at its last position), as `clipforge.model.siglip` builds them.
+``to_dict``/``from_dict`` round-trip through JSON and reject unknown keys by name.
+
+The presets carry the published shapes of OpenAI's nine CLIP models (Radford et al., 2021,
+Tables 19-20; github.com/openai/CLIP ``clip/model.py`` ``build_model``) and of OpenCLIP's
+LAION-2B flagships ViT-H/14, ViT-g/14 and ViT-bigG/14 (open_clip ``model_configs/``): the
+same tensor names and shapes as OpenCLIP's model of the same name.  The SigLIP and SigLIP 2
+presets (Zhai et al., 2023; Tschannen et al., 2025) carry the shapes of OpenCLIP's
+``ViT-*-SigLIP*`` models of the same name, whose tensors `clipforge.checkpoints.names` renames.
 
 OpenAI's vocabulary size (``OPENAI_VOCAB_SIZE``) is defined here; its pixel statistics, the
 default ``mean`` and ``std``, come from `clipforge.transforms` (``OPENAI_MEAN``, ``OPENAI_STD``).
@@ -18,7 +25,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from clipforge.loss import CLIP_INIT_SCALE
+from clipforge.loss import CLIP_INIT_SCALE, SIGLIP_INIT_BIAS, SIGLIP_INIT_SCALE
 from clipforge.transforms import OPENAI_MEAN, OPENAI_STD
 
 if TYPE_CHECKING:
@@ -26,9 +33,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACTIVATIONS",
+    "FAMILIES",
+    "TEXT_POOLS",
+    "VISION_POOLS",
     "OPENAI_CONTEXT_LENGTH",
     "OPENAI_VOCAB_SIZE",
     "QUICKGELU_SUFFIX",
+    "SIGLIP_CONTEXT_LENGTH",
+    "SIGLIP_MEAN",
+    "SIGLIP_STD",
+    "SIGLIP_VOCAB_SIZE",
+    "SIGLIP2_VOCAB_SIZE",
     "VisionConfig",
     "TextConfig",
     "CLIPConfig",
@@ -38,7 +53,19 @@ __all__ = [
     "list_presets",
 ]
 
-ACTIVATIONS = ("gelu", "quick_gelu")
+# MLP activations: exact (erf) GELU, OpenAI's QuickGELU x*sigmoid(1.702x), and GELU's tanh
+# approximation (Hendrycks & Gimpel, 2016, section 2), SigLIP's (big_vision trains with
+# jax.nn.gelu, tanh by default; transformers calls it "gelu_pytorch_tanh", timm "gelu_tanh").
+ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
+# How each tower reads one vector out of its tokens, and with it the tower's family:
+# "class": OpenAI's ViT (class token, ln_pre, bias-free patch convolution, projection);
+# "map": SigLIP's ViT (no class token, no ln_pre, patch convolution with bias, attention-pooling head, no projection).
+VISION_POOLS = ("class", "map")
+# "eot": causal, read at the end-of-text token, projection matrix (CLIP);
+# "last": non-causal, read at the last position, linear head with bias (SigLIP).
+TEXT_POOLS = ("eot", "last")
+# The model families, as `list_presets` groups them: CLIP's towers, SigLIP's towers.
+FAMILIES = ("clip", "siglip")
 # Token ids of OpenAI's BPE (clip/simple_tokenizer.py): 256 byte symbols, the same with "</w>",
 # 48,894 merges, start and end of text; the vocab_size of every OpenAI text tower (build_model).
 OPENAI_VOCAB_SIZE = 49408
@@ -46,6 +73,16 @@ OPENAI_VOCAB_SIZE = 49408
 OPENAI_CONTEXT_LENGTH = 77
 # OpenCLIP's suffix for a model's QuickGELU variant ("ViT-B-32-quickgelu").
 QUICKGELU_SUFFIX = "-quickgelu"
+# SigLIP's text: a 32,000-piece SentencePiece vocabulary and 64 positions (big_vision's SigLIP
+# configs; open_clip model_configs/ViT-B-16-SigLIP.json); SigLIP 2 uses Gemma's 256,000 pieces
+# (model_configs/ViT-B-16-SigLIP2.json).
+SIGLIP_VOCAB_SIZE = 32000
+SIGLIP2_VOCAB_SIZE = 256000
+SIGLIP_CONTEXT_LENGTH = 64
+# SigLIP's pixels are scaled to [-1, 1]: mean and std 0.5 per channel (open_clip's pretrained
+# configs for its SigLIP models, transformers' SiglipImageProcessor).
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
 def _mlp_width(width: int, mlp_ratio: float) -> int:
@@ -74,6 +111,11 @@ def _positive_float(owner: str, name: str, value: Any) -> None:
 def _check_activation(owner: str, value: Any) -> None:
     if value not in ACTIVATIONS:
         raise ValueError(f"{owner}.act must be one of {ACTIVATIONS}, got {value!r}")
+
+
+def _check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}.{name} must be one of {choices}, got {value!r}")
 
 
 def _check_mlp_width(owner: str, width: int, mlp_ratio: float) -> None:
@@ -111,6 +153,7 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5  # every LayerNorm of the tower (1e-5 in OpenAI, OpenCLIP, HF)
     mean: tuple[float, float, float] = OPENAI_MEAN  # preprocessing: per-channel mean
     std: tuple[float, float, float] = OPENAI_STD  # preprocessing: per-channel std
+    pool: str = "class"  # ViT family (VISION_POOLS): "class" OpenAI's, "map" SigLIP's attention-pooled
 
     def __post_init__(self) -> None:
         owner = "VisionConfig"
@@ -124,7 +167,10 @@ class VisionConfig:
         _positive_float(owner, "mlp_ratio", self.mlp_ratio)
         _positive_float(owner, "layer_norm_eps", self.layer_norm_eps)
         _check_activation(owner, self.act)
+        _check_choice(owner, "pool", self.pool, VISION_POOLS)
         if self.patch_size is None:  # modified ResNet
+            if self.pool != "class":
+                raise ValueError(f"{owner}.pool={self.pool!r} needs a ViT (patch_size), not a ResNet (patch_size=None)")
             if not (isinstance(self.layers, tuple) and len(self.layers) == 4):
                 raise ValueError(
                     f"{owner}.layers must be 4 stage depths for a ResNet (patch_size=None), "
@@ -145,11 +191,15 @@ class VisionConfig:
         else:
             _positive_int(owner, "patch_size", self.patch_size)
             _positive_int(owner, "layers", self.layers)
-            if self.image_size % self.patch_size:
+            # SigLIP's so400m/14 at 384 pixels (google/siglip-so400m-patch14-384) sees a 27x27 grid:
+            # its convolution drops the last 384 - 27*14 = 6 rows and columns, as in transformers and timm.
+            if self.pool == "class" and self.image_size % self.patch_size:
                 raise ValueError(
                     f"{owner}.image_size={self.image_size} must be a multiple of "
                     f"patch_size={self.patch_size}"
                 )
+            if self.image_size < self.patch_size:
+                raise ValueError(f"{owner}.image_size={self.image_size} is smaller than patch_size={self.patch_size}")
             if self.width % self.heads:
                 raise ValueError(f"{owner}.heads={self.heads} must divide width={self.width}")
             _check_mlp_width(owner, self.width, self.mlp_ratio)
@@ -163,6 +213,13 @@ class VisionConfig:
     @property
     def is_resnet(self) -> bool:
         return self.patch_size is None
+
+    @property
+    def grid(self) -> int:
+        """Patches along each side of a ViT's input (the convolution drops any remainder)."""
+        if self.patch_size is None:
+            raise ValueError("a ResNet image tower has no patch grid")
+        return self.image_size // self.patch_size
 
     @property
     def mlp_width(self) -> int:
@@ -182,7 +239,8 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """The text tower: a causal Transformer read out at the end-of-text token."""
+    """The text tower: a causal Transformer read out at the end-of-text token (CLIP), or a
+    non-causal one read out at its last position (SigLIP)."""
 
     context_length: int = OPENAI_CONTEXT_LENGTH  # positions, start and end of text included
     vocab_size: int = OPENAI_VOCAB_SIZE  # token ids; the end-of-text id must be the largest one used
@@ -192,6 +250,7 @@ class TextConfig:
     mlp_ratio: float = 4.0  # MLP hidden width / width
     act: str = "gelu"  # MLP activation: "gelu" or "quick_gelu"
     layer_norm_eps: float = 1e-5  # every LayerNorm of the tower
+    pool: str = "eot"  # family (TEXT_POOLS): "eot" CLIP's causal tower, "last" SigLIP's non-causal one
 
     def __post_init__(self) -> None:
         owner = "TextConfig"
@@ -200,6 +259,7 @@ class TextConfig:
         _positive_float(owner, "mlp_ratio", self.mlp_ratio)
         _positive_float(owner, "layer_norm_eps", self.layer_norm_eps)
         _check_activation(owner, self.act)
+        _check_choice(owner, "pool", self.pool, TEXT_POOLS)
         if self.width % self.heads:
             raise ValueError(f"{owner}.heads={self.heads} must divide width={self.width}")
         _check_mlp_width(owner, self.width, self.mlp_ratio)
@@ -242,6 +302,16 @@ class CLIPConfig:
             isinstance(self.init_logit_bias, (int, float)) and math.isfinite(self.init_logit_bias)
         ):
             raise ValueError(f"{owner}.init_logit_bias must be a finite number or None")
+        if self.vision.pool == "map" and self.embed_dim != self.vision.width:
+            raise ValueError(
+                f"{owner}.embed_dim={self.embed_dim} must equal vision.width={self.vision.width}: an "
+                "attention-pooled image tower (pool='map') has no projection"
+            )
+
+    @property
+    def family(self) -> str:
+        """"siglip" for SigLIP's attention-pooled image tower, else "clip" (`FAMILIES`)."""
+        return "siglip" if self.vision.pool == "map" else "clip"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -294,6 +364,46 @@ def _resnet(embed_dim: int, image: int, layers: tuple[int, int, int, int], width
     return CLIPConfig(embed_dim=embed_dim, vision=vision, text=_openai_text(text_width))
 
 
+def _siglip(image: int, patch: int, width: int, layers: int, heads: int, *, mlp_ratio: float = 4.0,
+            vocab_size: int = SIGLIP_VOCAB_SIZE, context_length: int = SIGLIP_CONTEXT_LENGTH) -> CLIPConfig:
+    # SigLIP's text tower has its image tower's width, depth, heads and MLP (big_vision's "So400m"
+    # and B/L configs; open_clip model_configs/ViT-*-SigLIP*.json), LayerNorm eps 1e-6 and the
+    # tanh GELU in both towers, as trained in big_vision and run by transformers (OpenCLIP's
+    # SigLIP 1 configs run exact GELU instead; an OpenCLIP directory loads with its own config).
+    # Initial scale and bias: the SigLIP paper's (clipforge.loss).
+    common = dict(width=width, layers=layers, heads=heads, mlp_ratio=mlp_ratio, act="gelu_tanh", layer_norm_eps=1e-6)
+    vision = VisionConfig(image_size=image, patch_size=patch, mean=SIGLIP_MEAN, std=SIGLIP_STD, pool="map", **common)
+    text = TextConfig(context_length=context_length, vocab_size=vocab_size, pool="last", **common)
+    return CLIPConfig(embed_dim=width, vision=vision, text=text, init_logit_scale=SIGLIP_INIT_SCALE,
+                      init_logit_bias=SIGLIP_INIT_BIAS)
+
+
+def _siglip_presets() -> dict[str, CLIPConfig]:
+    """SigLIP's released sizes (OpenCLIP's names and model_configs/, timm's vit_*_siglip_* towers).
+
+    B/16 (12 heads of 64), L/16 (16 of 64) and So400m/14 (16 of 72, MLP ratio 3.7362 -> 4304), each
+    at the resolutions released; SigLIP 2's fixed-resolution models have the same towers with
+    Gemma's vocabulary (and so400m/16, B/32 sizes).  So400m/14 at 224 reads 16 text positions.
+    """
+    b16, l16 = (16, 768, 12, 12), (16, 1024, 24, 16)
+    so14, so16 = (14, 1152, 27, 16), (16, 1152, 27, 16)
+    so = {"mlp_ratio": 3.7362}
+    v2 = {"vocab_size": SIGLIP2_VOCAB_SIZE}
+    presets = {"ViT-B-16-SigLIP": _siglip(224, *b16)}
+    presets |= {f"ViT-B-16-SigLIP-{size}": _siglip(size, *b16) for size in (256, 384, 512)}
+    presets |= {f"ViT-L-16-SigLIP-{size}": _siglip(size, *l16) for size in (256, 384)}
+    presets["ViT-SO400M-14-SigLIP"] = _siglip(224, *so14, context_length=16, **so)
+    presets |= {f"ViT-SO400M-14-SigLIP-{size}": _siglip(size, *so14, **so) for size in (378, 384)}
+    presets["ViT-B-16-SigLIP2"] = _siglip(224, *b16, **v2)
+    presets |= {f"ViT-B-16-SigLIP2-{size}": _siglip(size, *b16, **v2) for size in (256, 384, 512)}
+    presets["ViT-B-32-SigLIP2-256"] = _siglip(256, 32, 768, 12, 12, **v2)
+    presets |= {f"ViT-L-16-SigLIP2-{size}": _siglip(size, *l16, **v2) for size in (256, 384, 512)}
+    presets["ViT-SO400M-14-SigLIP2"] = _siglip(224, *so14, **so, **v2)
+    presets["ViT-SO400M-14-SigLIP2-378"] = _siglip(378, *so14, **so, **v2)
+    presets |= {f"ViT-SO400M-16-SigLIP2-{size}": _siglip(size, *so16, **so, **v2) for size in (256, 384, 512)}
+    return presets
+
+
 PRESETS: dict[str, CLIPConfig] = {
     # A few million parameters for CPU training on 64x64 images and short captions.  The image
     # tower is OpenAI's modified ResNet at width 8: on shapes:// it learns to tell shapes apart
@@ -328,24 +438,29 @@ PRESETS: dict[str, CLIPConfig] = {
     "ViT-H-14": _vit(1024, 224, 14, 1280, 32, 1024, head_width=80, text_layers=24),
     "ViT-g-14": _vit(1024, 224, 14, 1408, 40, 1024, head_width=88, mlp_ratio=4.3637, text_layers=24),
     "ViT-bigG-14": _vit(1280, 224, 14, 1664, 48, 1280, head_width=104, mlp_ratio=4.9231, text_layers=32),
+    **_siglip_presets(),
 }
 
 
-def list_presets() -> list[str]:
-    """The preset names; each also exists with a ``-quickgelu`` suffix (OpenCLIP's naming)."""
-    return list(PRESETS)
+def list_presets(family: str = "clip") -> list[str]:
+    """The preset names of one model family (`FAMILIES`: "clip" or "siglip").
+
+    Each CLIP preset also exists with a ``-quickgelu`` suffix (OpenCLIP's naming); every name
+    here is also a key of `PRESETS`, which holds both families.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+    return [name for name, config in PRESETS.items() if config.family == family]
 
 
 def get_config(name: str) -> CLIPConfig:
     """The preset called ``name``; a ``-quickgelu`` suffix switches both towers to QuickGELU.
 
-    Presets use GELU (faster, and what OpenCLIP trains with); OpenAI's released weights were
-    trained with QuickGELU, which loading those weights sets by itself.
+    CLIP presets use GELU (faster, and what OpenCLIP trains with); OpenAI's released weights were
+    trained with QuickGELU, which loading those weights sets by itself.  SigLIP presets use the
+    tanh GELU their weights were trained with.
     """
-    act = "gelu"
-    base = name
-    if name.endswith(QUICKGELU_SUFFIX):
-        base, act = name[: -len(QUICKGELU_SUFFIX)], "quick_gelu"
+    base = name.removesuffix(QUICKGELU_SUFFIX)
     if base not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
-    return PRESETS[base].with_activation(act)
+    return PRESETS[base].with_activation("quick_gelu") if base != name else PRESETS[base]

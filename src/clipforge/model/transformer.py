@@ -1,4 +1,4 @@
-"""The pre-LayerNorm Transformer shared by both towers.
+"""The pre-LayerNorm Transformer shared by every tower.
 
 Parameter names follow OpenAI's CLIP (``clip/model.py``), which used ``nn.MultiheadAttention``:
 ``attn.in_proj_weight`` (q, k and v stacked), ``attn.in_proj_bias``, ``attn.out_proj``,
@@ -9,8 +9,8 @@ Both towers read one token out of the last block (the class token, or the end-of
 so `Transformer.forward_pooled` runs the last block for that token only: keys and values for
 every position, queries and the MLP for one.  The result equals the full forward at that token.
 
-A faster path for `forward_pooled` can be plugged in from outside: anything with the
-`PooledPath` interface, held in ``Transformer._packed``.  `CLIP.optimize_for_inference` fills it
+A faster path for `forward_pooled` (and `forward`) can be plugged in from outside: anything with
+the `PooledPath` interface, held in ``Transformer._packed``.  `CLIP.optimize_for_inference` fills it
 with ``_inference.PackedTransformer`` (fp32 on the CPU); this module does not know that kind.
 """
 
@@ -42,12 +42,15 @@ class QuickGELU(nn.Module):
 
 
 def make_activation(name: str) -> nn.Module:
-    """The MLP activation called ``name``: "gelu" (exact, erf-based) or "quick_gelu"."""
+    """The MLP activation called ``name``: "gelu" (exact, erf-based), "quick_gelu" or "gelu_tanh"
+    (GELU's tanh approximation, SigLIP's: transformers' "gelu_pytorch_tanh", timm's "gelu_tanh")."""
     if name == "gelu":
         return nn.GELU()
     if name == "quick_gelu":
         return QuickGELU()
-    raise ValueError(f"unknown activation {name!r}; expected 'gelu' or 'quick_gelu'")
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    raise ValueError(f"unknown activation {name!r}; expected 'gelu', 'quick_gelu' or 'gelu_tanh'")
 
 
 class Attention(nn.Module):
@@ -139,6 +142,10 @@ class PooledPath(Protocol):
         """[B, L, D] -> [B, D], as `Transformer.forward_pooled`."""
         ...
 
+    def forward(self, x: Tensor, *, causal: bool) -> Tensor:
+        """[B, L, D] -> [B, L, D], as `Transformer.forward`."""
+        ...
+
 
 class Transformer(nn.Module):
     """A stack of pre-LN residual attention blocks (``resblocks``)."""
@@ -151,7 +158,7 @@ class Transformer(nn.Module):
             for _ in range(layers)
         )
         self.grad_checkpointing = False
-        self._packed: PooledPath | None = None  # a faster forward_pooled, installed from outside
+        self._packed: PooledPath | None = None  # a faster forward(_pooled), installed from outside
         self.init_weights()
 
     @classmethod
@@ -187,7 +194,12 @@ class Transformer(nn.Module):
         return fn(*args)
 
     def forward(self, x: Tensor, *, causal: bool = False) -> Tensor:
-        """Every position through every block: [B, L, D] -> [B, L, D]."""
+        """Every position through every block: [B, L, D] -> [B, L, D].
+
+        Runs through ``self._packed`` when one is installed and applies to ``x``.
+        """
+        if self._packed is not None and self._packed.applies(x):
+            return self._packed.forward(x, causal=causal)
         for block in self.resblocks:
             x = self._run(block, x, causal)
         return x
