@@ -254,3 +254,16 @@ def test_retrieval_on_pairs_and_generated_shapes(workspace, tmp_path, kind):
     text_features = embed_texts(model, tokenizer, captions, progress=False)
     expected = retrieval_metrics(image_features, text_features, list(range(len(images))), ks=(1, 3))
     assert_close_dict(extra["metrics"], expected)
+
+
+@pytest.mark.parametrize("name, count", [("zh", 16), ("zh-single", 1)])
+def test_chinese_template_sets_are_shipped_and_fill_chinese_class_names(name, count):
+    from clipforge.templates import builtin_templates, load_templates
+    from clipforge.zeroshot import expand_prompts
+
+    assert name in builtin_templates()
+    templates = load_templates(name)
+    prompts, owners = expand_prompts(["红色的猫", "狗"], templates)
+    assert len(prompts) == 2 * count and owners == [0] * count + [1] * count
+    assert prompts[0] == "一张红色的猫的照片。" and all("{" not in p for p in prompts)
+    assert all(any("\u4e00" <= ch <= "\u9fff" for ch in p) for p in prompts)

@@ -56,8 +56,9 @@ def add_parser(subparsers: Any) -> None:
                           "a JSON object class (folder) name → class name, or a text file with one name per line "
                           "(default: the data's, e.g. the folder names)")
     zeroshot.add_argument("--templates", metavar="NAME|FILE",
-                          help="a shipped template set (default, single) or a JSON template file "
-                          "(default: the data's own prompts, as shapes:// and digits:// have; else default)")
+                          help="a shipped template set (English: default, single; Chinese: zh, zh-single) or a JSON "
+                          "template file (default: the data's own prompts, as shapes:// and digits:// have; "
+                          "else default)")
     zeroshot.add_argument("--topk", metavar="K", type=positive_int, nargs="+", default=[1, 5],
                           help="top-k accuracies (default: 1 5)")
     zeroshot.set_defaults(func=run_zeroshot)

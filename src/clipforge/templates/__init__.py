@@ -11,8 +11,10 @@ A template file holds one JSON value in either form that `clipforge.zeroshot` do
 - an object mapping each class name to a list of complete prompts for that class:
   ``{"cat": ["a cat asleep on a sofa."], "dog": ["a dog chasing a ball."]}``.
 
-Shipped sets: ``default`` (20 generic prompts written for clipforge) and ``single``
-(``"a photo of a {c}."`` alone, the single prompt of Radford et al., 2021, section 3.1.4).
+Shipped sets, by language: English ``default`` (20 generic prompts written for clipforge) and
+``single`` (``"a photo of a {c}."`` alone, the single prompt of Radford et al., 2021, section
+3.1.4); Chinese ``zh`` (16 prompts of the same kinds, written for clipforge) and ``zh-single``
+(``"一张{c}的照片。"``), for models with a Chinese text tower and Chinese class names.
 """
 
 from __future__ import annotations
