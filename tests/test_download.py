@@ -13,9 +13,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import http.server
+import logging
 import os
 import shutil
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -45,6 +48,7 @@ class Server:
     def __init__(self) -> None:
         self.routes: dict[str, tuple[int, dict[str, str], bytes, int | None]] = {}
         self.requests: list[tuple[str, str]] = []
+        self.slow = False  # each body sent in pieces, with pauses: downloads that overlap
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -57,7 +61,11 @@ class Server:
                 self.send_header("Content-Length", str(declared if declared is not None else len(body)))
                 self.end_headers()
                 if body_wanted:
-                    self.wfile.write(body)
+                    pieces = 8 if server.slow else 1
+                    for i in range(pieces):
+                        if server.slow:
+                            time.sleep(0.02)
+                        self.wfile.write(body[i * len(body) // pieces:(i + 1) * len(body) // pieces])
                 self.close_connection = True  # a declared length above the body: the client sees the end
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -95,12 +103,8 @@ def point_hub_at(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
 
 @pytest.fixture(autouse=True)
 def no_internet(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Hub at a loopback port nothing listens on, unless a test points it at its server, and
-    huggingface_hub's retries without their waits."""
-    from huggingface_hub.utils import _http
-
+    """The Hub at a loopback port nothing listens on, unless a test points it at its server."""
     point_hub_at(monkeypatch, "http://127.0.0.1:9")
-    monkeypatch.setattr(_http.time, "sleep", lambda seconds: None)
 
 
 @pytest.fixture
@@ -125,7 +129,7 @@ def sha(data: bytes) -> str:
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    return sorted(p.name for p in folder.iterdir() if p.name != ".locks") if folder.exists() else []
 
 
 # ----------------------------------------------------------------------------- plain addresses
@@ -177,6 +181,45 @@ def test_a_checksum_mismatch_removes_the_download(server, cache, online):
     message = str(err.value)
     assert "checksum mismatch" in message and sha(b"corrupted bytes") in message and "removed" in message
     assert "\n" not in message and leftovers(cache) == []
+
+
+def test_a_hand_placed_file_with_the_wrong_checksum_is_named_and_removed(server, cache, online, monkeypatch):
+    """Not "put it at PATH" where it already was: the mismatch, then why no fresh copy came."""
+    cache.mkdir(parents=True)
+    placed = cache / "w.pt"
+    for offline, tail in ((True, "removed (HF_HUB_OFFLINE is set: not downloaded again"),
+                          (False, "removed, and downloading it again failed: cannot download")):
+        placed.write_bytes(b"something else")
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", offline)
+        with pytest.raises(DownloadError) as err:
+            download_url(f"{server.url}/w.pt", sha256=sha(b"the right bytes"), progress=False)
+        message = str(err.value)
+        assert message.startswith(f"checksum mismatch for {placed}: SHA-256 {sha(b'something else')}, expected "
+                                  f"{sha(b'the right bytes')}; {tail}"), message
+        assert "put it at" not in message.split("failed:")[0] and "\n" not in message and not placed.exists()
+
+
+def test_threads_loading_one_file_download_it_once(server, cache, online):
+    """A lock per file: one download however many threads ask, and a corrupt cached file that
+    one thread removes is not an error for the others."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = os.urandom(256 * 1024)
+    server.routes["/w.bin"] = (200, {}, data, None)
+    server.slow = True
+    url = f"{server.url}/w.bin"
+
+    def load_all() -> list[Path]:
+        with ThreadPoolExecutor(4) as pool:
+            return list(pool.map(lambda _: download_url(url, sha256=sha(data), progress=False), range(4)))
+
+    assert load_all() == [cache / "w.bin"] * 4 and server.requests == [("GET", "/w.bin")]
+    with (cache / "w.bin").open("r+b") as f:
+        f.write(b"XXXX")
+    (cache / "w.bin.sha256").unlink()
+    server.requests.clear()
+    assert load_all() == [cache / "w.bin"] * 4 and server.requests == [("GET", "/w.bin")]
+    assert (cache / "w.bin").read_bytes() == data and leftovers(cache) == ["w.bin", "w.bin.sha256"]
 
 
 def test_a_truncated_download_is_refused(server, cache, online):
@@ -323,13 +366,20 @@ def test_a_revision_pin_picks_that_commit(tiny, cache, tmp_path):
     assert "--revision v2" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_offline_and_not_cached_says_how_to_fetch_it(cache):
-    for name, file in (("hf-hub:org/absent", "open_clip_config.json"), ("org/absent", "config.json")):
+def test_offline_and_not_cached_says_how_to_fetch_it(cache, entry, monkeypatch):
+    """The command given fetches every file the name needs: OpenCLIP's config and weights, the
+    whole repository for a transformers model, the one weights file of a registry entry."""
+    monkeypatch.setitem(registry.REGISTRY, entry.name, replace(entry, url=None, filename="w.safetensors"))
+    for name, repo, file, command in (
+            ("hf-hub:org/absent", "org/absent", "open_clip_config.json",
+             "`hf download org/absent open_clip_config.json open_clip_model.safetensors`"),
+            ("org/absent", "org/absent", "config.json", "`hf download org/absent`"),
+            ("tiny-vit:test", "org/tiny-weights", "w.safetensors", "`hf download org/tiny-weights w.safetensors`")):
         with pytest.raises(DownloadError) as err:
             load(name)
         message = str(err.value)
-        assert message.startswith(f"org/absent: {file} is not in the Hugging Face cache"), message
-        assert f"`hf download org/absent {file}`" in message and "HF_HUB_OFFLINE" in message
+        assert message.startswith(f"{repo}: {file} is not in the Hugging Face cache"), message
+        assert command in message and "HF_HUB_OFFLINE" in message
         assert "\n" not in message
 
 
@@ -421,13 +471,49 @@ def test_hub_errors_are_one_line_each(server, cache, online, monkeypatch, code, 
     assert str(err.value).startswith(expected) and "\n" not in str(err.value)
 
 
-def test_no_hub_and_no_cache_says_so(server, cache, online, monkeypatch):
-    point_hub_at(monkeypatch, server.url)
-    server.close()
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def count_connections(monkeypatch: pytest.MonkeyPatch, port: int) -> list[int]:
+    """The connections attempted to ``port`` from now on, one item each."""
+    attempts: list[int] = []
+    connect = socket.socket.connect
+
+    def counted(self: socket.socket, address: object) -> None:
+        if isinstance(address, tuple) and address[1] == port:
+            attempts.append(port)
+        return connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", counted)
+    return attempts
+
+
+def test_no_hub_and_no_cache_says_so_in_one_line_after_one_attempt(cache, online, entry, monkeypatch, caplog):
+    """Without network (a refused connection) and without HF_HUB_OFFLINE: the Hub is asked once,
+    not again for the pickle after the safetensors, nor after huggingface_hub's retry waits; the
+    entry's plain address, which would fail the same way, is not tried; one line, no warnings."""
+    hub_port, address_port = closed_port(), closed_port()
+    point_hub_at(monkeypatch, f"http://127.0.0.1:{hub_port}")
+    monkeypatch.setitem(registry.REGISTRY, entry.name,
+                        replace(entry, url=f"http://127.0.0.1:{address_port}/tiny.safetensors"))
+    hub, address = count_connections(monkeypatch, hub_port), count_connections(monkeypatch, address_port)
     with pytest.raises(DownloadError) as err:
-        fetch_repo("org/repo", layout="openclip")
-    assert "org/repo: cannot reach the Hugging Face Hub and open_clip_config.json is not in the cache" in str(err.value)
-    assert "HF_ENDPOINT" in str(err.value) and "\n" not in str(err.value)
+        load_model("tiny-vit:test")
+    message = str(err.value)
+    assert message.startswith("org/tiny-weights: cannot reach the Hugging Face Hub (connection refused) and "
+                              "open_clip_model.safetensors is not in the cache"), message
+    assert "HF_ENDPOINT" in message and "\n" not in message and "Hub mirror failed" not in message
+    assert len(hub) == 1 and address == []
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub") and r.levelno >= logging.WARNING]
+    with pytest.raises(DownloadError) as err:
+        fetch_repo("org/repo", layout="auto")  # config.json, then open_clip_config.json: still one attempt
+    assert str(err.value).startswith("org/repo: cannot reach the Hugging Face Hub (connection refused) and "
+                                     "config.json is not in the cache")
+    assert "`hf download org/repo`" in str(err.value) and len(hub) == 2
 
 
 def test_a_hub_file_is_downloaded_into_the_shared_cache_once(tiny, server, cache, online, monkeypatch, tmp_path):

@@ -118,11 +118,11 @@ def tokenizer_dir(tmp_path) -> Path:
     return tmp_path / "tok"
 
 
-@pytest.mark.parametrize("model, name", [
-    (["tiny-vit", "--pretrained", "test"], "tiny-vit:test"),
-    (["tiny-vit:test"], "tiny-vit:test"),
-    (["tiny-vit", "--pretrained", "ADDRESS"], "tiny-vit:address"),
-    (["tiny-vit-quickgelu", "--pretrained", "{weights}"], "tiny-vit-quickgelu:{weights}"),  # OpenCLIP's pretrained=FILE
+@pytest.mark.parametrize("model, name", [  # name: the (model, pretrained) recorded, CLIP_benchmark's fields
+    (["tiny-vit", "--pretrained", "test"], ("tiny-vit", "test")),
+    (["tiny-vit:test"], ("tiny-vit", "test")),
+    (["tiny-vit", "--pretrained", "ADDRESS"], ("tiny-vit", "address")),
+    (["tiny-vit-quickgelu", "--pretrained", "{weights}"], ("tiny-vit-quickgelu", "{weights}")),  # pretrained=FILE
 ])
 def test_commands_take_pretrained_names(entries, tokenizer_dir, tmp_path, capsys, model, name):
     out = tmp_path / "result.json"
@@ -131,7 +131,8 @@ def test_commands_take_pretrained_names(entries, tokenizer_dir, tmp_path, capsys
             "shapes://?split=heldout&n=6", "--quiet", "--out", str(out)]
     assert main(argv) == 0
     assert "warning" not in capsys.readouterr().err  # no RandomWeightsWarning: these weights are not random
-    assert json.loads(out.read_text())["pretrained"] == name.format(weights=entries["weights"])
+    result = json.loads(out.read_text())
+    assert (result["model"], result["pretrained"]) == (name[0], name[1].format(weights=entries["weights"]))
 
 
 @pytest.mark.parametrize("model, message", [
@@ -156,3 +157,30 @@ def test_a_long_pattern_that_matches_nothing_is_shortened_in_the_message(caches,
     assert main(["models", "x" * 1200]) == 2
     err = capsys.readouterr().err.strip()
     assert "no pretrained model matches 'xxx" in err and "..." in err and len(err) < 250
+
+
+def test_one_entry_is_one_model_and_text_columns_align_left(caches, capsys):
+    assert main(["models", "RN50:openai"]) == 0
+    header, _, row, last = capsys.readouterr().out.splitlines()
+    assert last.startswith("1 model, 0 cached;")
+    for column in ("architecture", "tag", "activation", "licence"):  # the value starts under its heading
+        at = header.index(column)
+        assert row[at] != " " and (at == 0 or row[at - 1] == " "), column
+    assert row.startswith("RN50:openai ")
+
+
+def test_a_reader_that_stops_early_ends_it_quietly(caches, monkeypatch, capsys):
+    """``clipforge models --json | head``: no BrokenPipeError traceback, the SIGPIPE status."""
+    import os
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone: every write fails with EPIPE
+    out = open(write, "w")  # noqa: SIM115 - closed below, after the command has written to it
+    monkeypatch.setattr(sys, "stdout", out)
+    try:
+        assert main(["models", "--json"]) == 141
+        out.close()  # what is left in its buffer goes to the null device: no second error
+    finally:
+        monkeypatch.undo()
+    assert capsys.readouterr().err == ""

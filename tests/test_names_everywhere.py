@@ -43,6 +43,9 @@ FORMS = {
     "--pretrained TAG": (["--model", "tiny-vit", "--pretrained", "test"], "tiny-vit:test"),
     "registered repo id": (["--model", "org/tiny-hf"], "org/tiny-hf"),
 }
+# What a run records for each name, as CLIP_benchmark does: (model, pretrained) = the entry's
+# architecture and tag.
+FIELDS = {"tiny-vit:test": ("tiny-vit", "test"), "org/tiny-hf": ("tiny-vit", "test")}
 
 
 def png(path: Path, colour: tuple[int, int, int], seed: int) -> None:
@@ -124,56 +127,57 @@ def assert_close(got: Any, expected: Any, where: str = "") -> None:
 
 # ----------------------------------------------------------------------------- the commands
 # Each runs one command with the model words ``model`` and returns (what must equal the saved
-# checkpoint's result, the model name the command recorded).
+# checkpoint's result, the (model, pretrained) the command recorded).
 
 
-def eval_zeroshot(ws: dict, model: list[str], out: Path) -> tuple[Any, str]:
+def eval_zeroshot(ws: dict, model: list[str], out: Path) -> tuple[Any, Any]:
     run(["eval", "zeroshot", *model, "--tokenizer", ws["tok"], "--data", f"imagefolder:{ws['labelled']}",
          "--workers", "0", "--quiet", "--out", out / "r.json"])
     result = read(out / "r.json")
-    return result["clipforge"]["metrics"], result["pretrained"]
+    return result["clipforge"]["metrics"], (result["model"], result["pretrained"])
 
 
-def eval_linear_probe(ws: dict, model: list[str], out: Path) -> tuple[Any, str]:
+def eval_linear_probe(ws: dict, model: list[str], out: Path) -> tuple[Any, Any]:
     run(["eval", "linear-probe", *model, "--tokenizer", ws["tok"], "--data", f"imagefolder:{ws['labelled']}",
          "--split", "0.5", "--epochs", "2", "--workers", "0", "--quiet", "--out", out / "r.json"])
     result = read(out / "r.json")
-    return (result["metrics"], result["clipforge"]["metrics"]), result["pretrained"]
+    return (result["metrics"], result["clipforge"]["metrics"]), (result["model"], result["pretrained"])
 
 
-def score(ws: dict, model: list[str], out: Path) -> tuple[Any, str]:
+def score(ws: dict, model: list[str], out: Path) -> tuple[Any, Any]:
     run(["score", *model, "--tokenizer", ws["tok"], "--images", ws["pairs"], "--captions", ws["captions.tsv"],
          "--workers", "0", "--quiet", "--out", out / "s.json"])
     result = read(out / "s.json")
-    return [row["cosine"] for row in result["per_image"]], result["pretrained"]
+    return [row["cosine"] for row in result["per_image"]], (result["model"], result["pretrained"])
 
 
-def rerank(ws: dict, model: list[str], out: Path) -> tuple[Any, str]:
+def rerank(ws: dict, model: list[str], out: Path) -> tuple[Any, Any]:
     run(["rerank", *model, "--tokenizer", ws["tok"], "--prompt", "a red image", "--images", ws["pairs"],
          "--workers", "0", "--quiet", "--out", out / "r.json"])
     result = read(out / "r.json")
-    return {row["image"]: row["cosine"] for row in result["ranking"]}, result["pretrained"]
+    return {row["image"]: row["cosine"] for row in result["ranking"]}, (result["model"], result["pretrained"])
 
 
-def generate(ws: dict, model: list[str], out: Path) -> tuple[Any, str]:
+def generate(ws: dict, model: list[str], out: Path) -> tuple[Any, Any]:
     run(["generate", "a red image", *model, "--tokenizer", ws["tok"], "--out", out / "g.png", "--steps", "2",
          "--cutouts", "1", "--size", "32", "--quiet", "--json", out / "g.json"])
     result = read(out / "g.json")
-    return (result["losses"], result["score"]["cosine"]), result["score"]["pretrained"]
+    return (result["losses"], result["score"]["cosine"]), (result["score"]["name"], result["score"]["pretrained"])
 
 
-def convert_to_clipforge(ws: dict, model: list[str], out: Path) -> tuple[Any, str]:
+def convert_to_clipforge(ws: dict, model: list[str], out: Path) -> tuple[Any, Any]:
     run(["convert", model[1], out / "converted", "--to", "clipforge", *model[2:]])
     converted = load_model(out / "converted")
     return (converted.state_dict(), converted.config.to_dict()), ""
 
 
-def train(ws: dict, model: list[str], out: Path) -> tuple[Any, str]:
+def train(ws: dict, model: list[str], out: Path) -> tuple[Any, Any]:
     run(["train", *model, "--tokenizer", ws["tok"], "--data", f"pairs:{ws['pairs']}", "--steps", "1",
          "--batch-size", "4", "--warmup", "0", "--workers", "0", "--no-progress", "--out", out / "run"])
     trained = load_model(out / "run" / "checkpoints" / "step-0000001")
     config = read(out / "run" / "config.json")
-    recorded = config["model"] if not config["pretrained"] else f"{config['model']}:{config['pretrained']}"
+    where = registry.resolve(config["model"], config["pretrained"])  # train records the words it was given
+    recorded = (where.entry.architecture, where.entry.tag) if where.kind == "pretrained" else config["model"]
     return trained.state_dict(), recorded
 
 
@@ -195,14 +199,14 @@ def test_a_name_gives_what_its_saved_checkpoint_gives(ws, command, form):
     expected, recorded_for_path = _BY_PATH[command, name]
     assert_close(got, expected)
     if command != "convert_to_clipforge":
-        assert recorded == name != recorded_for_path  # the result names the weights, never a cache path
+        assert recorded == FIELDS[name] != recorded_for_path  # the result names the weights, never a cache path
 
 
 def test_a_random_preset_gives_other_numbers(ws):
     """The comparison above can fail: the same architecture with random weights scores otherwise."""
     by_name, _ = score(ws, ["--model", "tiny-vit:test"], ws["tmp"] / "name")
     random, recorded = score(ws, ["--model", "tiny-vit"], ws["tmp"] / "preset")
-    assert recorded == "random-init" and random != by_name
+    assert recorded == ("tiny-vit", "random-init") and random != by_name
 
 
 # ----------------------------------------------------------------------------- search

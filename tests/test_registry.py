@@ -91,12 +91,39 @@ def test_every_entry_says_where_its_numbers_come_from():
         assert entry.licence and (entry.hub or entry.url)
 
 
+def openclip_pretrained() -> dict[str, dict]:
+    """OpenCLIP's pretrained configs per ``ARCH:TAG`` (quick_gelu, mean, std, resize_mode), as
+    tests/fixtures/parity/preset_shapes.json recorded them from open_clip itself."""
+    import json
+
+    fixture = Path(__file__).parent / "fixtures" / "parity" / "preset_shapes.json"
+    models = json.loads(fixture.read_text(encoding="utf-8"))["models"]
+    return {f"{arch}:{tag}": cfg for arch, model in models.items() for tag, cfg in model.get("pretrained", {}).items()}
+
+
+def openclip_entries() -> list:
+    return [e for e in REGISTRY.values() if e.layout != "hf" and e.name == f"{e.architecture}:{e.tag}"]
+
+
 def test_activations_follow_openclip():
-    """QuickGELU for OpenAI's weights, MetaCLIP's and OpenCLIP's ``-quickgelu`` releases; GELU
-    for LAION-2B and DataComp."""
-    for entry in REGISTRY.values():
-        quick = entry.tag == "openai" or entry.tag.startswith("metaclip") or "quickgelu" in (entry.url or "")
-        assert entry.activation == ("quick_gelu" if quick else "gelu"), entry.name
+    """Each entry's activation is the one OpenCLIP uses for the same weights (its quick_gelu)."""
+    recorded = openclip_pretrained()
+    compared = [e for e in openclip_entries() if e.name in recorded]
+    for entry in compared:
+        assert entry.activation == ("quick_gelu" if recorded[entry.name]["quick_gelu"] else "gelu"), entry.name
+    assert len(compared) >= 0.9 * len(openclip_entries()) and len(compared) > 30
+
+
+def test_preprocessing_follows_openclip():
+    """mean, std and resize mode as OpenCLIP preprocesses for the same weights."""
+    recorded = openclip_pretrained()
+    compared = [e for e in openclip_entries() if e.name in recorded]
+    for entry in compared:
+        cfg, pre = recorded[entry.name], entry.preprocessing
+        assert tuple(pre.mean) == pytest.approx(tuple(cfg["mean"])), entry.name
+        assert tuple(pre.std) == pytest.approx(tuple(cfg["std"])), entry.name
+        assert pre.resize_mode == cfg["resize_mode"], entry.name
+    assert len(compared) >= 0.9 * len(openclip_entries()) and len(compared) > 30
 
 
 def test_the_transformers_ids_and_the_largest_laion_models_are_there():
@@ -205,3 +232,56 @@ def test_a_missing_weights_file_is_named_as_such(missing):
         resolve("ViT-B-32", pretrained=missing)
     message = str(err.value)
     assert message.startswith(f"pretrained={missing!r}: no such file") and "\n" not in message
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("foo/bar--baz", "'foo/bar--baz': not a valid Hugging Face repository id"),
+    ("org/" + "n" * 120, "not a valid Hugging Face repository id"),
+])
+def test_repo_ids_the_hub_refuses_are_one_line(name, expected):
+    with pytest.raises(UnknownModelError) as err:
+        resolve(name)
+    assert expected in str(err.value) and "\n" not in str(err.value) and len(str(err.value)) < 300
+
+
+def test_pretrained_reads_the_name_as_an_architecture_even_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ViT-B-32").mkdir()
+    where = resolve("ViT-B-32", "openai")
+    assert where.kind == "pretrained" and where.entry is REGISTRY["ViT-B-32:openai"]
+
+
+def test_an_empty_pretrained_is_none_not_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve("ViT-B-32", "") == resolve("ViT-B-32")
+    assert resolve("ViT-B-32", "").kind == "preset"
+
+
+def test_a_mistyped_local_path_is_named_as_one_too():
+    from clipforge.checkpoints.download import DownloadError, fetch_repo
+
+    with pytest.raises(UnknownModelError, match=r"^'runs/x--y': .*; no local file or folder of that name either$"):
+        resolve("runs/x--y")
+    assert resolve("runs/ckpt").kind == "hub"
+    with pytest.raises(DownloadError) as err:  # the Hub is not reached here: offline and not cached
+        import huggingface_hub.constants
+
+        mp = pytest.MonkeyPatch()
+        try:
+            mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+            mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", "/nonexistent-hf-cache")
+            fetch_repo("runs/ckpt", layout="auto")
+        finally:
+            mp.undo()
+    assert str(err.value).endswith("(no local file or folder runs/ckpt either)") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("ViT-B-32:", "'ViT-B-32:': no pretrained tag after the colon (its tags: openai,"),
+    ("ViT-B-32:openai@main", "'ViT-B-32:openai@main': a revision pin (@REVISION) applies to Hugging Face "
+                             "repository ids only"),
+])
+def test_an_empty_tag_and_a_pin_on_a_registry_name(name, expected):
+    with pytest.raises(UnknownModelError) as err:
+        resolve(name)
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)

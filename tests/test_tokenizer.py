@@ -50,8 +50,13 @@ def fixture() -> dict:
 
 @pytest.fixture
 def no_lookup(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Nothing to find: no environment variable, no package, an empty cache, no network."""
+    """Nothing to find: no environment variable, no package, empty caches, no network."""
     monkeypatch.delenv(BPE_ENV, raising=False)
+    # Online, so that the download is tried (urlopen, replaced below, fails or serves it), with an
+    # empty Hugging Face cache: the conftest sets HF_HUB_OFFLINE, which skips the download.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr(_bpe_vocab, "_packaged_bpe", lambda: None)
     monkeypatch.setattr(_bpe_vocab, "cache_dir", lambda: tmp_path / "cache")
 

@@ -63,6 +63,7 @@ from clipforge.checkpoints.configs import (
     config_to_hf,
     config_to_openclip,
     infer_config,
+    preprocess_from_openclip,
 )
 from clipforge.checkpoints.download import DownloadError, fetch_entry, fetch_repo
 from clipforge.checkpoints.names import from_hf, to_clipforge_names, to_hf, to_openclip
@@ -114,7 +115,7 @@ def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
 
 
 def _has_tokenizer(directory: Path) -> bool:
-    return (directory / "tokenizer.json").is_file() or (
+    return (directory / "tokenizer.json").is_file() or (directory / "spiece.model").is_file() or (
         (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()
     )
 
@@ -341,17 +342,32 @@ def load_model(
 
 def _load_with_tools(
     name_or_path: PathLike, *, pretrained: PathLike | None, device: str | torch.device, dtype: torch.dtype | None,
-    act: str | None,
+    act: str | None, with_tokenizer: bool = True,
 ) -> tuple[CLIP, Callable, Any, str]:
     from clipforge.tokenizer import Tokenizer, load_tokenizer
     from clipforge.transforms import image_transform
 
-    model, tokenizer_dir, pre, name = _load(name_or_path, pretrained=pretrained, device=device, dtype=dtype, act=act)
+    config, checkpoint, pre, name = _read_source(name_or_path, pretrained=pretrained, act=act)
+    model = CLIP(config) if checkpoint is None else _assemble(checkpoint)
+    model = model.to(device=device, dtype=dtype or torch.float32).eval()
+    tokenizer_dir = None if checkpoint is None else checkpoint.tokenizer_dir
     vision, text = model.config.vision, model.config.text
+    geometry: dict[str, Any] = {}
+    # A folder read by its open_clip_config.json (a path or a Hub snapshot, not a weights file
+    # given alone): its preprocess_cfg's geometry, beside the statistics the config already holds.
+    config_file = None if checkpoint is None else checkpoint.source.parent / OPENCLIP_CONFIG
+    if (pre is None and config_file is not None and pretrained is None and not Path(name_or_path).is_file()
+            and checkpoint.format == "openclip" and config_file.is_file()):
+        geometry = preprocess_from_openclip(read_json(config_file), config_file)
     pre = pre or Preprocessing(vision.image_size, vision.mean, vision.std)
-    preprocess = image_transform(pre.image_size, mean=pre.mean, std=pre.std, resize_mode=pre.resize_mode,
-                                 interpolation=pre.interpolation)
-    if tokenizer_dir is not None:
+    options = {"resize_mode": pre.resize_mode, "interpolation": pre.interpolation, **geometry}
+    try:
+        preprocess = image_transform(pre.image_size, mean=pre.mean, std=pre.std, **options)
+    except ValueError as err:  # only a config's preprocess_cfg can hold an unknown mode
+        raise CheckpointError(f"{config_file}: preprocess_cfg: {err}") from None
+    if not with_tokenizer:
+        tokenizer = None
+    elif tokenizer_dir is not None:
         tokenizer = Tokenizer.from_dir(tokenizer_dir, context_length=text.context_length)
     elif text.vocab_size == OPENAI_VOCAB_SIZE:
         tokenizer = load_tokenizer(context_length=text.context_length)
@@ -420,6 +436,7 @@ def load_for_inference(
     tokenizer: PathLike | None = None,
     device: str | torch.device | None = None,
     precision: str = "fp32",
+    need_tokenizer: bool = True,
 ) -> InferenceModel:
     """The one way to load a model for use (evaluation, search, scoring, generation, serving).
 
@@ -427,20 +444,23 @@ def load_for_inference(
     ``hf-hub:...``, a repository id, a path); ``tokenizer`` is a tokenizer folder that replaces
     the checkpoint's own; ``device`` None picks CUDA when available (`default_device`);
     ``precision`` is "fp32" or "bf16" (autocast over fp32 weights).  A CheckpointError when the
-    model comes without a tokenizer and none is given; a `RandomWeightsWarning` for a preset
-    name, as from `load`.  The result's ``source`` is the name as the registry spells it.
+    model comes without a tokenizer and none is given; with ``need_tokenizer`` False (image
+    features only, as a linear probe uses) none is looked for, and the result's ``tokenizer`` is
+    None unless ``tokenizer`` is given.  A `RandomWeightsWarning` for a preset name, as from `load`.
+    The result's ``source`` is the name as the registry spells it.
     """
     run_on = default_device(device)
     note = check_precision(precision, run_on)
     if note:
         warnings.warn(note, stacklevel=2)
     model, preprocess, loaded_tokenizer, source = _load_with_tools(name_or_path, pretrained=pretrained,
-                                                                   device=run_on, dtype=None, act=None)
+                                                                   device=run_on, dtype=None, act=None,
+                                                                   with_tokenizer=need_tokenizer)
     if tokenizer is not None:
         from clipforge.tokenizer import Tokenizer
 
         loaded_tokenizer = Tokenizer.from_dir(tokenizer, context_length=model.context_length)
-    if loaded_tokenizer is None:
+    if loaded_tokenizer is None and need_tokenizer:
         raise CheckpointError(
             f"{source}: no tokenizer comes with this model (its vocabulary has "
             f"{model.config.text.vocab_size} ids, not OpenAI's); give its tokenizer folder "

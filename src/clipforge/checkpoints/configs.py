@@ -44,7 +44,7 @@ from clipforge.transforms import OPENAI_MEAN, OPENAI_STD
 
 __all__ = [
     "HF_MODEL_TYPES", "TIMM_SIGLIP_TOWERS", "config_from_hf", "config_from_openclip", "config_to_hf",
-    "config_to_openclip", "infer_config", "timm_siglip_name",
+    "config_to_openclip", "infer_config", "preprocess_from_openclip", "timm_siglip_name",
 ]
 
 # The Hugging Face model types read here: CLIPModel's and SiglipModel's config.json.
@@ -505,6 +505,22 @@ def config_from_openclip(data: dict[str, Any], path: Path) -> CLIPConfig:
         )
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{path}: unsupported OpenCLIP config: {err}") from err
+
+
+def preprocess_from_openclip(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The image geometry of an ``open_clip_config.json``'s ``preprocess_cfg`` (the statistics are
+    in `config_from_openclip`): `clipforge.transforms.image_transform`'s ``resize_mode``,
+    ``interpolation`` and ``fill``, with OpenCLIP's defaults (``PreprocessCfg`` in
+    open_clip/transform.py).  As there, any interpolation but "bilinear" evaluates bicubic."""
+    pre = data.get("preprocess_cfg", {})
+    resize_mode, interpolation, fill = (pre.get("resize_mode", "shortest"), pre.get("interpolation", "bicubic"),
+                                        pre.get("fill_color", 0))
+    for key, value, kind in (("resize_mode", resize_mode, str), ("interpolation", interpolation, str),
+                             ("fill_color", fill, int)):
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(f"{path}: preprocess_cfg.{key} must be a {kind.__name__}, got {value!r}")
+    return {"resize_mode": resize_mode, "interpolation": "bilinear" if interpolation == "bilinear" else "bicubic",
+            "fill": fill}
 
 
 def config_to_openclip(config: CLIPConfig) -> dict[str, Any]:

@@ -18,6 +18,12 @@ into place (`os.replace`, atomic) only once their count matches the server's Con
 their SHA-256 the one expected; a bad download is removed.  A cached file is hashed once: a
 ``NAME.sha256`` file beside it records the digest, and later loads only compare sizes.  With
 ``HF_HUB_OFFLINE`` set, plain addresses are not fetched either; a file already cached is used.
+One download per file at a time: a lock per destination (``.locks/`` in the cache) makes other
+threads and processes wait for it and then use the file.
+
+The Hub is asked once per fetch, without huggingface_hub's retries, before the first file: when
+it cannot be reached, the rest is read from the cache only, the entry's plain address (which
+would fail the same way) is not tried, and the failure is one line with no retry warnings.
 
 Every failure is a `DownloadError` (a CheckpointError) of one line saying what to do: a gated or
 missing repository, revision or file; no network, naming the file and where to put it by hand;
@@ -26,15 +32,18 @@ a checksum mismatch; a truncated download; a full disk.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import http.client
 import json
+import logging
 import os
 import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +68,13 @@ _TIMEOUT = 60  # seconds without a byte before a download is given up
 
 class DownloadError(CheckpointError):
     """Released weights that could not be fetched; the message says why and what to do.
-    ``fallback`` is False where another address would not help (a gated repository, a bad token)."""
+    ``fallback`` is False where another address would not help (a gated repository, a bad token);
+    ``unreachable`` is True where the Hub could not be reached at all (no network)."""
 
-    def __init__(self, message: str, *, fallback: bool = True) -> None:
+    def __init__(self, message: str, *, fallback: bool = True, unreachable: bool = False) -> None:
         super().__init__(message)
         self.fallback = fallback
+        self.unreachable = unreachable
 
 
 # ----------------------------------------------------------------------------- caches
@@ -115,10 +126,13 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _verified(path: Path, sha256: str | None) -> bool:
-    """Whether the cached ``path`` has SHA-256 ``sha256`` (a prefix, for 8-digit ones), hashing it
-    only when no marker records its digest for its present size; a good file gets a marker."""
-    size = path.stat().st_size
+def _cached_digest(path: Path) -> str | None:
+    """The SHA-256 of the cached ``path``, hashing it only when no marker records its digest for
+    its present size (a marker is then written); None when there is no such file (any more)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None
     marker = _marker(path)
     try:
         digest, recorded = marker.read_text().split()
@@ -130,7 +144,7 @@ def _verified(path: Path, sha256: str | None) -> bool:
             marker.write_text(f"{digest} {size}\n")
         except OSError:
             pass  # a read-only cache: the file is hashed again next time, nothing worse
-    return sha256 is None or digest.startswith(sha256)
+    return digest
 
 
 def _disk_full(err: OSError, folder: Path, what: str) -> DownloadError | None:
@@ -153,19 +167,43 @@ def download_url(url: str, *, sha256: str | None = None, progress: bool = True) 
     release names carry); None skips the check.  A cached file whose digest differs is removed
     and downloaded again.  A DownloadError of one line for every failure (module notes).
     """
+    from filelock import FileLock
+
     dest = cached_url_path(url)
-    if dest.is_file():
-        if _verified(dest, sha256):
+    locks = dest.parent / ".locks"
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        if not dest.is_file():
+            raise DownloadError(f"cannot create the cache folder {dest.parent}: {err.strerror or err}; set "
+                                f"{CACHE_ENV} to a folder you can write") from None
+        return _download_locked(url, dest, sha256, progress)  # a read-only cache: nothing to download into
+    with FileLock(locks / f"{dest.name}.lock"):  # one download per file, across threads and processes
+        return _download_locked(url, dest, sha256, progress)
+
+
+def _download_locked(url: str, dest: Path, sha256: str | None, progress: bool) -> Path:
+    digest = _cached_digest(dest) if dest.is_file() else None
+    mismatch = None
+    if digest is not None:
+        if sha256 is None or digest.startswith(sha256):
             return dest
-        dest.unlink()
+        dest.unlink(missing_ok=True)
         _marker(dest).unlink(missing_ok=True)
+        mismatch = f"checksum mismatch for {dest}: SHA-256 {digest}, expected {sha256}; removed"
     if offline():
+        if mismatch:
+            raise DownloadError(f"{mismatch} (HF_HUB_OFFLINE is set: not downloaded again from {url})")
         raise _no_network(url, dest, sha256, "HF_HUB_OFFLINE is set and the file is not in the cache")
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DownloadError(f"cannot create the cache folder {dest.parent}: {err.strerror or err}; set "
-                            f"{CACHE_ENV} to a folder you can write") from None
+        return _download(url, dest, sha256, progress)
+    except DownloadError as err:
+        if mismatch is None:
+            raise
+        raise DownloadError(f"{mismatch}, and downloading it again failed: {err}", fallback=err.fallback) from None
+
+
+def _download(url: str, dest: Path, sha256: str | None, progress: bool) -> Path:
     tmp_name = None
     try:
         with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part",
@@ -234,23 +272,71 @@ def _stream(url: str, out: Any, dest: Path, sha256: str | None, progress: bool) 
 _ABSENT, _UNCACHED = "absent", "uncached"  # a file the repository lacks; one offline and not cached
 
 
-def _not_cached(repo: str, filename: str, revision: str | None) -> DownloadError:
-    where = f"{repo}@{revision}" if revision else repo
-    fetch = f"`hf download {repo} {filename}{f' --revision {revision}' if revision else ''}`"
+class _Contact:
+    """One fetch's dealings with the Hub: whether it could be reached (asked once, before the first
+    file, without huggingface_hub's retries), and the files the fetch needs, for the messages."""
+
+    def __init__(self, repo: str, revision: str | None, needs: tuple[str, ...]) -> None:
+        self.repo, self.revision, self.needs = repo, revision, needs
+        self.asked = False
+        self.unreachable: str | None = None  # why the Hub could not be reached; None: it could
+
+    def ask(self, filename: str) -> None:
+        """Asks the Hub for ``filename``'s metadata once, without retries: a Hub that does not
+        answer is not asked again in this fetch (only the cache is read), and no retry waits."""
+        if self.asked or offline():
+            return
+        self.asked = True
+        import httpx2
+        from huggingface_hub import constants, errors, get_hf_file_metadata, hf_hub_url
+
+        url = hf_hub_url(self.repo, filename, revision=self.revision)
+        try:
+            get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT)  # retry_on_errors defaults to False
+        except errors.HfHubHTTPError:
+            pass  # the Hub answered: hf_hub_download turns the answer into its error
+        except (httpx2.TransportError, OSError) as err:
+            self.unreachable = _reason(err)
+
+    def where(self) -> str:
+        return f"{self.repo}@{self.revision}" if self.revision else self.repo
+
+    def command(self) -> str:
+        pin = f" --revision {self.revision}" if self.revision else ""
+        return f"`hf download {' '.join([self.repo, *self.needs])}{pin}`"
+
+
+def _reason(err: BaseException) -> str:
+    """A short reason for a failed connection: the innermost OS error's text, else the type."""
+    seen = err
+    while seen.__cause__ is not None or seen.__context__ is not None:
+        seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror.lower()
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror.lower()
+    text = str(err).splitlines()[0] if str(err) else ""
+    return text if 0 < len(text) <= 80 else type(err).__name__
+
+
+def _not_cached(contact: _Contact, filename: str) -> DownloadError:
+    where, fetch = contact.where(), contact.command()
     if offline():
         return DownloadError(f"{where}: {filename} is not in the Hugging Face cache ({hub_cache_dir()}) and "
                              f"HF_HUB_OFFLINE is set; on a machine with network run {fetch} and copy its cache "
                              "here, or unset HF_HUB_OFFLINE")
-    return DownloadError(f"{where}: cannot reach the Hugging Face Hub and {filename} is not in the cache "
+    why = f" ({contact.unreachable})" if contact.unreachable else ""
+    return DownloadError(f"{where}: cannot reach the Hugging Face Hub{why} and {filename} is not in the cache "
                          f"({hub_cache_dir()}); check the network (or HF_ENDPOINT for a mirror), or run {fetch} "
-                         "on a machine with network and copy its cache here")
+                         "on a machine with network and copy its cache here",
+                         unreachable=contact.unreachable is not None)
 
 
-def _hub_error(err: Exception, repo: str, filename: str, revision: str | None) -> DownloadError | None:
+def _hub_error(err: Exception, contact: _Contact, filename: str) -> DownloadError | None:
     """The one-line error for a huggingface_hub exception; None for one that is not about the download."""
     from huggingface_hub import errors
 
-    where = f"{repo}@{revision}" if revision else repo
+    repo, revision, where = contact.repo, contact.revision, contact.where()
     if isinstance(err, errors.GatedRepoError):
         return DownloadError(f"{repo} is a gated repository: accept its terms at https://huggingface.co/{repo} "
                              "and log in (`hf auth login`, or set HF_TOKEN)", fallback=False)
@@ -260,7 +346,7 @@ def _hub_error(err: Exception, repo: str, filename: str, revision: str | None) -
     if isinstance(err, errors.RevisionNotFoundError):
         return DownloadError(f"{repo}: no revision {revision!r} on the Hugging Face Hub")
     if isinstance(err, errors.LocalEntryNotFoundError):
-        return _not_cached(repo, filename, revision)
+        return _not_cached(contact, filename)
     if isinstance(err, errors.EntryNotFoundError):
         return DownloadError(f"{where}: the repository has no file {filename}")
     if isinstance(err, errors.HfHubHTTPError):
@@ -274,57 +360,74 @@ def _hub_error(err: Exception, repo: str, filename: str, revision: str | None) -
     return None
 
 
-def _fetch_one(repo: str, filename: str, revision: str | None) -> Path | str:
-    """``filename`` of ``repo`` in the Hugging Face cache, downloaded if needed; `_ABSENT` when
-    the repository lacks it, `_UNCACHED` when the Hub cannot be asked and the cache lacks it."""
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """huggingface_hub's warnings (its retries, "Retrying in 8s") kept off the terminal during a
+    fetch: each failure becomes one line of clipforge's."""
+    from huggingface_hub import logging as hf_logging
+
+    logger = hf_logging.get_logger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _fetch_one(contact: _Contact, filename: str) -> Path | str:
+    """``filename`` of the repository in the Hugging Face cache, downloaded if needed; `_ABSENT`
+    when the repository lacks it, `_UNCACHED` when the Hub cannot be asked and the cache lacks it."""
     from huggingface_hub import errors, hf_hub_download
 
     from clipforge import __version__
 
+    contact.ask(filename)
     try:
-        return Path(hf_hub_download(repo, filename, revision=revision, library_name="clipforge",
-                                    library_version=__version__))
+        with _quiet_hub():
+            return Path(hf_hub_download(contact.repo, filename, revision=contact.revision, library_name="clipforge",
+                                        library_version=__version__,
+                                        local_files_only=contact.unreachable is not None))
     except errors.LocalEntryNotFoundError:  # before EntryNotFoundError, its base class
         return _UNCACHED
     except errors.EntryNotFoundError:
         return _ABSENT
     except Exception as err:  # huggingface_hub's errors, each mapped to its line; anything else re-raised
-        mapped = _hub_error(err, repo, filename, revision)
+        mapped = _hub_error(err, contact, filename)
         if mapped is None:
             raise
         raise mapped from None
 
 
-def _hub_file(repo: str, names: tuple[str, ...], revision: str | None, *, optional: bool = False) -> Path | None:
+def _hub_file(contact: _Contact, names: tuple[str, ...], *, optional: bool = False) -> Path | None:
     """The first of ``names`` that the repository holds (OpenCLIP's order: safetensors first), in
     the Hugging Face cache; None for an ``optional`` file it lacks or that cannot be fetched."""
     outcomes = []
     for name in names:
-        found = _fetch_one(repo, name, revision)
+        found = _fetch_one(contact, name)
         if isinstance(found, Path):
             return found
         outcomes.append(found)
     if optional:
         return None
     if _UNCACHED in outcomes:
-        raise _not_cached(repo, names[0], revision)
-    where = f"{repo}@{revision}" if revision else repo
-    raise DownloadError(f"{where}: the repository has no {' or '.join(names)}")
+        raise _not_cached(contact, names[0])
+    raise DownloadError(f"{contact.where()}: the repository has no {' or '.join(names)}")
 
 
-def _hf_files(repo: str, revision: str | None) -> Path:
+def _hf_files(contact: _Contact) -> Path:
     """A transformers CLIPModel's files; the snapshot folder holding them."""
-    config = _hub_file(repo, (HF_CONFIG,), revision)
+    config = _hub_file(contact, (HF_CONFIG,))
     assert config is not None
-    index = _hub_file(repo, (HF_INDEX,), revision, optional=True)
+    index = _hub_file(contact, (HF_INDEX,), optional=True)
     if index is not None:  # sharded weights: every shard the index lists
         shards = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()
         for shard in sorted(set(shards)):
-            _hub_file(repo, (shard,), revision)
+            _hub_file(contact, (shard,))
     else:
-        _hub_file(repo, HF_WEIGHTS, revision)
+        _hub_file(contact, HF_WEIGHTS)
     for name in HF_OPTIONAL:
-        _hub_file(repo, (name,), revision, optional=True)
+        _hub_file(contact, (name,), optional=True)
     return config.parent
 
 
@@ -345,37 +448,60 @@ def fetch_repo(repo: str, *, revision: str | None = None, layout: str = "auto") 
     """
     if layout not in ("openclip", "hf", "auto"):
         raise ValueError(f"layout must be 'openclip', 'hf' or 'auto', got {layout!r}")
+    # what to fetch by hand: OpenCLIP's two files, else the whole repository (config, weights, tokenizer)
+    needs = (OPENCLIP_CONFIG, OPENCLIP_WEIGHTS[0]) if layout == "openclip" else ()
+    contact = _Contact(repo, revision, needs)
     if layout == "hf":
-        return _hf_files(repo, revision)
-    if layout == "auto":
-        config = _fetch_one(repo, HF_CONFIG, revision)
-        if isinstance(config, Path) and _is_clip_config(config):
-            return _hf_files(repo, revision)
-        openclip = _fetch_one(repo, OPENCLIP_CONFIG, revision)
-        if not isinstance(openclip, Path):
-            if _UNCACHED in (config, openclip):
-                raise _not_cached(repo, HF_CONFIG, revision)
-            what = "its config.json describes no CLIPModel" if isinstance(config, Path) else "it has no config.json"
-            raise DownloadError(f"{repo}{f'@{revision}' if revision else ''}: neither a transformers CLIPModel "
-                                f"({what}) nor an OpenCLIP repository (no {OPENCLIP_CONFIG})")
-    config = _hub_file(repo, (OPENCLIP_CONFIG,), revision)
+        return _hf_files(contact)
+    if layout == "auto":  # a bare ORG/NAME, which may have been meant as a local path
+        try:
+            return _auto_files(contact)
+        except DownloadError as err:
+            if not err.fallback or Path(repo).exists():
+                raise
+            raise DownloadError(f"{err} (no local file or folder {repo} either)", unreachable=err.unreachable) from None
+    return _openclip_files(contact)
+
+
+def _auto_files(contact: _Contact) -> Path:
+    """A transformers CLIPModel's files when the repository's config.json describes one, else
+    OpenCLIP's."""
+    config = _fetch_one(contact, HF_CONFIG)
+    if isinstance(config, Path) and _is_clip_config(config):
+        return _hf_files(contact)
+    if config == _UNCACHED and contact.unreachable is not None:
+        raise _not_cached(contact, HF_CONFIG)
+    openclip = _fetch_one(contact, OPENCLIP_CONFIG)
+    if not isinstance(openclip, Path):
+        if _UNCACHED in (config, openclip):
+            raise _not_cached(contact, HF_CONFIG)
+        what = "its config.json describes no CLIPModel" if isinstance(config, Path) else "it has no config.json"
+        raise DownloadError(f"{contact.where()}: neither a transformers CLIPModel ({what}) nor an OpenCLIP "
+                            f"repository (no {OPENCLIP_CONFIG})")
+    return _openclip_files(contact)
+
+
+def _openclip_files(contact: _Contact) -> Path:
+    """OpenCLIP's config and weights; the snapshot folder holding them."""
+    config = _hub_file(contact, (OPENCLIP_CONFIG,))
     assert config is not None
-    _hub_file(repo, OPENCLIP_WEIGHTS, revision)
+    _hub_file(contact, OPENCLIP_WEIGHTS)
     return config.parent
 
 
 def fetch_entry(entry: Pretrained, *, revision: str | None = None, progress: bool = True) -> Path:
     """The weights of a registry entry on disk: a weights file ("openclip" entries) or a snapshot
     folder ("hf" entries).  The Hub first; the entry's plain address when the Hub has no such
-    repository or file, or cannot be reached (not with ``HF_HUB_OFFLINE``, unless the file is
-    cached already)."""
+    repository or file (not when the Hub cannot be reached at all, nor with ``HF_HUB_OFFLINE``:
+    then only an address already in clipforge's cache is used)."""
     revision = revision or entry.revision
     hub_error: DownloadError | None = None
     if entry.hub is not None:
         try:
             if entry.layout == "hf":
                 return fetch_repo(entry.hub, revision=revision, layout="hf")
-            found = _hub_file(entry.hub, (entry.filename,) if entry.filename else OPENCLIP_WEIGHTS, revision)
+            contact = _Contact(entry.hub, revision, (entry.filename or OPENCLIP_WEIGHTS[0],))
+            found = _hub_file(contact, (entry.filename,) if entry.filename else OPENCLIP_WEIGHTS)
             assert found is not None
             return found
         except DownloadError as err:
@@ -383,8 +509,9 @@ def fetch_entry(entry: Pretrained, *, revision: str | None = None, progress: boo
                 raise
             hub_error = err
     assert entry.url is not None
-    if hub_error is not None and offline() and not cached_url_path(entry.url).is_file():
-        raise hub_error
+    no_network = hub_error is not None and (offline() or hub_error.unreachable)
+    if no_network and not cached_url_path(entry.url).is_file():
+        raise hub_error  # the address would fail the same way: one error, the Hub's
     try:
         return download_url(entry.url, sha256=entry.sha256, progress=progress)
     except DownloadError as err:

@@ -403,10 +403,19 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _repo(text: str, given: str) -> tuple[str, str | None]:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     match = _REPO_ID.fullmatch(text)
     if match is None:
         raise UnknownModelError(f"{given!r}: not a Hugging Face repository id; expected "
                                 f"{HF_HUB_PREFIX}ORG/NAME or ORG/NAME, optionally @REVISION")
+    try:
+        validate_repo_id(match["repo"])  # the Hub's own rules: no "--" or "..", at most 96 characters
+    except HFValidationError:
+        shown = given if len(given) <= 80 else given[:77] + "..."
+        raise UnknownModelError(f"{shown!r}: not a valid Hugging Face repository id (letters, digits, '-', '_' "
+                                "and '.', no '--' or '..', at most 96 characters)") from None
     return match["repo"], match["revision"]
 
 
@@ -420,11 +429,14 @@ def resolve(name: str | Path, pretrained: str | Path | None = None) -> Resolved:
     for a name that means nothing.
     """
     text = str(name)
+    if pretrained is not None and str(pretrained) == "":
+        pretrained = None  # an empty --pretrained: none given (not the working directory)
     if pretrained is not None:
-        if Path(text).exists():
+        arch, _ = _split_quickgelu(text)
+        # with pretrained=, the name is an architecture: a folder named like one does not get in the way
+        if Path(text).exists() and arch not in PRESETS:
             raise UnknownModelError(f"pretrained={str(pretrained)!r} goes with an architecture name such as "
                                     f"ViT-B-32; {text!r} is a file or folder, which carries its own weights")
-        arch, _ = _split_quickgelu(text)
         if Path(pretrained).is_file() or Path(pretrained).is_dir():
             if arch not in PRESETS:
                 raise _unknown_architecture(arch, text)
@@ -445,6 +457,13 @@ def resolve(name: str | Path, pretrained: str | Path | None = None) -> Resolved:
         raise UnknownModelError(f"{text!r} is OpenAI's name for it; clipforge's is {OPENAI_NAMES[text]}:openai")
     if ":" in text and not _looks_like_path(text):
         arch, _, tag = text.partition(":")
+        if "@" in tag:
+            raise UnknownModelError(f"{text!r}: a revision pin (@REVISION) applies to Hugging Face repository ids "
+                                    f"only (ORG/NAME@REVISION), not to pretrained names such as {arch}:TAG")
+        if not tag.strip():
+            known = tags(_split_quickgelu(arch)[0])
+            listed = f"its tags: {', '.join(known)}" if known else "`clipforge models` lists the names"
+            raise UnknownModelError(f"{text!r}: no pretrained tag after the colon ({listed})")
         entry = _pretrained_entry(arch, tag, text)
         return Resolved("pretrained", entry.name, entry=entry)
     if _split_quickgelu(text)[0] in PRESETS:
@@ -453,7 +472,10 @@ def resolve(name: str | Path, pretrained: str | Path | None = None) -> Resolved:
         raise UnknownModelError(f"{text!r} is neither an existing file or directory nor a model name "
                                 "(no such file or directory)")
     if "/" in text:
-        repo, revision = _repo(text, text)
+        try:
+            repo, revision = _repo(text, text)
+        except UnknownModelError as err:
+            raise UnknownModelError(f"{err}; no local file or folder of that name either") from None
         if repo in REGISTRY:
             return Resolved("pretrained", text, entry=REGISTRY[repo], revision=revision)
         return Resolved("hub", text, repo_id=repo, revision=revision, layout="auto")

@@ -23,7 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from clipforge.checkpoints import InferenceModel, is_preset, load_for_inference
+from clipforge.checkpoints import InferenceModel, load_for_inference
+from clipforge.checkpoints.registry import resolve
 from clipforge.devices import INFERENCE_PRECISIONS as PRECISIONS
 
 __all__ = [
@@ -224,14 +225,30 @@ def model_options(parser: argparse.ArgumentParser, *, workers: int, batch_size: 
 # ----------------------------------------------------------------------------- loading
 
 
-def run_setup(loaded: InferenceModel) -> dict[str, Any]:
-    """How a run is set up, as the commands print it and write it in their JSON: the model's name
-    (a preset's, or the checkpoint's file or folder name), where its weights come from
-    ("random-init" for a preset), the device and the precision."""
-    preset = is_preset(loaded.source)
+def _model_fields(name: str, pretrained: str | None) -> tuple[str, str]:
+    """(model, pretrained) as CLIP_benchmark records them: a registered name's architecture and
+    tag; a preset's name and "random-init"; an architecture and its weights file; a Hub name as
+    given, twice (it is both); a checkpoint's file or folder name and its path."""
+    where = resolve(name, pretrained)
+    if where.kind == "pretrained":
+        return where.entry.architecture, where.entry.tag
+    if where.kind == "preset":
+        return name, "random-init"
+    if where.kind == "weights":
+        return name, str(pretrained)
+    if where.kind == "hub":
+        return name, name
+    return Path(name).stem, name
+
+
+def run_setup(loaded: InferenceModel, *, name: str | None = None, pretrained: str | None = None) -> dict[str, Any]:
+    """How a run is set up, as the commands print it and write it in their JSON: ``model`` and
+    ``pretrained`` of the name the model was loaded by (``loaded.source`` when ``name`` is None;
+    see `_model_fields`), the device and the precision."""
+    model, weights = _model_fields(loaded.source if name is None else name, pretrained)
     return {
-        "model": loaded.source if preset else Path(loaded.source).stem,
-        "pretrained": "random-init" if preset else loaded.source,
+        "model": model,
+        "pretrained": weights,
         "device": str(loaded.device),
         "precision": loaded.precision,
         "autocast_dtype": loaded.autocast_dtype,
@@ -244,10 +261,11 @@ def run_options(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, An
             "progress": not args.quiet}
 
 
-def load_model(source: str, *, tokenizer: str | None = None, device: str | None = None,
-               precision: str = "fp32", pretrained: str | None = None) -> tuple[Any, Callable, Any, dict[str, Any]]:
+def load_model(source: str, *, tokenizer: str | None = None, device: str | None = None, precision: str = "fp32",
+               pretrained: str | None = None, need_tokenizer: bool = True) -> tuple[Any, Callable, Any, dict[str, Any]]:
     """model, preprocess, tokenizer and `run_setup` of the model ``source`` (any name `clipforge.load`
-    takes; ``pretrained`` is ``--pretrained``)."""
+    takes; ``pretrained`` is ``--pretrained``); with ``need_tokenizer`` False, as
+    `load_for_inference`'s, the tokenizer may be None."""
     from clipforge.devices import check_precision, default_device
 
     try:  # a precision the device cannot run is the user's choice, refused before loading
@@ -258,15 +276,16 @@ def load_model(source: str, *, tokenizer: str | None = None, device: str | None 
         what = "a file, not a tokenizer folder" if Path(tokenizer).exists() else "no such tokenizer folder"
         raise CommandError(f"{tokenizer}: {what}")
     loaded = load_for_inference(source, pretrained=pretrained, tokenizer=tokenizer, device=device,
-                                precision=precision)
-    return loaded.model, loaded.preprocess, loaded.tokenizer, run_setup(loaded)
+                                precision=precision, need_tokenizer=need_tokenizer)
+    return loaded.model, loaded.preprocess, loaded.tokenizer, run_setup(loaded, name=source, pretrained=pretrained)
 
 
-def load_model_for_command(args: argparse.Namespace) -> tuple[Any, Callable, Any, dict[str, Any]]:
+def load_model_for_command(args: argparse.Namespace, *,
+                           need_tokenizer: bool = True) -> tuple[Any, Callable, Any, dict[str, Any]]:
     """`load_model` of the parsed ``--model``, ``--pretrained`` (where the command has it),
     ``--tokenizer``, ``--device`` and ``--precision``."""
     return load_model(args.model, tokenizer=args.tokenizer, device=args.device, precision=args.precision,
-                      pretrained=getattr(args, "pretrained", None))
+                      pretrained=getattr(args, "pretrained", None), need_tokenizer=need_tokenizer)
 
 
 # ----------------------------------------------------------------------------- files

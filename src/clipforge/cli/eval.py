@@ -308,7 +308,7 @@ def run_linear_probe(args: argparse.Namespace) -> int:
     check_output(args.out, option="--out")
     train = open_eval_source(args.data or args.train, "linear_probe")  # bad data is named before the model loads
     test = open_eval_source(args.test, "linear_probe") if args.test is not None else None
-    model, preprocess, _, setup = load_model_for_command(args)
+    model, preprocess, _, setup = load_model_for_command(args, need_tokenizer=False)  # image features only
     clock.lap("load")
     fit = {"lr": args.lr, "epochs": args.epochs, "probe_batch_size": args.probe_batch_size,
            "weight_decay": args.weight_decay, "val_proportion": args.val_proportion, "fewshot_k": args.fewshot_k}

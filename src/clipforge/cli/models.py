@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from typing import Any
 
 from clipforge.cli._common import CommandError, table
@@ -81,17 +83,35 @@ def run_models(args: argparse.Namespace) -> int:
         shown = pattern if len(pattern) <= 80 else pattern[:77] + "..."
         raise CommandError(f"no pretrained model matches {shown!r}; `clipforge models` lists them all")
     rows = [_row(e, is_cached(e)) for e in entries]
-    if args.json:
+    try:
+        _print(rows, as_json=args.json)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `clipforge models | head`: the reader has gone, and nothing is wrong
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the final flush at exit goes nowhere, quietly
+        os.close(devnull)
+        return 141  # as a shell reports a command ended by SIGPIPE
+    return 0
+
+
+_TEXT_COLUMNS = (1, 2, 3, 7)  # architecture, tag, activation, licence: aligned left like the name
+
+
+def _print(rows: list[dict[str, Any]], *, as_json: bool) -> None:
+    if as_json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
-        return 0
+        return
     header = ["name", "architecture", "tag", "activation", "image", "params", "download", "licence", "top-1",
               "cached"]
     cells = [[r["name"], r["architecture"], r["tag"], r["activation"], str(r["image_size"]),
               f"{r['params'] / 1e6:.0f}M", f"~{_size(r['download_bytes'])}", r["licence"].split(" (")[0],
               "n/a" if r["imagenet_top1"] is None else f"{100 * r['imagenet_top1']:.1f}%",
               "yes" if r["cached"] else "no"] for r in rows]
+    for i in _TEXT_COLUMNS:  # padded here, so that the table's right alignment leaves them as they are
+        width = max(len(row[i]) for row in [header, *cells])
+        for row in [header, *cells]:
+            row[i] = row[i].ljust(width)
     print(table(header, cells))
     cached = sum(r["cached"] for r in rows)
-    print(f"{len(rows)} models, {cached} cached; download sizes are estimates (fp32 parameters); top-1: ImageNet "
-          "zero-shot, OpenCLIP's results table (--json gives the sources)")
-    return 0
+    print(f"{len(rows)} model{'' if len(rows) == 1 else 's'}, {cached} cached; download sizes are estimates (fp32 "
+          "parameters); top-1: ImageNet zero-shot, OpenCLIP's results table (--json gives the sources)")

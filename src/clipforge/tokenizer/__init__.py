@@ -23,6 +23,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ftfy
 import numpy as np
@@ -43,6 +44,9 @@ from clipforge.tokenizer._bpe_vocab import (
     read_openai_bpe,
     vocab_from_merges,
 )
+
+if TYPE_CHECKING:
+    from clipforge.tokenizer.siglip import GemmaTokenizer, SentencePieceTokenizer
 
 __all__ = [
     "DEFAULT_CONTEXT_LENGTH",
@@ -252,8 +256,19 @@ class Tokenizer:
         return directory
 
     @classmethod
-    def from_dir(cls, directory: str | os.PathLike[str], *, context_length: int | None = None) -> Tokenizer:
-        """Reads a directory written by `save`, or a Hugging Face checkpoint's CLIP tokenizer files."""
+    def from_dir(
+        cls, directory: str | os.PathLike[str], *, context_length: int | None = None
+    ) -> Tokenizer | SentencePieceTokenizer | GemmaTokenizer:
+        """Reads a directory written by `save`, or a Hugging Face checkpoint's CLIP tokenizer files.
+
+        A directory with SigLIP's ``spiece.model`` or SigLIP 2's Gemma ``tokenizer.json`` gives
+        their tokenizer instead (`clipforge.tokenizer.siglip`), which pads to 64 tokens unless
+        ``context_length`` says otherwise.
+        """
+        from clipforge.tokenizer.siglip import is_siglip_tokenizer_dir, siglip_tokenizer_from_dir
+
+        if is_siglip_tokenizer_dir(directory):
+            return siglip_tokenizer_from_dir(directory, context_length=context_length)
         directory = Path(directory)
         bpe = read_hf_dir(directory)
         config_file = directory / CONFIG_FILE

@@ -25,6 +25,9 @@ BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 BPE_ENV = "CLIPFORGE_BPE"
 # Packages known to ship OpenAI's file next to their tokenizer (open_clip_torch, openai/CLIP).
 BPE_PACKAGES = ("open_clip", "clip")
+# A Hub repository holding the same vocabulary as vocab.json + merges.txt (the same 49,408 ids), so
+# a Hugging Face cache copied from another machine carries it.
+BPE_HUB_REPO = "openai/clip-vit-base-patch32"
 
 SOT_TOKEN = "<start_of_text>"
 EOT_TOKEN = "<end_of_text>"
@@ -145,6 +148,23 @@ def cache_dir() -> Path:
     return downloads()
 
 
+def _hub_cached_bpe() -> Path | None:
+    """The snapshot folder of `BPE_HUB_REPO` in the Hugging Face cache when it holds vocab.json and
+    merges.txt; the cache only, never the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    vocab, merges = (try_to_load_from_cache(BPE_HUB_REPO, name) for name in ("vocab.json", "merges.txt"))
+    if isinstance(vocab, str) and isinstance(merges, str) and Path(vocab).parent == Path(merges).parent:
+        return Path(vocab).parent
+    return None
+
+
+def _offline() -> bool:
+    from clipforge.checkpoints.download import offline
+
+    return offline()
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -174,7 +194,8 @@ def _missing_message(reason: str) -> str:
 
 
 def find_bpe(path: str | os.PathLike[str] | None = None, *, download: bool = True) -> Path:
-    """Locates the vocabulary: ``path``; ``$CLIPFORGE_BPE``; an installed package; the cache; a download.
+    """Locates the vocabulary: ``path``; ``$CLIPFORGE_BPE``; an installed package; the cache;
+    `BPE_HUB_REPO`'s files in the Hugging Face cache; a download (not with ``HF_HUB_OFFLINE``).
 
     ``path`` and the environment variable may name a merges file or a directory of tokenizer
     files; either one, when given, must exist.  The download is tried last, only when ``download``.
@@ -190,6 +211,14 @@ def find_bpe(path: str | os.PathLike[str] | None = None, *, download: bool = Tru
     cached = cache_dir() / BPE_FILENAME
     if cached.is_file() and _sha256(cached) == BPE_SHA256:
         return cached
+    hub = _hub_cached_bpe()
+    if hub is not None:
+        return hub
+    if download and _offline():
+        raise FileNotFoundError(
+            f"OpenAI's CLIP BPE vocabulary is not on this machine and HF_HUB_OFFLINE is set: put {BPE_FILENAME} "
+            f"(SHA-256 {BPE_SHA256[:12]}...) in {cache_dir()}, or set {BPE_ENV} to its path or to a folder holding "
+            f"vocab.json + merges.txt, or copy {BPE_HUB_REPO}'s files into the Hugging Face cache")
     if not download:
         raise FileNotFoundError(_missing_message("download disabled"))
     try:
