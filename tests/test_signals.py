@@ -241,3 +241,28 @@ def test_two_ranks_stop_after_the_same_step_with_one_checkpoint(two_rank_referen
     for code, _, err in finish_ranks(start_ranks(command[5:])):
         assert code == 0, err[-2000:]
     assert_same_weights(weights(two_rank_reference, STEPS), weights(out, STEPS))
+
+
+def _raise_in(name: str, error: BaseException):
+    namespace: dict = {}
+    exec(f"def {name}():\n    raise error\n", {"error": error}, namespace)
+    try:
+        namespace[name]()
+    except BaseException as caught:  # noqa: BLE001 - the hook gets what a thread's run would
+        return type(caught), caught, caught.__traceback__.tb_next
+    raise AssertionError("did not raise")
+
+
+def test_a_worker_is_silent_when_the_main_process_abandons_a_handover(capsys):
+    """A second Ctrl-C can stop the main process while a worker's resource-sharer thread
+    (multiprocessing's ``_serve``) hands it a batch's file descriptor; that thread's connection
+    error is not the user's concern.  Every other error is printed as Python prints it."""
+    from clipforge.data.images import quiet_abandoned_handover
+
+    quiet_abandoned_handover(*_raise_in("_serve", EOFError()))
+    quiet_abandoned_handover(*_raise_in("_serve", ConnectionResetError(104, "reset")))
+    assert capsys.readouterr().err == ""
+    quiet_abandoned_handover(*_raise_in("_serve", ValueError("a real bug")))
+    quiet_abandoned_handover(*_raise_in("load_batch", EOFError("elsewhere")))
+    err = capsys.readouterr().err
+    assert "ValueError: a real bug" in err and "EOFError: elsewhere" in err

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 from clipforge.data._errors import DataError
 
 __all__ = [
-    "READ_ERRORS", "STOP_SIGNALS", "ImageLoader", "Skipped", "describe_skipped", "ignore_stop_signals", "read_rgb",
+    "READ_ERRORS", "STOP_SIGNALS", "ImageLoader", "Skipped", "describe_skipped", "ignore_stop_signals",
+    "quiet_abandoned_handover", "read_rgb",
     "skip_reason",
 ]
 
@@ -40,9 +43,25 @@ STOP_SIGNALS: tuple[int, ...] = tuple(getattr(signal, name) for name in ("SIGINT
 def ignore_stop_signals(worker_id: int) -> None:
     """A loader's ``worker_init_fn``: the worker ignores `STOP_SIGNALS`.  A terminal's Ctrl-C reaches
     the whole process group; the main process handles it (a training run stops after its step,
-    an evaluation ends) and shuts its workers down itself."""
+    an evaluation ends) and shuts its workers down itself.  A main process stopped at once (a
+    second Ctrl-C) may drop a batch's shared-memory handle half-received: the worker's thread
+    that hands it over then fails, and says nothing (`quiet_abandoned_handover`)."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    sys.excepthook = quiet_abandoned_handover
+
+
+_HANDOVER_ERRORS = (EOFError, ConnectionError)
+
+
+def quiet_abandoned_handover(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+    """A loader worker's ``sys.excepthook``: silent for the connection error of a file-descriptor
+    handover (multiprocessing's resource sharer) that the main process abandoned; any other error
+    is printed as Python prints it."""
+    frames = [frame.f_code.co_name for frame, _ in traceback.walk_tb(trace)]
+    if issubclass(kind, _HANDOVER_ERRORS) and frames and frames[0] == "_serve":
+        return
+    sys.__excepthook__(kind, error, trace)
 
 
 @dataclass(frozen=True)
