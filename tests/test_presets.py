@@ -12,7 +12,6 @@ installed; these tests need neither open_clip nor a network.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _preset_helpers import expand_blocks, meta_model
 from clipforge.checkpoints import convert, load, load_model, read_checkpoint
 from clipforge.checkpoints.configs import infer_config
 from clipforge.checkpoints.names import to_openclip
@@ -37,25 +37,6 @@ OWN_STATISTICS = {("ViT-L-14", "laion2b_s32b_b82k")}  # Inception's 0.5 / 0.5 (o
 @cache
 def openclip_models() -> dict[str, dict]:
     return json.loads((PARITY / "preset_shapes.json").read_text())["models"]
-
-
-def expand_blocks(shapes: dict[str, list[int]]) -> dict[str, list[int]]:
-    """The fixture's "resblocks.{0..31}.ln_1.weight" runs written out, one name per block."""
-    out = {}
-    for key, shape in shapes.items():
-        match = re.search(r"\{(\d+)\.\.(\d+)\}", key)
-        if match is None:
-            out[key] = shape
-            continue
-        for index in range(int(match[1]), int(match[2]) + 1):
-            out[key[: match.start()] + str(index) + key[match.end():]] = shape
-    return out
-
-
-@cache
-def meta_model(name: str) -> CLIP:
-    with torch.device("meta"):  # full size, no memory for the weights
-        return CLIP(get_config(name))
 
 
 # ----------------------------------------------------------------------------- full-size shapes

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import re
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _preset_helpers import expand_blocks, meta_model
 from clipforge.checkpoints import CheckpointError, load, load_model, read_checkpoint
 from clipforge.checkpoints.configs import (
     TIMM_SIGLIP_TOWERS,
@@ -206,25 +206,6 @@ def test_a_clip_model_with_a_bias_still_has_no_hugging_face_names():
 @cache
 def openclip_models() -> dict[str, dict]:
     return json.loads((FIXTURES / "preset_shapes.json").read_text())["models"]
-
-
-def expand_blocks(shapes: dict[str, list[int]]) -> dict[str, list[int]]:
-    """The fixture's "blocks.{0..26}.norm1.weight" runs written out, one name per block."""
-    out = {}
-    for key, shape in shapes.items():
-        match = re.search(r"\{(\d+)\.\.(\d+)\}", key)
-        if match is None:
-            out[key] = shape
-            continue
-        for index in range(int(match[1]), int(match[2]) + 1):
-            out[key[: match.start()] + str(index) + key[match.end():]] = shape
-    return out
-
-
-@cache
-def meta_model(name: str) -> CLIP:
-    with torch.device("meta"):
-        return CLIP(get_config(name))
 
 
 def test_fixture_covers_every_siglip_preset():

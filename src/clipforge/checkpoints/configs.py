@@ -207,6 +207,23 @@ def _hf_act(name: Any, where: str, path: Path) -> str:
     return _HF_ACTS[name]
 
 
+def _hf_tower(c: dict[str, Any], where: str, path: Path) -> dict[str, Any]:
+    """The `VisionConfig`/`TextConfig` fields both CLIPModel's and SiglipModel's tower configs give alike."""
+    return {
+        "width": c["hidden_size"],
+        "layers": c["num_hidden_layers"],
+        "heads": c["num_attention_heads"],
+        "mlp_ratio": c["intermediate_size"] / c["hidden_size"],
+        "act": _hf_act(c["hidden_act"], where, path),
+        "layer_norm_eps": c["layer_norm_eps"],
+    }
+
+
+def _hf_text(t: dict[str, Any], path: Path) -> dict[str, Any]:
+    return {"context_length": t["max_position_embeddings"], "vocab_size": t["vocab_size"],
+            **_hf_tower(t, "text_config", path)}
+
+
 def config_from_hf(hf: dict[str, Any], preprocessor: dict[str, Any] | None, path: Path) -> CLIPConfig:
     """A Hugging Face ``config.json`` (and ``preprocessor_config.json``) as a `CLIPConfig`:
     ``CLIPModel``'s, or ``SiglipModel``'s when its ``model_type`` is "siglip"."""
@@ -221,25 +238,11 @@ def config_from_hf(hf: dict[str, Any], preprocessor: dict[str, Any] | None, path
         vision = VisionConfig(
             image_size=v["image_size"],
             patch_size=v["patch_size"],
-            width=v["hidden_size"],
-            layers=v["num_hidden_layers"],
-            heads=v["num_attention_heads"],
-            mlp_ratio=v["intermediate_size"] / v["hidden_size"],
-            act=_hf_act(v["hidden_act"], "vision_config", path),
-            layer_norm_eps=v["layer_norm_eps"],
             mean=tuple(pre.get("image_mean", OPENAI_MEAN)),
             std=tuple(pre.get("image_std", OPENAI_STD)),
+            **_hf_tower(v, "vision_config", path),
         )
-        text = TextConfig(
-            context_length=t["max_position_embeddings"],
-            vocab_size=t["vocab_size"],
-            width=t["hidden_size"],
-            heads=t["num_attention_heads"],
-            layers=t["num_hidden_layers"],
-            mlp_ratio=t["intermediate_size"] / t["hidden_size"],
-            act=_hf_act(t["hidden_act"], "text_config", path),
-            layer_norm_eps=t["layer_norm_eps"],
-        )
+        text = TextConfig(**_hf_text(t, path))
         return CLIPConfig(
             embed_dim=hf.get("projection_dim", 512),
             vision=vision,
@@ -292,27 +295,12 @@ def _siglip_from_hf(hf: dict[str, Any], preprocessor: dict[str, Any] | None, pat
         vision = VisionConfig(
             image_size=_square(v["image_size"], "image_size", path),
             patch_size=_square(v["patch_size"], "patch_size", path),
-            width=v["hidden_size"],
-            layers=v["num_hidden_layers"],
-            heads=v["num_attention_heads"],
-            mlp_ratio=v["intermediate_size"] / v["hidden_size"],
-            act=_hf_act(v["hidden_act"], "vision_config", path),
-            layer_norm_eps=v["layer_norm_eps"],
             mean=tuple(pre.get("image_mean", SIGLIP_MEAN)),
             std=tuple(pre.get("image_std", SIGLIP_STD)),
             pool="map",
+            **_hf_tower(v, "vision_config", path),
         )
-        text = TextConfig(
-            context_length=t["max_position_embeddings"],
-            vocab_size=t["vocab_size"],
-            width=t["hidden_size"],
-            heads=t["num_attention_heads"],
-            layers=t["num_hidden_layers"],
-            mlp_ratio=t["intermediate_size"] / t["hidden_size"],
-            act=_hf_act(t["hidden_act"], "text_config", path),
-            layer_norm_eps=t["layer_norm_eps"],
-            pool="last",
-        )
+        text = TextConfig(pool="last", **_hf_text(t, path))
         # SiglipModel draws its scale and bias at random (no init value in its config): the paper's.
         return CLIPConfig(embed_dim=v["hidden_size"], vision=vision, text=text, init_logit_scale=SIGLIP_INIT_SCALE,
                           init_logit_bias=SIGLIP_INIT_BIAS)

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import string
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ def _context_length(context_length: int | None, config: dict[str, Any]) -> int:
     return context_length
 
 
-class _DirectoryTokenizer:
+class _DirectoryTokenizer(ABC):
     """What both tokenizers share: the directory they came from, padding to a fixed length."""
 
     directory: Path
@@ -85,8 +86,9 @@ class _DirectoryTokenizer:
         """Token ids of ``text`` with its special tokens (the end token), unpadded and uncut."""
         return self.encode_batch([text])[0]
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's ids with its special tokens, unpadded and uncut."""
 
     def __call__(
         self, texts: str | Sequence[str], context_length: int | None = None, *, truncate: bool = True
@@ -116,8 +118,9 @@ class _DirectoryTokenizer:
                                  f"context_length={length}; shorten it or pass truncate=True")
         return [ids if len(ids) <= length else self._cut(text, ids, length) for text, ids in zip(texts, rows)]
 
-    def _cut(self, text: str, ids: list[int], length: int) -> list[int]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _cut(self, text: str, ids: list[int], length: int) -> list[int]:
+        """``ids`` of ``text`` cut to ``length``, as the reference tokenizer cuts them."""
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Copies the tokenizer's files into ``directory``; returns it."""
