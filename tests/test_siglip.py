@@ -282,7 +282,7 @@ def test_a_random_siglip_preset_loads_without_a_tokenizer():
 
 @pytest.mark.parametrize(("make", "message"), [
     (lambda: VisionConfig(pool="avg"), "VisionConfig.pool must be one of ('class', 'map'), got 'avg'"),
-    (lambda: TextConfig(pool="first"), "TextConfig.pool must be one of ('eot', 'last'), got 'first'"),
+    (lambda: TextConfig(pool="first"), "TextConfig.pool must be one of ('eot', 'last', 'cls'), got 'first'"),
     (lambda: VisionConfig(patch_size=None, layers=(1, 1, 1, 1), pool="map"),
      "VisionConfig.pool='map' needs a ViT (patch_size), not a ResNet (patch_size=None)"),
     (lambda: VisionConfig(image_size=36, patch_size=8),
@@ -292,7 +292,7 @@ def test_a_random_siglip_preset_loads_without_a_tokenizer():
     (lambda: CLIPConfig(embed_dim=512, vision=VisionConfig(pool="map")),
      "CLIPConfig.embed_dim=512 must equal vision.width=768: an attention-pooled image tower (pool='map') has no "
      "projection"),
-    (lambda: list_presets("blip"), "unknown model family 'blip'; known: clip, siglip"),
+    (lambda: list_presets("blip"), "unknown model family 'blip'; known: clip, siglip, chinese_clip"),
 ])
 def test_invalid_siglip_configs_are_named(make, message):
     with pytest.raises(ValueError) as err:

@@ -65,7 +65,7 @@ from clipforge.checkpoints.configs import (
     infer_config,
     preprocess_from_openclip,
 )
-from clipforge.checkpoints.download import DownloadError, fetch_entry, fetch_repo
+from clipforge.checkpoints.download import DownloadError, fetch_entry, fetch_repo, fetch_tokenizer
 from clipforge.checkpoints.names import from_hf, to_clipforge_names, to_hf, to_openclip
 from clipforge.checkpoints.registry import Preprocessing, Pretrained, UnknownModelError, resolve
 from clipforge.devices import check_precision, default_device
@@ -98,6 +98,7 @@ class Checkpoint:
     source: Path
     format: str  # "clipforge", "hf", "openclip" (OpenCLIP's names, also OpenAI's) or "openai" (TorchScript)
     tokenizer_dir: Path | None = None  # a directory holding tokenizer files, if any
+    text_cleaning: str | None = None  # OpenCLIP's cleaning before a Hugging Face tokenizer, for OpenCLIP's models
 
 
 def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
@@ -115,7 +116,7 @@ def _read_hf_weights(directory: Path) -> dict[str, Tensor]:
 
 
 def _has_tokenizer(directory: Path) -> bool:
-    return (directory / "tokenizer.json").is_file() or (directory / "spiece.model").is_file() or (
+    return any((directory / name).is_file() for name in ("tokenizer.json", "spiece.model", "vocab.txt")) or (
         (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()
     )
 
@@ -146,7 +147,7 @@ def _read_directory(directory: Path) -> Checkpoint:
     model_type = data.get("model_type")
     if isinstance(model_type, str) and model_type not in HF_MODEL_TYPES:  # BLIP, ... also have a vision_config
         raise CheckpointError(f"{directory / CONFIG_FILE}: describes a Hugging Face {model_type!r} model "
-                              "(its model_type), not CLIP or SigLIP, the models clipforge reads")
+                              "(its model_type), not CLIP or SigLIP or Chinese-CLIP, the models clipforge reads")
     if data.get("format") == "clipforge":
         try:
             config = CLIPConfig.from_dict(data["model"])
@@ -275,7 +276,72 @@ def _with_entry(config: CLIPConfig, entry: Pretrained, act: str | None, source: 
         raise CheckpointError(f"{source}: images of {config.vision.image_size} pixels, but {entry.name} is "
                               f"registered at {pre.image_size}")
     config = replace(config, vision=replace(config.vision, mean=pre.mean, std=pre.std))
-    return config.with_activation(act or entry.activation)
+    if act:
+        return config.with_activation(act)
+    return replace(config, vision=replace(config.vision, act=entry.activation),
+                   text=replace(config.text, act=entry.text_activation or entry.activation))
+
+
+HF_PREPROCESSOR = "preprocessor_config.json"
+# transformers' image processors that never crop (SigLIP's); CLIPImageProcessor and
+# ChineseCLIPImageProcessor crop unless ``do_center_crop`` is false.
+_SQUASHING_PROCESSORS = ("SiglipImageProcessor", "SiglipImageProcessorFast")
+_PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's filter numbers, as transformers writes ``resample``
+
+
+def _hf_geometry(path: Path) -> dict[str, Any]:
+    """The resize of a transformers folder's image processor (``preprocessor_config.json``): a
+    ``size`` of height and width without a centre crop squashes to the square (SigLIP's processor;
+    Chinese-CLIP's releases, ``do_center_crop: false``), else the short side is resized and the
+    centre cropped (CLIP's); ``resample`` picks bicubic or bilinear."""
+    if not path.is_file():
+        return {}
+    data = read_json(path)
+    geometry: dict[str, Any] = {}
+    size = data.get("size")
+    crops = data.get("do_center_crop", data.get("image_processor_type") not in _SQUASHING_PROCESSORS)
+    if isinstance(size, dict) and "height" in size and "width" in size and not crops:
+        geometry["resize_mode"] = "squash"  # resized to the square (SigLIP's; Chinese-CLIP's releases too)
+    if "resample" in data:
+        if data["resample"] not in _PIL_RESAMPLE:
+            raise CheckpointError(f"{path}: resample={data['resample']!r} is not supported; clipforge resizes "
+                                  "with bilinear (2) or bicubic (3) filters")
+        geometry["interpolation"] = _PIL_RESAMPLE[data["resample"]]
+    return geometry
+
+
+def _openclip_cleaning(checkpoint: Checkpoint) -> str | None:
+    """OpenCLIP's text cleaning for a folder read by its ``open_clip_config.json`` whose text tower
+    takes a Hugging Face tokenizer (``tokenizer_kwargs.clean``, OpenCLIP's "whitespace" when
+    absent); None for other checkpoints, which clean text as their tokenizer's own library does."""
+    from clipforge.tokenizer.siglip import OPENCLIP_CLEANING
+
+    config_file = checkpoint.source.parent / OPENCLIP_CONFIG
+    if checkpoint.format != "openclip" or not config_file.is_file():
+        return None
+    text_cfg = read_json(config_file).get("model_cfg", {}).get("text_cfg", {})
+    if not isinstance(text_cfg, dict) or not text_cfg.get("hf_tokenizer_name"):
+        return None
+    kwargs = text_cfg.get("tokenizer_kwargs") or {}
+    cleaning = kwargs.get("clean", "whitespace") if isinstance(kwargs, dict) else "whitespace"
+    if cleaning not in OPENCLIP_CLEANING:
+        raise CheckpointError(f"{config_file}: text_cfg.tokenizer_kwargs.clean is {cleaning!r}; OpenCLIP's cleanings "
+                              f"are {', '.join(OPENCLIP_CLEANING)}")
+    return cleaning
+
+
+def _hub_tokenizer(checkpoint: Checkpoint, repo: str, revision: str | None) -> Path | None:
+    """The tokenizer files of an OpenCLIP Hub repository whose ``open_clip_config.json`` names a
+    Hugging Face tokenizer (``hf_tokenizer_name``: SigLIP's, its own repository's or another's);
+    None for one that names none (OpenAI's vocabulary)."""
+    config_file = checkpoint.source.parent / OPENCLIP_CONFIG
+    if not config_file.is_file():
+        return None
+    text_cfg = read_json(config_file).get("model_cfg", {}).get("text_cfg", {})
+    named = text_cfg.get("hf_tokenizer_name") if isinstance(text_cfg, dict) else None
+    if not isinstance(named, str) or named.count("/") != 1 or named.startswith(("/", ".", "~")) or ":" in named:
+        return None  # none, or a local folder (as `convert` writes it): the snapshot's own files, if any
+    return fetch_tokenizer(named, revision=revision if named == repo else None)
 
 
 def _read_source(
@@ -296,6 +362,8 @@ def _read_source(
         return checkpoint.config, checkpoint, None, where.name
     if where.kind == "hub":
         checkpoint = read_checkpoint(fetch_repo(where.repo_id, revision=where.revision, layout=where.layout), act=act)
+        if checkpoint.tokenizer_dir is None and checkpoint.format == "openclip":
+            checkpoint.tokenizer_dir = _hub_tokenizer(checkpoint, where.repo_id, where.revision)
         return checkpoint.config, checkpoint, None, where.name
     entry = where.entry
     if entry.layout == "hf":  # a CLIPModel repository: its own config
@@ -303,6 +371,10 @@ def _read_source(
     else:  # one weights file: the registered architecture, checked before anything is downloaded
         config = _preset_config(entry.architecture, entry.name)
         checkpoint = _weights_into(config, fetch_entry(entry, revision=where.revision))
+        if entry.tokenizer is not None:  # its vocabulary is not OpenAI's: the files of its repository
+            pin = where.revision if entry.tokenizer == entry.hub else None
+            checkpoint.tokenizer_dir = fetch_tokenizer(entry.tokenizer, revision=pin)
+            checkpoint.text_cleaning = entry.text_cleaning
     checkpoint.config = _with_entry(checkpoint.config, entry, act, checkpoint.source)
     return checkpoint.config, checkpoint, entry.preprocessing, where.name
 
@@ -359,6 +431,8 @@ def _load_with_tools(
     if (pre is None and config_file is not None and pretrained is None and not Path(name_or_path).is_file()
             and checkpoint.format == "openclip" and config_file.is_file()):
         geometry = preprocess_from_openclip(read_json(config_file), config_file)
+    if pre is None and checkpoint is not None and checkpoint.format == "hf":
+        geometry = _hf_geometry(checkpoint.source / HF_PREPROCESSOR)
     pre = pre or Preprocessing(vision.image_size, vision.mean, vision.std)
     options = {"resize_mode": pre.resize_mode, "interpolation": pre.interpolation, **geometry}
     try:
@@ -368,8 +442,11 @@ def _load_with_tools(
     if not with_tokenizer:
         tokenizer = None
     elif tokenizer_dir is not None:
-        tokenizer = Tokenizer.from_dir(tokenizer_dir, context_length=text.context_length)
-    elif text.vocab_size == OPENAI_VOCAB_SIZE:
+        tokenizer = Tokenizer.from_dir(tokenizer_dir, context_length=text.tokens)
+        cleaning = checkpoint.text_cleaning or _openclip_cleaning(checkpoint)
+        if cleaning is not None and hasattr(tokenizer, "clean_as"):  # a Hugging Face tokenizer run as OpenCLIP runs it
+            tokenizer.clean_as(cleaning)
+    elif text.vocab_size == OPENAI_VOCAB_SIZE and text.pool != "cls":
         tokenizer = load_tokenizer(context_length=text.context_length)
     else:
         tokenizer = None
@@ -506,6 +583,9 @@ def convert(src: PathLike | Checkpoint, dst: PathLike, *, to: str, act: str | No
     checkpoint = src if isinstance(src, Checkpoint) else None
     check_destination(checkpoint.source if checkpoint else src, dst)
     checkpoint = checkpoint or read_checkpoint(src, act=act)
+    if to == "openclip" and checkpoint.config.family == "chinese_clip":
+        raise CheckpointError(f"{checkpoint.source}: OpenCLIP has no Chinese-CLIP model (a BERT text tower); "
+                              "convert it to 'hf' or 'clipforge' instead")
     model = _assemble(checkpoint)
     folder = tokenizer if tokenizer is not None else checkpoint.tokenizer_dir
     dst = Path(dst)

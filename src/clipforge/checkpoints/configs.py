@@ -4,7 +4,9 @@
     config = config_from_hf(json_of_config, json_of_preprocessor, path)  # CLIPModel or SiglipModel
     open_clip_config_json = config_to_openclip(config)
 
-SigLIP's files are read here too: Hugging Face's ``SiglipModel`` (``model_type`` "siglip", which
+Chinese-CLIP's ``ChineseCLIPModel`` (``model_type`` "chinese_clip": CLIP's ViT, a BERT text tower)
+is read and written here as well; OpenCLIP has no such model.  SigLIP's files are read here too:
+Hugging Face's ``SiglipModel`` (``model_type`` "siglip", which
 SigLIP 2's fixed-resolution repositories also publish) and OpenCLIP's ``ViT-*-SigLIP*`` configs,
 whose image tower is a timm model known by name only (``timm_model_name``): its shapes come from
 `TIMM_SIGLIP_TOWERS`, the towers timm registers for the released models.
@@ -47,11 +49,14 @@ __all__ = [
     "config_to_openclip", "infer_config", "preprocess_from_openclip", "timm_siglip_name",
 ]
 
-# The Hugging Face model types read here: CLIPModel's and SiglipModel's config.json.
-HF_MODEL_TYPES = ("clip", "siglip")
+# The Hugging Face model types read here: CLIPModel's, SiglipModel's and ChineseCLIPModel's config.json
+# (transformers' ChineseCLIPConfig.model_type is "chinese_clip", with an underscore).
+HF_MODEL_TYPES = ("clip", "siglip", "chinese_clip")
 
 
 # ----------------------------------------------------------------------------- from tensor shapes
+# BERT's LayerNorm eps (Chinese-CLIP's text tower; transformers' ChineseCLIPTextConfig), which no tensor shows.
+_BERT_EPS = 1e-12
 # SigLIP's LayerNorms (big_vision, transformers' SiglipConfig, timm's and OpenCLIP's SigLIP models);
 # no tensor shows an eps, and every released SigLIP uses this one.
 _SIGLIP_EPS = 1e-6
@@ -149,6 +154,8 @@ def infer_config(state: dict[str, Tensor], *, act: str = "gelu", path: str | Pat
             heads=_heads(width * 32, "attention-pool", path),
             act=act,
         )
+    if "text.token_type_embedding" in state:  # BERT: Chinese-CLIP's text tower
+        return _bert_infer(state, vision, path)
     text_width = _shape(state, "text.ln_final.weight", path)[0]
     siglip_text = "text.text_projection.weight" in state  # a linear head: SigLIP's text tower
     text_layers = _count_blocks(state, r"text\.transformer\.resblocks\.(\d+)\.")
@@ -177,6 +184,25 @@ def infer_config(state: dict[str, Tensor], *, act: str = "gelu", path: str | Pat
         init_logit_scale=SIGLIP_INIT_SCALE if vision.pool == "map" else CLIP_INIT_SCALE,
         init_logit_bias=None if bias is None else float(bias),
     )
+
+
+def _bert_infer(state: dict[str, Tensor], vision: VisionConfig, path: Path) -> CLIPConfig:
+    """A Chinese-CLIP state dict's architecture: ``vision`` read as CLIP's, BERT's text tower off its shapes."""
+    width = _shape(state, "text.ln_embed.weight", path)[0]
+    layers = _count_blocks(state, r"text\.transformer\.resblocks\.(\d+)\.")
+    mlp_width = _shape(state, "text.transformer.resblocks.0.mlp.c_fc.weight", path)[0]
+    text = TextConfig(
+        context_length=_shape(state, "text.positional_embedding", path)[0],
+        vocab_size=_shape(state, "text.token_embedding.weight", path)[0],
+        width=width,
+        heads=_text_heads(width, layers, mlp_width, "cls", path),
+        layers=layers,
+        mlp_ratio=mlp_width / width,
+        layer_norm_eps=_BERT_EPS,
+        pool="cls",
+        token_types=_shape(state, "text.token_type_embedding", path)[0],
+    )
+    return CLIPConfig(embed_dim=_shape(state, "text.text_projection", path)[1], vision=vision, text=text)
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -226,9 +252,12 @@ def _hf_text(t: dict[str, Any], path: Path) -> dict[str, Any]:
 
 def config_from_hf(hf: dict[str, Any], preprocessor: dict[str, Any] | None, path: Path) -> CLIPConfig:
     """A Hugging Face ``config.json`` (and ``preprocessor_config.json``) as a `CLIPConfig`:
-    ``CLIPModel``'s, or ``SiglipModel``'s when its ``model_type`` is "siglip"."""
+    ``CLIPModel``'s, ``SiglipModel``'s when its ``model_type`` is "siglip", ``ChineseCLIPModel``'s
+    when it is "chinese_clip"."""
     if hf.get("model_type") == "siglip":
         return _siglip_from_hf(hf, preprocessor, path)
+    if hf.get("model_type") == "chinese_clip":
+        return _chinese_clip_from_hf(hf, preprocessor, path)
     t = {**_HF_TEXT_DEFAULTS, **(hf.get("text_config") or {})}
     v = {**_HF_VISION_DEFAULTS, **(hf.get("vision_config") or {})}
     if v["num_channels"] != 3:
@@ -357,12 +386,107 @@ def _siglip_to_hf(config: CLIPConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return hf, preprocessor
 
 
-def config_to_hf(config: CLIPConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(config.json, preprocessor_config.json) for Hugging Face's CLIPModel and CLIPProcessor, or
-    SiglipModel and its image processor for a SigLIP image tower."""
+# ChineseCLIPTextConfig's and ChineseCLIPVisionConfig's defaults (transformers' configuration_chinese_clip.py)
+# for the keys a config.json may omit: BERT-base's text tower, CLIP's ViT-B/32.
+_HF_BERT_DEFAULTS = {
+    "vocab_size": 30522, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "max_position_embeddings": 512, "hidden_act": "gelu", "layer_norm_eps": _BERT_EPS,
+    "pad_token_id": 0, "type_vocab_size": 2,
+}
+_HF_CHINESE_CLIP_VISION_DEFAULTS = {**_HF_VISION_DEFAULTS, "layer_norm_eps": 1e-5}
+
+
+def _chinese_clip_from_hf(hf: dict[str, Any], preprocessor: dict[str, Any] | None, path: Path) -> CLIPConfig:
+    """A ``ChineseCLIPModel`` config.json as a `CLIPConfig`: CLIP's ViT, BERT's text tower (pool "cls")."""
+    t = {**_HF_BERT_DEFAULTS, **(hf.get("text_config") or {})}
+    v = {**_HF_CHINESE_CLIP_VISION_DEFAULTS, **(hf.get("vision_config") or {})}
+    if v["num_channels"] != 3:
+        raise CheckpointError(f"{path}: vision_config.num_channels={v['num_channels']}; only RGB (3) is supported")
+    position = t.get("position_embedding_type", "absolute")
+    if position != "absolute":  # older BERT configs name it; transformers' ChineseCLIP runs absolute positions only
+        raise CheckpointError(f"{path}: text_config.position_embedding_type={position!r} is not supported "
+                              "(ChineseCLIPModel's BERT adds absolute position embeddings)")
+    pre = preprocessor or {}
+    try:
+        vision = VisionConfig(
+            image_size=_square(v["image_size"], "image_size", path),
+            patch_size=_square(v["patch_size"], "patch_size", path),
+            mean=tuple(pre.get("image_mean", OPENAI_MEAN)),
+            std=tuple(pre.get("image_std", OPENAI_STD)),
+            **_hf_tower(v, "vision_config", path),
+        )
+        text = TextConfig(pool="cls", token_types=t["type_vocab_size"],
+                          pad_token_id=0 if t["pad_token_id"] is None else t["pad_token_id"],
+                          **_hf_text(t, path))
+        return CLIPConfig(
+            embed_dim=hf.get("projection_dim", 512),
+            vision=vision,
+            text=text,
+            init_logit_scale=math.exp(hf.get("logit_scale_init_value", _HF_LOGIT_SCALE_INIT)),
+        )
+    except ValueError as err:
+        raise CheckpointError(f"{path}: unsupported Hugging Face Chinese-CLIP config: {err}") from err
+
+
+def _chinese_clip_to_hf(config: CLIPConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config.json, preprocessor_config.json) for transformers' ChineseCLIPModel and ChineseCLIPImageProcessor."""
     v, t = config.vision, config.text
-    if v.pool == "map":
+    if v.is_resnet or v.pool != "class":
+        raise CheckpointError("Hugging Face's ChineseCLIPModel needs CLIP's ViT image tower; this model's is "
+                              + ("a ResNet" if v.is_resnet else "SigLIP's"))
+    if config.init_logit_bias is not None:
+        raise CheckpointError("Hugging Face's ChineseCLIPModel has no logit bias")
+    text_config = {
+        "model_type": "chinese_clip_text_model",
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.width,
+        "intermediate_size": t.mlp_width,
+        "num_hidden_layers": t.layers,
+        "num_attention_heads": t.heads,
+        "max_position_embeddings": t.context_length,
+        "hidden_act": _HF_ACT_NAMES[t.act],
+        "layer_norm_eps": t.layer_norm_eps,
+        "type_vocab_size": t.token_types,
+        "pad_token_id": t.pad_token_id,
+    }
+    vision_config = {
+        "model_type": "chinese_clip_vision_model",
+        "hidden_size": v.width,
+        "intermediate_size": v.mlp_width,
+        "num_hidden_layers": v.layers,
+        "num_attention_heads": v.heads,
+        "num_channels": 3,
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "hidden_act": _HF_ACT_NAMES[v.act],
+        "layer_norm_eps": v.layer_norm_eps,
+        "projection_dim": config.embed_dim,
+    }
+    hf = {
+        "architectures": ["ChineseCLIPModel"],
+        "model_type": "chinese_clip",
+        "projection_dim": config.embed_dim,
+        "logit_scale_init_value": math.log(config.init_logit_scale),
+        "text_config": text_config,
+        "vision_config": vision_config,
+    }
+    return hf, _clip_preprocessor(v, "ChineseCLIPImageProcessor")
+
+
+def config_to_hf(config: CLIPConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config.json, preprocessor_config.json) for Hugging Face's CLIPModel and CLIPProcessor,
+    SiglipModel and its image processor for a SigLIP image tower, or ChineseCLIPModel and its
+    image processor for a BERT text tower."""
+    if config.vision.pool == "map":
         return _siglip_to_hf(config)
+    if config.text.pool == "cls":
+        return _chinese_clip_to_hf(config)
+    return _clip_to_hf(config)
+
+
+def _clip_to_hf(config: CLIPConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config.json, preprocessor_config.json) for Hugging Face's CLIPModel and CLIPProcessor."""
+    v, t = config.vision, config.text
     if t.pool != "eot":
         raise CheckpointError("Hugging Face's CLIPModel has no SigLIP text tower; convert this model to 'openclip'")
     if v.is_resnet:
@@ -406,9 +530,14 @@ def config_to_hf(config: CLIPConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "text_config": text_config,
         "vision_config": vision_config,
     }
+    return hf, _clip_preprocessor(v, "CLIPImageProcessor")
+
+
+def _clip_preprocessor(v: VisionConfig, kind: str) -> dict[str, Any]:
+    """preprocessor_config.json for CLIP's image processor (or Chinese-CLIP's, the same steps): clipforge's."""
     size = v.image_size
-    preprocessor = {
-        "image_processor_type": "CLIPImageProcessor",
+    return {
+        "image_processor_type": kind,
         "do_convert_rgb": True,
         "do_resize": True,
         "size": {"shortest_edge": size},
@@ -421,7 +550,6 @@ def config_to_hf(config: CLIPConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "image_mean": list(v.mean),
         "image_std": list(v.std),
     }
-    return hf, preprocessor
 
 
 # ----------------------------------------------------------------------------- OpenCLIP
@@ -514,6 +642,9 @@ def preprocess_from_openclip(data: dict[str, Any], path: Path) -> dict[str, Any]
 def config_to_openclip(config: CLIPConfig) -> dict[str, Any]:
     """``open_clip_config.json`` contents: OpenCLIP's ``model_cfg`` and ``preprocess_cfg``."""
     v, t = config.vision, config.text
+    if t.pool == "cls":
+        raise CheckpointError("OpenCLIP has no Chinese-CLIP model (a BERT text tower); convert it to 'hf' or "
+                              "'clipforge' instead")
     if v.pool == "map":
         return _siglip_to_openclip(config)
     if t.pool != "eot":

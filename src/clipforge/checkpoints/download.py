@@ -51,8 +51,8 @@ from clipforge.checkpoints._errors import CheckpointError
 from clipforge.checkpoints.registry import Pretrained
 
 __all__ = [
-    "CACHE_ENV", "DownloadError", "cache_dir", "cached_url_path", "download_url", "fetch_entry", "fetch_repo",
-    "hub_cache_dir", "is_cached", "offline",
+    "CACHE_ENV", "TOKENIZER_FILES", "DownloadError", "cache_dir", "cached_url_path", "download_url", "fetch_entry",
+    "fetch_repo", "fetch_tokenizer", "hub_cache_dir", "is_cached", "offline",
 ]
 
 CACHE_ENV = "CLIPFORGE_CACHE"
@@ -61,7 +61,11 @@ OPENCLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"
 HF_CONFIG = "config.json"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HF_INDEX = "model.safetensors.index.json"
-HF_OPTIONAL = ("preprocessor_config.json", "vocab.json", "merges.txt", "tokenizer.json")
+# A tokenizer's files: CLIP's BPE (vocab.json, merges.txt), SigLIP's SentencePiece model, SigLIP 2's
+# Gemma tokenizer.json, Chinese-CLIP's WordPiece vocab.txt, and transformers' settings for them.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "spiece.model", "vocab.txt", "tokenizer_config.json",
+                   "special_tokens_map.json")
+HF_OPTIONAL = ("preprocessor_config.json", *TOKENIZER_FILES)
 _CHUNK = 1 << 20
 _TIMEOUT = 60  # seconds without a byte before a download is given up
 
@@ -520,6 +524,18 @@ def fetch_entry(entry: Pretrained, *, revision: str | None = None, progress: boo
         raise DownloadError(f"{entry.name}: {err} (the Hub mirror failed first: {hub_error})") from None
 
 
+def fetch_tokenizer(repo: str, *, revision: str | None = None) -> Path:
+    """The snapshot folder holding a Hub repository's tokenizer files (`TOKENIZER_FILES`, those it
+    has); a DownloadError when it has none, or when they cannot be fetched or found in the cache."""
+    contact = _Contact(repo, revision, ("tokenizer_config.json",))
+    found = [path for name in TOKENIZER_FILES if (path := _hub_file(contact, (name,), optional=True)) is not None]
+    if not found:
+        if contact.unreachable is not None or offline():
+            raise _not_cached(contact, "tokenizer_config.json")
+        raise DownloadError(f"{contact.where()}: the repository has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    return found[0].parent
+
+
 def is_cached(entry: Pretrained) -> bool:
     """Whether loading ``entry`` needs no download: its Hub files in the Hugging Face cache, or
     its plain address's file in clipforge's.  Reads the caches only, never the network."""
@@ -528,6 +544,11 @@ def is_cached(entry: Pretrained) -> bool:
     def cached(name: str) -> bool:
         return isinstance(try_to_load_from_cache(entry.hub, name, revision=entry.revision), str)
 
+    if entry.tokenizer is not None:  # a tokenizer of its own, beside the weights file
+        tokenizer_cached = any(isinstance(try_to_load_from_cache(entry.tokenizer, name, revision=entry.revision), str)
+                               for name in ("spiece.model", "tokenizer.json"))
+        if not tokenizer_cached:
+            return False
     if entry.hub is not None:
         if entry.layout == "hf":
             if cached(HF_CONFIG) and (cached(HF_INDEX) or any(cached(n) for n in HF_WEIGHTS)):

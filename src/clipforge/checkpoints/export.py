@@ -22,6 +22,10 @@ and its default image backend (torchvision) resizes tensors, a few grey levels o
 bicubic filter; ``AutoProcessor.from_pretrained(dir, backend="pil")`` resizes with Pillow as
 clipforge does.
 
+A Chinese-CLIP model becomes a ``ChineseCLIPModel`` directory: its BERT tokenizer's files
+(`clipforge.tokenizer.wordpiece.WordPieceTokenizer.save_hf`: vocab.txt, tokenizer.json,
+tokenizer_config.json naming ``BertTokenizer``) and ``ChineseCLIPImageProcessor``'s config.
+
 **OpenCLIP** (``convert --to openclip``): a bare state dict (``.safetensors``, ``.pt``, ``.bin``)
 loads with ``open_clip.create_model_and_transforms(NAME, pretrained=FILE)`` where NAME is
 OpenCLIP's name for the architecture, QuickGELU included:
@@ -92,7 +96,7 @@ def check_destination(src: str | Path, dst: str | Path) -> None:
 def read_tokenizer(folder: str | Path, config: CLIPConfig) -> Tokenizer:
     """The tokenizer in ``folder``, for the model ``config`` describes: its context length, and a
     CheckpointError when its vocabulary has more ids than the model's embedding table."""
-    tokenizer = Tokenizer.from_dir(folder, context_length=config.text.context_length)
+    tokenizer = Tokenizer.from_dir(folder, context_length=config.text.tokens)
     if tokenizer.vocab_size > config.text.vocab_size:
         raise CheckpointError(f"{folder}: a tokenizer of {tokenizer.vocab_size} ids, more than the model's "
                               f"vocab_size {config.text.vocab_size}; give the tokenizer the model was trained with")
@@ -109,7 +113,7 @@ def export_tokenizer(config: CLIPConfig, folder: str | Path | None, *, to: str) 
     text = config.text
     if folder is not None:
         return read_tokenizer(folder, config)
-    if text.vocab_size == OPENAI_VOCAB_SIZE:
+    if text.vocab_size == OPENAI_VOCAB_SIZE and text.pool != "cls":
         return load_tokenizer(context_length=text.context_length)
     home = "AutoProcessor" if to == "hf" else "open_clip.get_tokenizer"
     warnings.warn(
@@ -132,9 +136,18 @@ def hf_extras(hf_config: dict[str, Any], preprocessor: dict[str, Any], tokenizer
     ``hf_config`` and ``preprocessor`` are `configs.config_to_hf`'s.  The text tower's start, end
     and pad ids become the tokenizer's (a trained vocabulary may be smaller than the embedding
     table, and transformers pools the text at the first ``eos_token_id``); the preprocessor names
-    ``CLIPProcessor``, the class ``AutoProcessor`` builds from the directory.
+    ``CLIPProcessor``, the class ``AutoProcessor`` builds from the directory.  A ``ChineseCLIPModel``
+    takes the tokenizer's pad id (its BERT masks nothing by itself: the processor's attention mask
+    does) and names ``ChineseCLIPProcessor``.
     """
     text_config = dict(hf_config["text_config"])
+    if hf_config.get("model_type") == "chinese_clip":
+        if tokenizer is not None:
+            text_config["pad_token_id"] = tokenizer.pad_token_id
+        return {
+            "config.json": {**hf_config, "text_config": text_config},
+            "preprocessor_config.json": {**preprocessor, "processor_class": "ChineseCLIPProcessor"},
+        }
     if tokenizer is not None:
         text_config.update(bos_token_id=tokenizer.sot_token_id, eos_token_id=tokenizer.eot_token_id,
                            pad_token_id=tokenizer.eot_token_id)  # what its processor pads with

@@ -15,6 +15,12 @@ SigLIP's towers (`clipforge.model.siglip`) come in the same schemes: Hugging Fac
 keep the text tower under ``text.`` (its "custom text" layout) and hold the image tower as a
 timm ViT under ``visual.trunk.`` with timm's names (``patch_embed.proj``, ``pos_embed`` [1, N, D],
 ``blocks.N.attn.qkv``, ``norm``, ``attn_pool.latent``/``q``/``kv``/``proj``/``norm``/``mlp``).
+
+Chinese-CLIP's ``ChineseCLIPModel`` names its image tower and projections as ``CLIPModel`` does
+and its BERT text tower as BERT does (``text_model.embeddings.word_embeddings``, ...,
+``text_model.encoder.layer.N.attention.self.query``, ...); it has no BERT pooler, so a
+``text_model.pooler.*`` left in a file is dropped, as transformers drops it when loading.
+OpenCLIP has no Chinese-CLIP: `to_openclip` refuses one.
 """
 
 from __future__ import annotations
@@ -59,6 +65,9 @@ def to_openclip(state: dict[str, Tensor]) -> dict[str, Tensor]:
     A SigLIP image tower becomes OpenCLIP's timm trunk (`to_timm`); a SigLIP text tower stays
     under ``text.``, as OpenCLIP's custom-text models hold it.
     """
+    if "text.token_type_embedding" in state:
+        raise CheckpointError("OpenCLIP has no Chinese-CLIP model (a BERT text tower); convert it to 'hf' or "
+                              "'clipforge' instead")
     siglip_text = "text.text_projection.weight" in state
     out = {}
     for key, value in state.items():
@@ -217,18 +226,49 @@ _HF_BLOCK = {
     "mlp.fc2": "mlp.c_proj",
 }
 _HF_TOWERS = {"vision_model": "visual", "text_model": "text"}
+# ChineseCLIPModel's BERT text tower (transformers' ChineseCLIPTextModel without its pooler): the
+# embeddings, then each layer's names (query, key and value kept apart; post-LayerNorm order).
+_HF_BERT = "text_model.embeddings.word_embeddings.weight"  # the tensor that tells a BERT text tower
+_HF_BERT_GLOBAL = {
+    _HF_BERT: "text.token_embedding.weight",
+    "text_model.embeddings.position_embeddings.weight": "text.positional_embedding",
+    "text_model.embeddings.token_type_embeddings.weight": "text.token_type_embedding",
+    "text_model.embeddings.LayerNorm.weight": "text.ln_embed.weight",
+    "text_model.embeddings.LayerNorm.bias": "text.ln_embed.bias",
+}
+_HF_BERT_BLOCK = {
+    "attention.output.dense": "attn.out_proj",
+    "attention.output.LayerNorm": "ln_1",
+    "intermediate.dense": "mlp.c_fc",
+    "output.dense": "mlp.c_proj",
+    "output.LayerNorm": "ln_2",
+}
+_HF_BERT_QKV = {"attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v"}
+_HF_BERT_LAYER = re.compile(r"text_model\.encoder\.layer\.(\d+)\.(.+)\.(weight|bias)")
 _HF_LAYER = re.compile(r"(vision_model|text_model)\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
 _OUR_LAYER = re.compile(r"(visual|text)\.transformer\.resblocks\.(\d+)\.(attn\.in_proj|.+)[._](weight|bias)")
 
 
 def from_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Hugging Face's CLIPModel or SiglipModel names to clipforge's: q/k/v stacked, projections transposed."""
+    """Hugging Face's CLIPModel, SiglipModel or ChineseCLIPModel names to clipforge's: q/k/v stacked,
+    projections transposed."""
     out: dict[str, Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
     for key, value in state.items():
-        if key.endswith("position_ids"):  # a buffer older HF checkpoints saved
-            continue
-        if key in _HF_GLOBAL or key in _HF_SIGLIP:
+        if key.endswith(("position_ids", "token_type_ids")) or key.startswith("text_model.pooler."):
+            continue  # buffers older HF checkpoints saved; BERT's pooler, which ChineseCLIPModel lacks
+        if key in _HF_BERT_GLOBAL:
+            out[_HF_BERT_GLOBAL[key]] = value
+        elif match := _HF_BERT_LAYER.fullmatch(key):
+            index, module, kind = match.groups()
+            base = f"text.transformer.resblocks.{index}"
+            if module in _HF_BERT_QKV:
+                qkv.setdefault((base, kind), {})[_HF_BERT_QKV[module]] = value
+            elif module in _HF_BERT_BLOCK:
+                out[f"{base}.{_HF_BERT_BLOCK[module]}.{kind}"] = value
+            else:
+                out[key] = value  # reported as unexpected when loaded
+        elif key in _HF_GLOBAL or key in _HF_SIGLIP:
             name = _HF_GLOBAL.get(key) or _HF_SIGLIP[key]
             out[name] = value.reshape(()) if key in _HF_SCALARS else value
         elif key in _HF_TRANSPOSED:
@@ -253,10 +293,15 @@ def from_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """clipforge's names to Hugging Face's CLIPModel, or SiglipModel for a SigLIP image tower; a
-    CheckpointError for a tensor it has no name for."""
+    """clipforge's names to Hugging Face's CLIPModel, SiglipModel for a SigLIP image tower, or
+    ChineseCLIPModel for a BERT text tower; a CheckpointError for a tensor it has no name for."""
     siglip = "visual.attn_pool.probe" in state
+    bert = "text.token_type_embedding" in state
     ours_to_hf = {v: k for k, v in (_HF_GLOBAL | _HF_SIGLIP if siglip else _HF_GLOBAL).items()}
+    if bert:
+        ours_to_hf = {k: v for k, v in ours_to_hf.items() if not k.startswith("text.")}
+        ours_to_hf |= {v: k for k, v in _HF_BERT_GLOBAL.items()}
+    bert_block = {v: k for k, v in _HF_BERT_BLOCK.items()}
     transposed = {v: k for k, v in _HF_TRANSPOSED.items()}
     block = {v: k for k, v in _HF_BLOCK.items()}
     towers = {v: k for k, v in _HF_TOWERS.items()}
@@ -267,6 +312,16 @@ def to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
             out[name] = value.reshape(1) if siglip and name in _HF_SCALARS else value
         elif key in transposed:
             out[transposed[key]] = value.t().contiguous()
+        elif bert and (match := _OUR_LAYER.fullmatch(key)) and match.group(1) == "text":
+            _, index, module, kind = match.groups()
+            base = f"text_model.encoder.layer.{index}"
+            if module == "attn.in_proj":  # rows: q, k, v
+                for name, part in zip(_HF_BERT_QKV, value.chunk(3), strict=True):
+                    out[f"{base}.{name}.{kind}"] = part.contiguous()
+            elif module in bert_block:
+                out[f"{base}.{bert_block[module]}.{kind}"] = value
+            else:
+                raise CheckpointError(f"no Hugging Face ChineseCLIPModel name for {key!r}")
         elif match := _OUR_LAYER.fullmatch(key):
             tower, index, module, kind = match.groups()
             base = f"{towers[tower]}.encoder.layers.{index}"
@@ -275,8 +330,8 @@ def to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
                     out[f"{base}.self_attn.{name}_proj.{kind}"] = part.contiguous()
             else:
                 out[f"{base}.{block[module]}.{kind}"] = value
-        elif siglip:
-            raise CheckpointError(f"no Hugging Face SiglipModel name for {key!r}")
+        elif siglip or bert:
+            raise CheckpointError(f"no Hugging Face {'SiglipModel' if siglip else 'ChineseCLIPModel'} name for {key!r}")
         else:
             raise CheckpointError(f"no Hugging Face CLIPModel name for {key!r} (HF has no ResNet tower or logit bias)")
     return out
@@ -294,7 +349,7 @@ def to_clipforge_names(state: dict[str, Tensor], path: Path) -> tuple[dict[str, 
         return state, "clipforge"
     if "token_embedding.weight" in state:
         return from_openclip(state), "openclip"
-    if "text_model.embeddings.token_embedding.weight" in state:
+    if "text_model.embeddings.token_embedding.weight" in state or _HF_BERT in state:
         return from_hf(state), "hf"
     raise CheckpointError(
         f"{path}: not a CLIP state dict: no token_embedding.weight under OpenAI/OpenCLIP, "

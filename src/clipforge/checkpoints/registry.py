@@ -36,10 +36,20 @@ loading applies the entry's), the preprocessing, the licence, the download size,
 ImageNet zero-shot top-1 with its source, and where the weights are: a Hugging Face repository
 (preferred, the mirrors current OpenCLIP uses) and a plain URL with its SHA-256 as a fallback.
 
-Sources.  Addresses, tags, activations and preprocessing: OpenCLIP 3.3.0's ``pretrained.py``.
+SigLIP and SigLIP 2 are registered twice: by OpenCLIP's names (``ViT-B-16-SigLIP:webli``: OpenCLIP's
+weights file in a ``timm/`` repository, run as OpenCLIP runs it, whose SigLIP image towers are
+timm's, with exact GELU where timm's tower has it, and whose tokenizer files come from the
+repository its config names) and by Google's transformers repositories
+(``google/siglip-base-patch16-224``: their own config, the tanh GELU in both towers).
+Chinese-CLIP's four releases are registered by their transformers repositories
+(``OFA-Sys/chinese-clip-vit-base-patch16``): QuickGELU in the ViT, GELU in the BERT text tower.
+
+Sources.  Addresses, tags, activations and preprocessing: OpenCLIP 3.3.0's ``pretrained.py`` and
+``model_configs/`` (for SigLIP, as tests/fixtures/siglip/preset_shapes.json records them).
 Top-1: OpenCLIP's ``docs/openclip_results.csv`` (CLIP_benchmark, ImageNet-1k zero-shot; its
-rows for OpenAI's weights are OpenCLIP's measurements, within a point of the CLIP paper's);
-None where that table has no row.  Parameter counts: clipforge's own models of each
+rows for OpenAI's weights are OpenCLIP's measurements, within a point of the CLIP paper's; a
+Google SigLIP repository shows OpenCLIP's figure for the same weights); None where that table
+has no row (SigLIP 2).  Parameter counts: clipforge's own models of each
 architecture (equal to OpenCLIP's ``docs/model_profile.csv``); download sizes are estimated from
 them at 4 bytes a parameter (fp32), as the Hub's file sizes cannot be read offline.
 """
@@ -97,7 +107,7 @@ class Pretrained:
     name: str  # what to type: "ViT-B-32:openai", or a repository id for a transformers CLIPModel
     architecture: str  # the clipforge preset that holds the weights ("ViT-B-32")
     tag: str  # OpenCLIP's pretrained tag: who trained it on what ("openai", "laion2b_s34b_b79k")
-    activation: str  # "gelu" or "quick_gelu": what the weights were trained with
+    activation: str  # "gelu", "quick_gelu" or "gelu_tanh": what the weights were trained with (both towers)
     preprocessing: Preprocessing
     licence: str
     params: int  # parameters of the architecture
@@ -111,16 +121,26 @@ class Pretrained:
     sha256: str | None = None  # of the file at ``url``: all 64 hex digits, or the 8 its name carries
     size_bytes: int | None = None  # the download's size, where known; else estimated from ``params``
     notes: tuple[str, ...] = field(default=())
+    text_activation: str | None = None  # the text tower's, where it differs from the image tower's
+    tokenizer: str | None = None  # the Hub repository of its tokenizer files; None: OpenAI's vocabulary
+    text_cleaning: str | None = None  # OpenCLIP's cleaning before that tokenizer ("canonicalize" for SigLIP)
 
     def __post_init__(self) -> None:
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"{self.name}: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        for act in (self.activation, self.text_activation or self.activation):
+            if act not in ACTIVATIONS:
+                raise ValueError(f"{self.name}: activation must be one of {ACTIVATIONS}, got {act!r}")
         if self.layout not in ("openclip", "hf"):
             raise ValueError(f"{self.name}: layout must be 'openclip' or 'hf', got {self.layout!r}")
         if self.hub is None and self.url is None:
             raise ValueError(f"{self.name}: needs a hub repository or a url")
         if self.sha256 is not None and not re.fullmatch(r"[0-9a-f]{8}|[0-9a-f]{64}", self.sha256):
             raise ValueError(f"{self.name}: sha256 must be 8 or 64 lowercase hex digits, got {self.sha256!r}")
+
+    @property
+    def activations(self) -> str:
+        """The activation, or "IMAGE / TEXT" where the towers differ (as `clipforge models` shows it)."""
+        text = self.text_activation or self.activation
+        return self.activation if text == self.activation else f"{self.activation} / {text}"
 
     @property
     def download_size(self) -> int:
@@ -158,8 +178,26 @@ ARCHITECTURE_PARAMS = {
     "RN50x64": 623_258_305, "ViT-B-32": 151_277_313, "ViT-B-16": 149_620_737, "ViT-L-14": 427_616_513,
     "ViT-L-14-336": 427_944_193, "ViT-H-14": 986_109_441, "ViT-g-14": 1_366_678_273, "ViT-bigG-14": 2_539_567_105,
 }
+ARCHITECTURE_PARAMS |= {
+    "ViT-B-16-SigLIP": 203_155_970, "ViT-B-16-SigLIP-256": 203_202_050, "ViT-B-16-SigLIP-384": 203_447_810,
+    "ViT-B-16-SigLIP-512": 203_791_874, "ViT-L-16-SigLIP-256": 652_150_786, "ViT-L-16-SigLIP-384": 652_478_466,
+    "ViT-SO400M-14-SigLIP": 877_360_306, "ViT-SO400M-14-SigLIP-378": 877_960_498,
+    "ViT-SO400M-14-SigLIP-384": 877_960_498,
+    "ViT-B-16-SigLIP2": 375_187_970, "ViT-B-16-SigLIP2-256": 375_234_050, "ViT-B-16-SigLIP2-384": 375_479_810,
+    "ViT-B-16-SigLIP2-512": 375_823_874, "ViT-B-32-SigLIP2-256": 376_856_066,
+    "ViT-L-16-SigLIP2-256": 881_526_786, "ViT-L-16-SigLIP2-384": 881_854_466, "ViT-L-16-SigLIP2-512": 882_313_218,
+    "ViT-SO400M-14-SigLIP2": 1_135_463_602, "ViT-SO400M-14-SigLIP2-378": 1_136_008_498,
+    "ViT-SO400M-16-SigLIP2-256": 1_135_670_962, "ViT-SO400M-16-SigLIP2-384": 1_136_039_602,
+    "ViT-SO400M-16-SigLIP2-512": 1_136_555_698,
+}
+ARCHITECTURE_PARAMS |= {
+    "CN-CLIP-ViT-B-16": 188_262_913, "CN-CLIP-ViT-L-14": 406_233_089, "CN-CLIP-ViT-L-14-336": 406_560_769,
+    "CN-CLIP-ViT-H-14": 957_598_209,
+}
 IMAGE_SIZES = {"RN50x4": 288, "RN50x16": 384, "RN50x64": 448, "ViT-L-14-336": 336}  # others: 224
 
+SIGLIP_LICENCE = "Apache-2.0 (Google's SigLIP and SigLIP 2 model cards)"
+CHINESE_CLIP_LICENCE = "MIT (OFA-Sys/Chinese-CLIP)"
 OPENAI_LICENCE = "MIT (github.com/openai/CLIP; its model card advises against deployed use)"
 OPENCLIP_LICENCE = "MIT (OpenCLIP / LAION model cards)"
 METACLIP_LICENCE = "CC-BY-NC-4.0 (non-commercial; MetaCLIP model cards)"
@@ -288,6 +326,85 @@ _TOP1 = {
 # Trained with other statistics than OpenAI's (OpenCLIP's pretrained.py sets them per tag).
 _MEAN_STD = {("ViT-L-14", "laion2b_s32b_b82k"): (INCEPTION_MEAN, INCEPTION_STD)}
 
+# SigLIP and SigLIP 2, all trained on WebLI (OpenCLIP's tag "webli"), by OpenCLIP's name: the
+# timm/ repository holding OpenCLIP's files (and the tokenizer's), where it is not "timm/" + the
+# name.  OpenCLIP runs the 378-pixel So400m/14 on the 384-pixel weights (the same 27x27 grid).
+_SIGLIP = {arch: f"timm/{arch}" for arch in (
+    "ViT-B-16-SigLIP", "ViT-B-16-SigLIP-256", "ViT-B-16-SigLIP-384", "ViT-B-16-SigLIP-512", "ViT-L-16-SigLIP-256",
+    "ViT-L-16-SigLIP-384", "ViT-SO400M-14-SigLIP", "ViT-SO400M-14-SigLIP-384",
+    "ViT-B-16-SigLIP2", "ViT-B-16-SigLIP2-256", "ViT-B-16-SigLIP2-384", "ViT-B-16-SigLIP2-512",
+    "ViT-B-32-SigLIP2-256", "ViT-L-16-SigLIP2-256", "ViT-L-16-SigLIP2-384", "ViT-L-16-SigLIP2-512",
+    "ViT-SO400M-14-SigLIP2", "ViT-SO400M-14-SigLIP2-378", "ViT-SO400M-16-SigLIP2-256", "ViT-SO400M-16-SigLIP2-384",
+    "ViT-SO400M-16-SigLIP2-512",
+)} | {"ViT-SO400M-14-SigLIP-378": "timm/ViT-SO400M-14-SigLIP-384"}
+# OpenCLIP's SigLIP 1 configs read the tokenizer of timm/ViT-B-16-SigLIP (one vocabulary for all).
+_SIGLIP_TOKENIZER = {arch: "timm/ViT-B-16-SigLIP" for arch in _SIGLIP if "SigLIP2" not in arch}
+# Google's transformers SiglipModel repositories: (the architecture, the OpenCLIP name of the same
+# weights).  google/siglip2-so400m-patch14-384 has no 384-pixel SigLIP 2 preset here.
+_HF_SIGLIP = {
+    "google/siglip-base-patch16-224": "ViT-B-16-SigLIP", "google/siglip-base-patch16-256": "ViT-B-16-SigLIP-256",
+    "google/siglip-base-patch16-384": "ViT-B-16-SigLIP-384", "google/siglip-base-patch16-512": "ViT-B-16-SigLIP-512",
+    "google/siglip-large-patch16-256": "ViT-L-16-SigLIP-256", "google/siglip-large-patch16-384": "ViT-L-16-SigLIP-384",
+    "google/siglip-so400m-patch14-224": "ViT-SO400M-14-SigLIP",
+    "google/siglip-so400m-patch14-384": "ViT-SO400M-14-SigLIP-384",
+    "google/siglip2-base-patch16-224": "ViT-B-16-SigLIP2", "google/siglip2-base-patch16-256": "ViT-B-16-SigLIP2-256",
+    "google/siglip2-base-patch16-384": "ViT-B-16-SigLIP2-384",
+    "google/siglip2-base-patch16-512": "ViT-B-16-SigLIP2-512",
+    "google/siglip2-base-patch32-256": "ViT-B-32-SigLIP2-256",
+    "google/siglip2-large-patch16-256": "ViT-L-16-SigLIP2-256",
+    "google/siglip2-large-patch16-384": "ViT-L-16-SigLIP2-384",
+    "google/siglip2-large-patch16-512": "ViT-L-16-SigLIP2-512",
+    "google/siglip2-so400m-patch14-224": "ViT-SO400M-14-SigLIP2",
+    "google/siglip2-so400m-patch16-256": "ViT-SO400M-16-SigLIP2-256",
+    "google/siglip2-so400m-patch16-384": "ViT-SO400M-16-SigLIP2-384",
+    "google/siglip2-so400m-patch16-512": "ViT-SO400M-16-SigLIP2-512",
+}
+# ImageNet-1k zero-shot top-1 of OpenCLIP's SigLIP runs (TOP1_SOURCE); its table has no SigLIP 2 rows.
+_TOP1 |= {
+    ("ViT-B-16-SigLIP", "webli"): 0.7604, ("ViT-B-16-SigLIP-256", "webli"): 0.7653,
+    ("ViT-B-16-SigLIP-384", "webli"): 0.7849, ("ViT-B-16-SigLIP-512", "webli"): 0.7914,
+    ("ViT-L-16-SigLIP-256", "webli"): 0.8045, ("ViT-L-16-SigLIP-384", "webli"): 0.8207,
+    ("ViT-SO400M-14-SigLIP", "webli"): 0.8203, ("ViT-SO400M-14-SigLIP-384", "webli"): 0.8308,
+}
+
+
+def _siglip_activations(architecture: str) -> tuple[str, str]:
+    """(image, text) activations of OpenCLIP's SigLIP model ``architecture``: its timm image tower's
+    (`TIMM_SIGLIP_TOWERS`) and its text tower's (exact GELU in SigLIP 1's configs, the tanh GELU
+    in SigLIP 2's ``act_kwargs``)."""
+    from clipforge.checkpoints.configs import TIMM_SIGLIP_TOWERS, timm_siglip_name
+
+    tower = timm_siglip_name(PRESETS[architecture].vision)
+    assert tower is not None, architecture
+    return TIMM_SIGLIP_TOWERS[tower][-1], "gelu_tanh" if "SigLIP2" in architecture else "gelu"
+
+
+def _siglip_entries() -> list[Pretrained]:
+    """OpenCLIP's SigLIP names (one weights file, read into the preset, with OpenCLIP's towers'
+    activations) and Google's transformers repositories (their own config: the tanh GELU)."""
+    squash = {"mean": INCEPTION_MEAN, "std": INCEPTION_STD, "resize_mode": "squash"}
+    entries = []
+    for arch, hub in _SIGLIP.items():
+        image_act, text_act = _siglip_activations(arch)
+        top1 = _TOP1.get((arch, "webli"))
+        entries.append(Pretrained(
+            name=f"{arch}:webli", architecture=arch, tag="webli", activation=image_act,
+            text_activation=text_act if text_act != image_act else None,
+            tokenizer=_SIGLIP_TOKENIZER.get(arch, hub), text_cleaning="canonicalize",
+            preprocessing=Preprocessing(PRESETS[arch].vision.image_size, **squash),
+            licence=SIGLIP_LICENCE, params=ARCHITECTURE_PARAMS[arch], top1=top1,
+            top1_source=TOP1_SOURCE if top1 is not None else None, hub=hub,
+        ))
+    for repo, arch in _HF_SIGLIP.items():
+        top1 = _TOP1.get((arch, "webli"))
+        entries.append(Pretrained(
+            name=repo, architecture=arch, tag="webli", activation="gelu_tanh",
+            preprocessing=Preprocessing(PRESETS[arch].vision.image_size, **squash), licence=SIGLIP_LICENCE,
+            params=ARCHITECTURE_PARAMS[arch], top1=top1, top1_source=TOP1_SOURCE if top1 is not None else None,
+            hub=repo, layout="hf",
+        ))
+    return entries
+
 
 def _entry(name: str, architecture: str, tag: str, activation: str, licence: str, **where: str | None) -> Pretrained:
     mean, std = _MEAN_STD.get((architecture, tag), (OPENAI_MEAN, OPENAI_STD))
@@ -298,6 +415,25 @@ def _entry(name: str, architecture: str, tag: str, activation: str, licence: str
         licence=licence, params=ARCHITECTURE_PARAMS[architecture],
         top1=top1, top1_source=TOP1_SOURCE if top1 is not None else None, **where,
     )
+
+
+# Chinese-CLIP's releases in transformers' ChineseCLIPModel form (OFA-Sys/Chinese-CLIP's model card):
+# OpenAI's ViT with QuickGELU, a Chinese RoBERTa-wwm (BERT) text tower with GELU, OpenAI's pixel
+# statistics, images resized to the square (cn_clip's transform).  Its RN50 has no transformers form.
+_CHINESE_CLIP = {
+    "OFA-Sys/chinese-clip-vit-base-patch16": "CN-CLIP-ViT-B-16",
+    "OFA-Sys/chinese-clip-vit-large-patch14": "CN-CLIP-ViT-L-14",
+    "OFA-Sys/chinese-clip-vit-large-patch14-336px": "CN-CLIP-ViT-L-14-336",
+    "OFA-Sys/chinese-clip-vit-huge-patch14": "CN-CLIP-ViT-H-14",
+}
+
+
+def _chinese_clip_entries() -> list[Pretrained]:
+    return [Pretrained(
+        name=repo, architecture=arch, tag="chinese", activation="quick_gelu", text_activation="gelu",
+        preprocessing=Preprocessing(PRESETS[arch].vision.image_size, OPENAI_MEAN, OPENAI_STD, resize_mode="squash"),
+        licence=CHINESE_CLIP_LICENCE, params=ARCHITECTURE_PARAMS[arch], hub=repo, layout="hf",
+    ) for repo, arch in _CHINESE_CLIP.items()]
 
 
 def _build() -> dict[str, Pretrained]:
@@ -313,6 +449,7 @@ def _build() -> dict[str, Pretrained]:
     for repo, (arch, tag) in _HF.items():
         act, licence = ("quick_gelu", OPENAI_LICENCE) if tag == "openai" else (_OPENCLIP[arch, tag][2:])
         entries.append(_entry(repo, arch, tag, act, licence, hub=repo, layout="hf"))
+    entries += _siglip_entries() + _chinese_clip_entries()
     return {e.name: e for e in entries}
 
 

@@ -49,7 +49,7 @@ def _row(entry: Any, cached: bool) -> dict[str, Any]:
         "name": entry.name,
         "architecture": entry.architecture,
         "tag": entry.tag,
-        "activation": entry.activation,
+        "activation": entry.activations,
         "image_size": pre.image_size,
         "mean": list(pre.mean),
         "std": list(pre.std),

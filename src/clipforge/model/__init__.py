@@ -4,12 +4,13 @@ The modules form a one-way chain, each importing only those before it:
 
 - `config`: the dataclass configs, the presets, OpenAI's constants and the input-shape check;
 - `transformer`: the pre-LN Transformer every tower shares, with a hook for a faster path;
-- the towers: `vision` (ViT), `resnet` (OpenAI's modified ResNet), `text`, and `siglip` (SigLIP's
-  attention-pooled ViT and non-causal text tower);
+- the towers: `vision` (ViT), `resnet` (OpenAI's modified ResNet), `text`, `siglip` (SigLIP's
+  attention-pooled ViT and non-causal text tower) and `bert` (Chinese-CLIP's BERT text tower);
 - `_inference`: the packed fp32 CPU path, which fills the towers' hooks;
 - `clip`: the composed `CLIP`, whose ``optimize_for_inference`` calls `_inference`.
 """
 
+from clipforge.model.bert import BertTextTransformer
 from clipforge.model.clip import CLIP
 from clipforge.model.config import CLIPConfig, TextConfig, VisionConfig, get_config, list_presets
 from clipforge.model.resnet import ModifiedResNet
@@ -29,4 +30,5 @@ __all__ = [
     "TextTransformer",
     "SigLipVisionTransformer",
     "SigLipTextTransformer",
+    "BertTextTransformer",
 ]

@@ -5,7 +5,8 @@
     logits = logit_scale * image_features @ text_features.T
     logits = model.logits(image_features, text_features)  # the same, plus SigLIP's bias if it has one
 
-The same class holds SigLIP's towers when the config asks for them (`clipforge.model.siglip`).
+The same class holds SigLIP's towers when the config asks for them (`clipforge.model.siglip`), and
+Chinese-CLIP's BERT text tower (`clipforge.model.bert`).
 The loss lives in `clipforge.loss`; the model only returns features.
 """
 
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from clipforge.loss import LogitScale
 from clipforge.model import _inference
+from clipforge.model.bert import BertTextTransformer
 from clipforge.model.config import CLIPConfig
 from clipforge.model.resnet import ModifiedResNet
 from clipforge.model.siglip import SigLipTextTransformer, SigLipVisionTransformer
@@ -31,8 +33,9 @@ class CLIP(nn.Module):
     """Contrastive language-image model (Radford et al., 2021).
 
     Submodules: ``visual`` (a `VisionTransformer`, `ModifiedResNet` or, for SigLIP,
-    `SigLipVisionTransformer`), ``text`` (a `TextTransformer`, or SigLIP's
-    `SigLipTextTransformer`) and ``logit_scale`` (a `LogitScale`, with SigLIP's bias).
+    `SigLipVisionTransformer`), ``text`` (a `TextTransformer`, SigLIP's
+    `SigLipTextTransformer` or Chinese-CLIP's `BertTextTransformer`) and ``logit_scale`` (a
+    `LogitScale`, with SigLIP's bias).
     """
 
     def __init__(self, config: CLIPConfig) -> None:
@@ -44,8 +47,8 @@ class CLIP(nn.Module):
             self.visual = SigLipVisionTransformer(config.vision, config.embed_dim)
         else:
             self.visual = VisionTransformer(config.vision, config.embed_dim)
-        text = SigLipTextTransformer if config.text.pool == "last" else TextTransformer
-        self.text = text(config.text, config.embed_dim)
+        towers = {"last": SigLipTextTransformer, "cls": BertTextTransformer}
+        self.text = towers.get(config.text.pool, TextTransformer)(config.text, config.embed_dim)
         self.logit_scale = LogitScale(config.init_logit_scale, init_bias=config.init_logit_bias)
 
     @property
@@ -54,7 +57,8 @@ class CLIP(nn.Module):
 
     @property
     def context_length(self) -> int:
-        return self.config.text.context_length
+        """Tokens a caption is padded or cut to (`TextConfig.tokens`: 52 for Chinese-CLIP's 512 positions)."""
+        return self.config.text.tokens
 
     def encode_image(self, images: Tensor, *, normalize: bool = False) -> Tensor:
         """Image features [B, embed_dim] for images [B, 3, S, S], L2-normalised if asked."""

@@ -6,6 +6,7 @@ of the shared embedding.  Each tower comes in two families, chosen by its ``pool
 (a ViT read at its class token; a causal text tower read at the end-of-text token) and
 SigLIP's (a ViT without class token, pooled by a multi-head attention-pooling head; a
 non-causal text tower read at its last position), as `clipforge.model.siglip` builds them.
+Chinese-CLIP pairs CLIP's ViT with a BERT text tower (``pool="cls"``, `clipforge.model.bert`).
 ``to_dict``/``from_dict`` round-trip through JSON and reject unknown keys by name.
 
 The presets carry the published shapes of OpenAI's nine CLIP models (Radford et al., 2021,
@@ -14,6 +15,8 @@ LAION-2B flagships ViT-H/14, ViT-g/14 and ViT-bigG/14 (open_clip ``model_configs
 same tensor names and shapes as OpenCLIP's model of the same name.  The SigLIP and SigLIP 2
 presets (Zhai et al., 2023; Tschannen et al., 2025) carry the shapes of OpenCLIP's
 ``ViT-*-SigLIP*`` models of the same name, whose tensors `clipforge.checkpoints.names` renames.
+The Chinese-CLIP presets (``CN-CLIP-*``; Yang et al., 2022) carry the shapes of the released
+``OFA-Sys/chinese-clip-vit-*`` models (transformers' ``ChineseCLIPModel``).
 
 OpenAI's vocabulary size (``OPENAI_VOCAB_SIZE``) is defined here; its pixel statistics, the
 default ``mean`` and ``std``, come from `clipforge.transforms` (``OPENAI_MEAN``, ``OPENAI_STD``).
@@ -36,6 +39,8 @@ __all__ = [
     "FAMILIES",
     "TEXT_POOLS",
     "VISION_POOLS",
+    "CHINESE_CLIP_CONTEXT_LENGTH",
+    "CHINESE_CLIP_VOCAB_SIZE",
     "OPENAI_CONTEXT_LENGTH",
     "OPENAI_VOCAB_SIZE",
     "QUICKGELU_SUFFIX",
@@ -62,10 +67,13 @@ ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
 # "map": SigLIP's ViT (no class token, no ln_pre, patch convolution with bias, attention-pooling head, no projection).
 VISION_POOLS = ("class", "map")
 # "eot": causal, read at the end-of-text token, projection matrix (CLIP);
-# "last": non-causal, read at the last position, linear head with bias (SigLIP).
-TEXT_POOLS = ("eot", "last")
-# The model families, as `list_presets` groups them: CLIP's towers, SigLIP's towers.
-FAMILIES = ("clip", "siglip")
+# "last": non-causal, read at the last position, linear head with bias (SigLIP);
+# "cls": BERT's post-LayerNorm encoder, padding masked, read at its first ([CLS]) token, projection
+# matrix (Chinese-CLIP: transformers' ChineseCLIPModel.get_text_features).
+TEXT_POOLS = ("eot", "last", "cls")
+# The model families, as `list_presets` groups them: CLIP's towers, SigLIP's towers, and Chinese-CLIP's
+# (CLIP's ViT beside a BERT text tower).
+FAMILIES = ("clip", "siglip", "chinese_clip")
 # Token ids of OpenAI's BPE (clip/simple_tokenizer.py): 256 byte symbols, the same with "</w>",
 # 48,894 merges, start and end of text; the vocab_size of every OpenAI text tower (build_model).
 OPENAI_VOCAB_SIZE = 49408
@@ -79,6 +87,12 @@ QUICKGELU_SUFFIX = "-quickgelu"
 SIGLIP_VOCAB_SIZE = 32000
 SIGLIP2_VOCAB_SIZE = 256000
 SIGLIP_CONTEXT_LENGTH = 64
+# Chinese-CLIP's text: the 21,128-piece WordPiece vocabulary of Chinese BERT / RoBERTa-wwm-ext
+# (OFA-Sys/chinese-clip-vit-*: text_config.vocab_size), 512 positions, of which its captions use 52
+# tokens ([CLS] and [SEP] included: cn_clip.clip.tokenize's context_length, the training scripts'
+# max_txt_length).
+CHINESE_CLIP_VOCAB_SIZE = 21128
+CHINESE_CLIP_CONTEXT_LENGTH = 52
 # SigLIP's pixels are scaled to [-1, 1]: mean and std 0.5 per channel (open_clip's pretrained
 # configs for its SigLIP models, transformers' SiglipImageProcessor).
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -239,8 +253,9 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """The text tower: a causal Transformer read out at the end-of-text token (CLIP), or a
-    non-causal one read out at its last position (SigLIP)."""
+    """The text tower: a causal Transformer read out at the end-of-text token (CLIP), a
+    non-causal one read out at its last position (SigLIP), or BERT read out at its [CLS] token
+    (Chinese-CLIP)."""
 
     context_length: int = OPENAI_CONTEXT_LENGTH  # positions, start and end of text included
     vocab_size: int = OPENAI_VOCAB_SIZE  # token ids; the end-of-text id must be the largest one used
@@ -250,12 +265,19 @@ class TextConfig:
     mlp_ratio: float = 4.0  # MLP hidden width / width
     act: str = "gelu"  # MLP activation: "gelu" or "quick_gelu"
     layer_norm_eps: float = 1e-5  # every LayerNorm of the tower
-    pool: str = "eot"  # family (TEXT_POOLS): "eot" CLIP's causal tower, "last" SigLIP's non-causal one
+    pool: str = "eot"  # family (TEXT_POOLS): "eot" CLIP's, "last" SigLIP's, "cls" BERT's (Chinese-CLIP)
+    token_types: int = 2  # BERT (pool "cls"): rows of the token-type (segment) table; captions use row 0
+    pad_token_id: int = 0  # BERT (pool "cls"): the padding id, masked out of attention ([PAD] = 0)
 
     def __post_init__(self) -> None:
         owner = "TextConfig"
-        for name in ("context_length", "vocab_size", "width", "heads", "layers"):
+        for name in ("context_length", "vocab_size", "width", "heads", "layers", "token_types"):
             _positive_int(owner, name, getattr(self, name))
+        if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int) or not (
+            0 <= self.pad_token_id < self.vocab_size
+        ):
+            raise ValueError(f"{owner}.pad_token_id must be an id below vocab_size={self.vocab_size}, "
+                             f"got {self.pad_token_id!r}")
         _positive_float(owner, "mlp_ratio", self.mlp_ratio)
         _positive_float(owner, "layer_norm_eps", self.layer_norm_eps)
         _check_activation(owner, self.act)
@@ -268,8 +290,19 @@ class TextConfig:
     def mlp_width(self) -> int:
         return _mlp_width(self.width, self.mlp_ratio)
 
+    @property
+    def tokens(self) -> int:
+        """How many tokens a caption is padded or cut to: ``context_length``, except for a BERT
+        tower (pool "cls"), whose 512 positions hold Chinese-CLIP's 52-token captions."""
+        if self.pool == "cls":
+            return min(self.context_length, CHINESE_CLIP_CONTEXT_LENGTH)
+        return self.context_length
+
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.pool != "cls":  # BERT's fields, absent from other towers' files (from_dict's defaults)
+            del d["token_types"], d["pad_token_id"]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TextConfig:
@@ -310,8 +343,11 @@ class CLIPConfig:
 
     @property
     def family(self) -> str:
-        """"siglip" for SigLIP's attention-pooled image tower, else "clip" (`FAMILIES`)."""
-        return "siglip" if self.vision.pool == "map" else "clip"
+        """"siglip" for SigLIP's attention-pooled image tower, "chinese_clip" for a BERT text
+        tower, else "clip" (`FAMILIES`)."""
+        if self.vision.pool == "map":
+            return "siglip"
+        return "chinese_clip" if self.text.pool == "cls" else "clip"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -331,8 +367,10 @@ class CLIPConfig:
         return cls(**data)
 
     def with_activation(self, act: str) -> CLIPConfig:
-        """The same config with both towers' MLP activation set to ``act``."""
-        return replace(self, vision=replace(self.vision, act=act), text=replace(self.text, act=act))
+        """The same config with both towers' MLP activation set to ``act``; a BERT text tower
+        keeps its own (its GELU is BERT's, whatever the image tower was trained with)."""
+        text = self.text if self.text.pool == "cls" else replace(self.text, act=act)
+        return replace(self, vision=replace(self.vision, act=act), text=text)
 
 
 def check_image_shape(images: Tensor, image_size: int) -> None:
@@ -376,6 +414,31 @@ def _siglip(image: int, patch: int, width: int, layers: int, heads: int, *, mlp_
     text = TextConfig(context_length=context_length, vocab_size=vocab_size, pool="last", **common)
     return CLIPConfig(embed_dim=width, vision=vision, text=text, init_logit_scale=SIGLIP_INIT_SCALE,
                       init_logit_bias=SIGLIP_INIT_BIAS)
+
+
+def _chinese_clip(embed_dim: int, image: int, patch: int, width: int, layers: int, *, head_width: int = 64,
+                  large_text: bool = False) -> CLIPConfig:
+    # Chinese-CLIP (Yang et al., 2022; github.com/OFA-Sys/Chinese-CLIP, cn_clip/clip/model_configs/):
+    # OpenAI's ViT with QuickGELU (transformers' ChineseCLIPVisionConfig.hidden_act) beside
+    # RoBERTa-wwm-ext-base (768 wide, 12 layers, 12 heads) or, for ViT-H/14, -large (1024, 24, 16):
+    # BERT's 512 positions, 2 token types, exact GELU and LayerNorm eps 1e-12.
+    vision = VisionConfig(image_size=image, patch_size=patch, width=width, layers=layers, heads=width // head_width,
+                          act="quick_gelu")
+    text_width, text_layers = (1024, 24) if large_text else (768, 12)
+    text = TextConfig(context_length=512, vocab_size=CHINESE_CLIP_VOCAB_SIZE, width=text_width,
+                      heads=text_width // 64, layers=text_layers, layer_norm_eps=1e-12, pool="cls")
+    return CLIPConfig(embed_dim=embed_dim, vision=vision, text=text)
+
+
+def _chinese_clip_presets() -> dict[str, CLIPConfig]:
+    """Chinese-CLIP's released ViT sizes, as OFA-Sys/chinese-clip-vit-* publish them for transformers
+    (the ResNet-50 model, with a 3-layer RBT3 text tower, has no ChineseCLIPModel form)."""
+    return {
+        "CN-CLIP-ViT-B-16": _chinese_clip(512, 224, 16, 768, 12),
+        "CN-CLIP-ViT-L-14": _chinese_clip(768, 224, 14, 1024, 24),
+        "CN-CLIP-ViT-L-14-336": _chinese_clip(768, 336, 14, 1024, 24),
+        "CN-CLIP-ViT-H-14": _chinese_clip(1024, 224, 14, 1280, 32, head_width=80, large_text=True),
+    }
 
 
 def _siglip_presets() -> dict[str, CLIPConfig]:
@@ -439,11 +502,12 @@ PRESETS: dict[str, CLIPConfig] = {
     "ViT-g-14": _vit(1024, 224, 14, 1408, 40, 1024, head_width=88, mlp_ratio=4.3637, text_layers=24),
     "ViT-bigG-14": _vit(1280, 224, 14, 1664, 48, 1280, head_width=104, mlp_ratio=4.9231, text_layers=32),
     **_siglip_presets(),
+    **_chinese_clip_presets(),
 }
 
 
 def list_presets(family: str = "clip") -> list[str]:
-    """The preset names of one model family (`FAMILIES`: "clip" or "siglip").
+    """The preset names of one model family (`FAMILIES`: "clip", "siglip" or "chinese_clip").
 
     Each CLIP preset also exists with a ``-quickgelu`` suffix (OpenCLIP's naming); every name
     here is also a key of `PRESETS`, which holds both families.

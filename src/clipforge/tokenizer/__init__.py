@@ -47,6 +47,7 @@ from clipforge.tokenizer._bpe_vocab import (
 
 if TYPE_CHECKING:
     from clipforge.tokenizer.siglip import GemmaTokenizer, SentencePieceTokenizer
+    from clipforge.tokenizer.wordpiece import WordPieceTokenizer
 
 __all__ = [
     "DEFAULT_CONTEXT_LENGTH",
@@ -258,15 +259,19 @@ class Tokenizer:
     @classmethod
     def from_dir(
         cls, directory: str | os.PathLike[str], *, context_length: int | None = None
-    ) -> Tokenizer | SentencePieceTokenizer | GemmaTokenizer:
+    ) -> Tokenizer | SentencePieceTokenizer | GemmaTokenizer | WordPieceTokenizer:
         """Reads a directory written by `save`, or a Hugging Face checkpoint's CLIP tokenizer files.
 
         A directory with SigLIP's ``spiece.model`` or SigLIP 2's Gemma ``tokenizer.json`` gives
         their tokenizer instead (`clipforge.tokenizer.siglip`), which pads to 64 tokens unless
-        ``context_length`` says otherwise.
+        ``context_length`` says otherwise; one with BERT's ``vocab.txt`` or a WordPiece
+        ``tokenizer.json`` (Chinese-CLIP's) gives `clipforge.tokenizer.wordpiece`'s, 52 tokens.
         """
         from clipforge.tokenizer.siglip import is_siglip_tokenizer_dir, siglip_tokenizer_from_dir
+        from clipforge.tokenizer.wordpiece import WordPieceTokenizer, is_wordpiece_tokenizer_dir
 
+        if is_wordpiece_tokenizer_dir(directory):
+            return WordPieceTokenizer(directory, context_length=context_length)
         if is_siglip_tokenizer_dir(directory):
             return siglip_tokenizer_from_dir(directory, context_length=context_length)
         directory = Path(directory)

@@ -14,10 +14,16 @@ from the same files and called as SigLIP's processors call them (``padding="max_
   ``tokenizer_config.json`` when it names them (Google's repositories: an end token, no start
   token), lower case only for transformers' ``Siglip2Tokenizer`` class, and padding on the side
   transformers pads Gemma on: the left unless the config says ``padding_side``.
+
+OpenCLIP runs the same files after its own text cleaning (``tokenizer_kwargs.clean`` of its
+config; "canonicalize" for SigLIP, which also changes SigLIP 2's ids: lower case, no punctuation).
+A tokenizer of a model read through OpenCLIP's files or names cleans as OpenCLIP does
+(`clean_as`, set by `clipforge.checkpoints`); ids then equal open_clip's ``HFTokenizer``'s.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -28,13 +34,37 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import ftfy
 import numpy as np
 import sentencepiece as spm
 import torch
 from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import normalizers, processors
 
-__all__ = ["GemmaTokenizer", "SentencePieceTokenizer", "is_siglip_tokenizer_dir", "siglip_tokenizer_from_dir"]
+__all__ = [
+    "OPENCLIP_CLEANING", "GemmaTokenizer", "SentencePieceTokenizer", "is_siglip_tokenizer_dir", "openclip_clean",
+    "siglip_tokenizer_from_dir",
+]
+
+# OpenCLIP's text cleaning before a Hugging Face tokenizer (open_clip_config.json's
+# ``tokenizer_kwargs.clean``; "whitespace" when absent): ftfy and HTML entities fixed, then
+# whitespace collapsed; "lower" also lower-cases; "canonicalize" (SigLIP's configs) lower-cases and
+# removes ASCII punctuation, "_" read as a space.
+OPENCLIP_CLEANING = ("whitespace", "lower", "canonicalize")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def openclip_clean(text: str, cleaning: str) -> str:
+    """``text`` as OpenCLIP cleans it before its Hugging Face tokenizer (`OPENCLIP_CLEANING`)."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    if cleaning == "canonicalize":
+        text = text.replace("_", " ").translate(_PUNCTUATION).lower()
+    elif cleaning == "lower":
+        text = text.lower()
+    elif cleaning != "whitespace":
+        raise ValueError(f"unknown text cleaning {cleaning!r}; OpenCLIP's are {', '.join(OPENCLIP_CLEANING)}")
+    return " ".join(text.split())
+
 
 SPIECE_FILE = "spiece.model"
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -81,6 +111,18 @@ class _DirectoryTokenizer(ABC):
     pad_token_id: int
     padding_side: str
     files: tuple[str, ...]
+    cleaning: str | None = None  # OpenCLIP's text cleaning before the ids, for OpenCLIP's models (`clean_as`)
+
+    def clean_as(self, cleaning: str | None) -> _DirectoryTokenizer:
+        """Cleans texts as OpenCLIP does before this tokenizer (`OPENCLIP_CLEANING`; None: as
+        transformers, not at all); returns the tokenizer."""
+        if cleaning is not None:
+            openclip_clean("", cleaning)  # an unknown name fails here, once
+        self.cleaning = cleaning
+        return self
+
+    def _clean(self, texts: Sequence[str]) -> list[str]:
+        return list(texts) if self.cleaning is None else [openclip_clean(t, self.cleaning) for t in texts]
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with its special tokens (the end token), unpadded and uncut."""
@@ -131,6 +173,10 @@ class _DirectoryTokenizer(ABC):
             if source.is_file() and source.resolve() != (directory / name).resolve():
                 shutil.copyfile(source, directory / name)
         return directory
+
+    def save_hf(self, directory: str | os.PathLike[str]) -> Path:
+        """Writes the files transformers and OpenCLIP read: the tokenizer's own, copied (`save`)."""
+        return self.save(directory)
 
 
 class SentencePieceTokenizer(_DirectoryTokenizer):
@@ -188,7 +234,7 @@ class SentencePieceTokenizer(_DirectoryTokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a sequence of texts; use encode for one text")
-        return [self._encode_one(text) for text in texts]
+        return [self._encode_one(text) for text in self._clean(texts)]
 
     def _encode_one(self, text: str) -> list[int]:
         parts = self._split.split(_UNDERLINE + text.replace(_UNDERLINE, " "))
@@ -261,13 +307,13 @@ class GemmaTokenizer(_DirectoryTokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a sequence of texts; use encode for one text")
-        return [e.ids for e in self.rust.encode_batch(list(texts))]
+        return [e.ids for e in self.rust.encode_batch(self._clean(texts))]
 
     def _cut(self, text: str, ids: list[int], length: int) -> list[int]:
         # transformers cuts the text's own tokens so that they and the special tokens fit.
         self.rust.enable_truncation(length)
         try:
-            return self.rust.encode(text).ids
+            return self.rust.encode(self._clean([text])[0]).ids
         finally:
             self.rust.no_truncation()
 
