@@ -2,7 +2,11 @@
 
 - Every test runs on one intra-op thread (`one_thread`, automatic).
 - ``device``: a test that takes it runs once on "cpu" and once on "cuda", the latter skipped
-  with a reason where CUDA is not available.
+  with a reason where CUDA is not available.  The CUDA cases' ids contain "cuda", so
+  ``pytest -k cuda`` runs them all.
+- ``no_tf32``: fp32 matmuls and convolutions in full fp32 on CUDA for the test that asks.
+- cuBLAS is made repeatable (``CUBLAS_WORKSPACE_CONFIG``, set before CUDA starts) for the tests
+  that switch on ``torch.use_deterministic_algorithms``.
 - No test reaches outside this machine (`loopback_only`, automatic): a name lookup or a
   connection to anything but the loopback interface is an OSError naming the host, and the
   Hugging Face hub client is offline (``HF_HUB_OFFLINE=1``) unless a test says otherwise.
@@ -17,6 +21,11 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+
+# cuBLAS picks its reduction order per call, unless it is given a fixed workspace; PyTorch's
+# deterministic mode then refuses to run without it.  It is read once, when CUDA starts, so it is
+# set here, before any test touches CUDA (a value already in the environment is kept).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -91,3 +100,16 @@ _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not av
 def device(request: pytest.FixtureRequest) -> str:
     """The device a test runs on: "cpu", then "cuda" where available (skipped with the reason otherwise)."""
     return request.param
+
+
+@pytest.fixture
+def no_tf32() -> Iterator[None]:
+    """fp32 matmuls and convolutions in full fp32 on CUDA: TF32 would round their inputs to 10 bits,
+    and no fp32 tolerance against a float64 reference would hold.  (No effect on the CPU.)"""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

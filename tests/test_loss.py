@@ -1,5 +1,9 @@
 """The losses against naive references kept here: a loop over rows for the cross-entropy,
-the full-matrix sigmoid formula, forward and gradient, on shapes that do not divide evenly."""
+the full-matrix sigmoid formula, forward and gradient, on shapes that do not divide evenly.
+
+Tests that take ``device`` run on the CPU and, where available, on CUDA; the references always
+run in float64 on the CPU (their inputs are copied there inside autograd, so gradients taken
+through them land on the device)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,9 @@ import torch.nn.functional as F
 
 from clipforge import ClipLoss, LogitScale, SigLipLoss, clip_loss, siglip_loss
 from clipforge.loss import auto_chunk_size
+
+# fp32 results are compared with float64 ones: on CUDA, TF32 would round matmul inputs to 10 bits
+pytestmark = pytest.mark.usefixtures("no_tf32")
 
 # ---------------------------------------------------------------------------------------
 # References
@@ -28,9 +35,10 @@ def targets_ref(n: int, labels: torch.Tensor | None, eps: float) -> torch.Tensor
 
 
 def clip_loss_ref(img, txt, scale, labels=None, eps=0.0):
-    """½ (mean_i CE(row i) + mean_j CE(column j)), a Python loop over rows, float64."""
-    img, txt = img.double(), txt.double()
-    scale = scale.double() if isinstance(scale, torch.Tensor) else torch.tensor(scale, dtype=torch.float64)
+    """½ (mean_i CE(row i) + mean_j CE(column j)), a Python loop over rows, float64 on the CPU."""
+    img, txt = img.double().cpu(), txt.double().cpu()
+    scale = scale.double().cpu() if isinstance(scale, torch.Tensor) else torch.tensor(scale, dtype=torch.float64)
+    labels = None if labels is None else labels.cpu()
     n = img.shape[0]
     y = targets_ref(n, labels, eps)
     logits = scale * img @ txt.T
@@ -40,8 +48,9 @@ def clip_loss_ref(img, txt, scale, labels=None, eps=0.0):
 
 
 def siglip_loss_ref(img, txt, scale, bias, labels=None):
-    """−(1/N) Σ_ij log σ(z_ij (s I_i·T_j + b)), element by element, float64."""
-    img, txt = img.double(), txt.double()
+    """−(1/N) Σ_ij log σ(z_ij (s I_i·T_j + b)), element by element, float64 on the CPU."""
+    img, txt, scale, bias = (t.double().cpu() for t in (img, txt, scale, bias))
+    labels = None if labels is None else labels.cpu()
     n = img.shape[0]
     total = 0.0
     for i in range(n):
@@ -52,13 +61,19 @@ def siglip_loss_ref(img, txt, scale, bias, labels=None):
     return -total / n
 
 
-def features(n, d, *, dtype=torch.float64, seed=0, normalize=True):
+def features(n, d, *, dtype=torch.float64, seed=0, normalize=True, device="cpu"):
+    """(n, d) image and text features, leaves that require grad; the same numbers on every device."""
     g = torch.Generator().manual_seed(seed)
     img = torch.randn(n, d, generator=g, dtype=torch.float64)
     txt = img + 0.8 * torch.randn(n, d, generator=g, dtype=torch.float64)  # correlated pairs
     if normalize:
         img, txt = F.normalize(img, dim=1), F.normalize(txt, dim=1)
-    return img.to(dtype).requires_grad_(), txt.to(dtype).requires_grad_()
+    return img.to(device, dtype).requires_grad_(), txt.to(device, dtype).requires_grad_()
+
+
+def leaves(*tensors, dtype=torch.float64):
+    """Detached copies on the CPU in ``dtype`` that require grad: the float64 reference's inputs."""
+    return tuple(t.detach().cpu().to(dtype).requires_grad_() for t in tensors)
 
 
 def grads(loss, *inputs):
@@ -66,8 +81,9 @@ def grads(loss, *inputs):
 
 
 def assert_close_all(a, b, **tol):
+    """Pairwise close, compared on the CPU (the references live there)."""
     for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, **tol)
+        torch.testing.assert_close(x.cpu(), y.cpu(), **tol)
 
 
 GROUPS = {1: [0], 2: [5, 5], 7: [0, 1, 0, 2, 1, 0, 3], 13: [i % 4 for i in range(13)], 31: [i // 3 for i in range(31)]}
@@ -94,19 +110,20 @@ def test_naive_clip_matches_row_loop(n, use_labels, eps):
 @pytest.mark.parametrize("use_labels", [False, True])
 @pytest.mark.parametrize("eps", [0.0, 0.25])
 def test_tiled_clip_matches_reference(n, chunk, use_labels, eps, device):
-    img, txt = (t.detach().to(device).requires_grad_() for t in features(n, 6, seed=n))
+    img, txt = features(n, 6, seed=n, device=device)
     s = torch.tensor(11.0, dtype=torch.float64, device=device, requires_grad=True)
     labels = torch.tensor(GROUPS[n], device=device) if use_labels else None
     got = clip_loss(img, txt, s, labels=labels, label_smoothing=eps, chunk_size=chunk)
+    assert got.device.type == device
     ref = clip_loss_ref(img, txt, s, labels, eps)
-    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-12, atol=1e-12)
     assert_close_all(grads(got, img, txt, s), grads(ref, img, txt, s), rtol=1e-10, atol=1e-12)
 
 
-def test_tiled_clip_gradcheck():
-    img, txt = features(9, 4, seed=3)
-    s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
-    labels = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 5])
+def test_tiled_clip_gradcheck(device):
+    img, txt = features(9, 4, seed=3, device=device)
+    s = torch.tensor(3.0, dtype=torch.float64, device=device, requires_grad=True)
+    labels = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 5], device=device)
     for lab in (None, labels):
         assert torch.autograd.gradcheck(
             lambda a, b, c, lab=lab: clip_loss(a, b, c, labels=lab, label_smoothing=0.1, chunk_size=4), (img, txt, s)
@@ -139,98 +156,108 @@ def test_plain_path_has_double_backward():
     assert torch.autograd.gradgradcheck(lambda x, y, c, d: siglip_loss(x, y, c, d, labels=labels), (img, txt, s, b))
 
 
-def test_tiled_clip_float32_large_batch_matches_float64():
-    img, txt = features(1000, 64, dtype=torch.float32, seed=1)
-    s = torch.tensor(100.0, requires_grad=True)  # the largest scale CLIP allows: sharpest softmax
+def test_tiled_clip_float32_large_batch_matches_float64(device):
+    """fp32 on the device (TF32 off on CUDA: it would round the logits' inputs to 10 bits)
+    against the plain formula in float64 on the CPU."""
+    img, txt = features(1000, 64, dtype=torch.float32, seed=1, device=device)
+    s = torch.tensor(100.0, device=device, requires_grad=True)  # the largest scale CLIP allows: sharpest softmax
     got = clip_loss(img, txt, s, chunk_size=128)
     g_got = grads(got, img, txt, s)
-    img64, txt64 = img.detach().double().requires_grad_(), txt.detach().double().requires_grad_()
-    s64 = s.detach().double().requires_grad_()
+    img64, txt64, s64 = leaves(img, txt, s)
     ref = clip_loss(img64, txt64, s64)
     g_ref = grads(ref, img64, txt64, s64)
     # The loss is tiny here (≈2e-7: the batch is separated at s = 100), a difference of
     # log-sum-exps ≈ 100 and target logits ≈ 100 that the tiled path computes separately, so
     # the absolute error is a few float32 ulps of the logits: ulp(100) ≈ 7.6e-6.
-    torch.testing.assert_close(got.double(), ref, rtol=0, atol=4 * 7.7e-6)
+    torch.testing.assert_close(got.double().cpu(), ref, rtol=0, atol=4 * 7.7e-6)
     assert_close_all([g.double() for g in g_got], g_ref, rtol=1e-4, atol=1e-7)
     # On an unseparated batch (s = 10) the value is exact to a few float32 roundings of its
     # terms.  The target logits' sum is one BLAS dot over N·d = 64,000 products, whose rounding
     # depends on how many threads split it: the bound holds for a two-way split (the suite
     # otherwise runs on one thread, where 5.3e-6 was measured: a sum twice as long per thread).
-    s10 = torch.tensor(10.0)
+    # CUDA sums it as a tree, shorter still.
+    s10 = torch.tensor(10.0, device=device)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        value = clip_loss(img.detach(), txt.detach(), s10, chunk_size=128).double()
+        value = clip_loss(img.detach(), txt.detach(), s10, chunk_size=128).double().cpu()
     finally:
         torch.set_num_threads(before)
-    torch.testing.assert_close(value, clip_loss(img64.detach(), txt64.detach(), s10.double()), rtol=2e-6, atol=0)
+    ref10 = clip_loss(img64.detach(), txt64.detach(), torch.tensor(10.0, dtype=torch.float64))
+    torch.testing.assert_close(value, ref10, rtol=2e-6, atol=0)
 
 
-def test_column_underflow_fallback_is_exact():
+def test_column_underflow_fallback_is_exact(device):
     """Columns whose row-shifted exponentials underflow are recomputed with their own max.
 
     Unnormalised features with large norms give logits spread over thousands: a tile's
     column sums relative to the tile's maximum vanish in float32 and must not become −inf."""
     g = torch.Generator().manual_seed(0)
-    img = (torch.randn(40, 8, generator=g) * torch.linspace(0.1, 30, 40)[:, None]).requires_grad_()
-    txt = (torch.randn(40, 8, generator=g) * torch.linspace(30, 0.1, 40)[:, None]).requires_grad_()
-    s = torch.tensor(5.0, requires_grad=True)
+    img = (torch.randn(40, 8, generator=g) * torch.linspace(0.1, 30, 40)[:, None]).to(device).requires_grad_()
+    txt = (torch.randn(40, 8, generator=g) * torch.linspace(30, 0.1, 40)[:, None]).to(device).requires_grad_()
+    s = torch.tensor(5.0, device=device, requires_grad=True)
     got = clip_loss(img, txt, s, chunk_size=16)
-    assert torch.isfinite(got)
-    ref = clip_loss(img.detach().double(), txt.detach().double(), s.detach().double())
-    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-3)
     g_got = grads(got, img, txt, s)
-    i64, t64, s64 = (t.detach().double().requires_grad_() for t in (img, txt, s))
+    assert torch.isfinite(got)
+    i64, t64, s64 = leaves(img, txt, s)
+    ref = clip_loss(i64.detach(), t64.detach(), s64.detach())
+    torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-5, atol=1e-3)
     g_ref = grads(clip_loss(i64, t64, s64), i64, t64, s64)
     # Logits reach ±4,000 here, so a float32 log-sum-exp carries ~ulp(4000) = 2.4e-4 of
     # absolute error into every probability: gradients agree to ~1e-3 of their scale.
     for a, b in zip(g_got, g_ref):
         assert torch.isfinite(a).all()
-        assert (a.double() - b).abs().max() <= 1e-2 * b.abs().max()
+        assert (a.double().cpu() - b).abs().max() <= 1e-2 * b.abs().max()
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
 @pytest.mark.parametrize("chunk", [None, 32])
-def test_low_precision_inputs_against_float64(dtype, rtol, chunk):
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_low_precision_inputs_against_float64(dtype, rtol, chunk, eps, device):
     """bf16/fp16 features: the loss accumulates in float32, so its value is exact to
     float32 rounding of the rounded inputs; gradients come back in the input dtype, so
-    their error is that dtype's rounding (bf16: 8 bits, fp16: 11 bits) — the tolerance."""
-    img, txt = features(100, 32, dtype=dtype, seed=4)
-    s = torch.tensor(30.0, requires_grad=True)
-    got = clip_loss(img, txt, s, chunk_size=chunk, labels=torch.arange(100) // 3)
-    assert got.dtype == torch.float32
+    their error is that dtype's rounding (bf16: 8 bits, fp16: 11 bits) — the tolerance.
+    N = 100 with tiles of 32: the last tile is 4 wide.  (The CPU runs fp16 matmuls, slowly
+    and without fast paths, so fp16 is checked on both devices.)"""
+    img, txt = features(100, 32, dtype=dtype, seed=4, device=device)
+    s = torch.tensor(30.0, device=device, requires_grad=True)
+    labels = torch.arange(100, device=device) // 3
+    got = clip_loss(img, txt, s, chunk_size=chunk, labels=labels, label_smoothing=eps)
     g_got = grads(got, img, txt, s)
+    assert got.dtype == torch.float32 and got.device.type == device
     assert g_got[0].dtype == dtype and g_got[2].dtype == torch.float32
-    i64, t64, s64 = (t.detach().double().requires_grad_() for t in (img, txt, s))
-    ref = clip_loss_ref(i64, t64, s64, torch.arange(100) // 3)
-    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)  # exact inputs, fp32 accumulation
+    i64, t64, s64 = leaves(img, txt, s)
+    ref = clip_loss_ref(i64, t64, s64, labels, eps)
+    torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-6, atol=1e-6)  # exact inputs, fp32 accumulation
     g_ref = grads(ref, i64, t64, s64)
     for a, b in zip(g_got, g_ref):
         scale = b.abs().max()
-        assert (a.double() - b).abs().max() <= rtol * scale, (a.dtype, (a.double() - b).abs().max(), scale)
+        err = (a.double().cpu() - b).abs().max()
+        assert err <= rtol * scale, (a.dtype, err, scale)
 
 
-def test_auto_chunk_and_module():
-    img, txt = features(50, 8, seed=2)
-    s = torch.tensor(20.0, dtype=torch.float64, requires_grad=True)
+def test_auto_chunk_and_module(device):
+    """The module's default chunk size is "auto": on CUDA it reads the device's free memory."""
+    img, txt = features(50, 8, seed=2, device=device)
+    s = torch.tensor(20.0, dtype=torch.float64, device=device, requires_grad=True)
     got = ClipLoss(label_smoothing=0.05)(img, txt, s)
     ref = clip_loss_ref(img, txt, s, None, 0.05)
-    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(got.cpu(), ref)
+    assert_close_all(grads(got, img, txt, s), grads(ref, img, txt, s), rtol=1e-10, atol=1e-12)
     assert 1 <= auto_chunk_size(50, 8) <= 50
     budget = 64 << 20
     edge = auto_chunk_size(100_000, 512, budget=budget)
     assert 16 * edge * edge <= budget < 16 * (2 * edge) ** 2  # the largest tile within budget
 
 
-def test_matches_openclip_and_hf_formula():
+def test_matches_openclip_and_hf_formula(device):
     """OpenCLIP's ClipLoss and Hugging Face's clip_loss are ½(CE(logits) + CE(logitsᵀ)) with
     arange targets — written out here as they write it."""
-    img, txt = features(17, 8, dtype=torch.float32, seed=5)
-    s = torch.tensor(1 / 0.07)
+    img, txt = features(17, 8, dtype=torch.float32, seed=5, device=device)
+    s = torch.tensor(1 / 0.07, device=device)
     logits_per_image = s * img @ txt.T
     logits_per_text = s * txt @ img.T
-    labels = torch.arange(17)
+    labels = torch.arange(17, device=device)
     theirs = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
     for chunk in (None, 5):
         torch.testing.assert_close(clip_loss(img, txt, s, chunk_size=chunk), theirs, rtol=1e-6, atol=1e-6)
@@ -254,48 +281,79 @@ def test_gradient_is_softmax_minus_target():
 
 @pytest.mark.parametrize("n,chunk", [(1, None), (1, 4), (7, None), (7, 3), (13, 5), (13, 64), (31, 8)])
 @pytest.mark.parametrize("use_labels", [False, True])
-def test_siglip_matches_reference(n, chunk, use_labels):
-    img, txt = features(n, 6, seed=n + 1)
-    s = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
-    b = torch.tensor(-10.0, dtype=torch.float64, requires_grad=True)
-    labels = torch.tensor(GROUPS[n]) if use_labels else None
+def test_siglip_matches_reference(n, chunk, use_labels, device):
+    img, txt = features(n, 6, seed=n + 1, device=device)
+    s = torch.tensor(10.0, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.tensor(-10.0, dtype=torch.float64, device=device, requires_grad=True)
+    labels = torch.tensor(GROUPS[n], device=device) if use_labels else None
     got = siglip_loss(img, txt, s, b, labels=labels, chunk_size=chunk)
+    assert got.device.type == device
     ref = siglip_loss_ref(img, txt, s, b, labels)
-    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-12, atol=1e-12)
     assert_close_all(grads(got, img, txt, s, b), grads(ref, img, txt, s, b), rtol=1e-10, atol=1e-12)
 
 
-def test_siglip_gradcheck_and_module():
-    img, txt = features(8, 4, seed=7)
-    s = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
-    b = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
-    labels = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])
+def test_siglip_gradcheck_and_module(device):
+    img, txt = features(8, 4, seed=7, device=device)
+    s = torch.tensor(4.0, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.tensor(-2.0, dtype=torch.float64, device=device, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4], device=device)
     assert torch.autograd.gradcheck(lambda *a: siglip_loss(*a, labels=labels, chunk_size=3), (img, txt, s, b))
-    torch.testing.assert_close(SigLipLoss()(img, txt, s, b, labels=labels), siglip_loss_ref(img, txt, s, b, labels))
+    got = SigLipLoss()(img, txt, s, b, labels=labels)
+    torch.testing.assert_close(got.cpu(), siglip_loss_ref(img, txt, s, b, labels))
 
 
-def test_siglip_matches_openclip_formula():
+def test_siglip_matches_openclip_formula(device):
     """OpenCLIP's SigLipLoss: −Σ logsigmoid(labels · logits) / N with labels 2·I − 1."""
-    img, txt = features(12, 8, dtype=torch.float32, seed=8)
-    s, b = torch.tensor(10.0), torch.tensor(-10.0)
+    img, txt = features(12, 8, dtype=torch.float32, seed=8, device=device)
+    s, b = torch.tensor(10.0, device=device), torch.tensor(-10.0, device=device)
     logits = s * img @ txt.T + b
-    sign = 2 * torch.eye(12) - 1
+    sign = 2 * torch.eye(12, device=device) - 1
     theirs = -F.logsigmoid(sign * logits).sum() / 12
     for chunk in (None, 5):
         torch.testing.assert_close(siglip_loss(img, txt, s, b, chunk_size=chunk), theirs)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_siglip_low_precision(dtype):
-    img, txt = features(64, 16, dtype=dtype, seed=9)
-    s = torch.tensor(10.0, requires_grad=True)
-    b = torch.tensor(-10.0, requires_grad=True)
-    got = siglip_loss(img, txt, s, b, chunk_size=20)
-    i64, t64, s64, b64 = (t.detach().double().requires_grad_() for t in (img, txt, s, b))
-    ref = siglip_loss(i64, t64, s64, b64)
-    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("use_labels", [False, True])
+def test_siglip_low_precision(dtype, use_labels, device):
+    """bf16/fp16 features, N = 64 in tiles of 20 (the last one 4 wide): the value to fp32
+    rounding, gradients to the input dtype's (2e-2 of their scale)."""
+    img, txt = features(64, 16, dtype=dtype, seed=9, device=device)
+    s = torch.tensor(10.0, device=device, requires_grad=True)
+    b = torch.tensor(-10.0, device=device, requires_grad=True)
+    labels = torch.arange(64, device=device) // 4 if use_labels else None
+    got = siglip_loss(img, txt, s, b, labels=labels, chunk_size=20)
+    assert got.dtype == torch.float32 and got.device.type == device
+    i64, t64, s64, b64 = leaves(img, txt, s, b)
+    ref = siglip_loss(i64, t64, s64, b64, labels=None if labels is None else labels.cpu())
+    torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-6, atol=1e-6)
     for a, r in zip(grads(got, img, txt, s, b), grads(ref, i64, t64, s64, b64)):
-        assert (a.double() - r).abs().max() <= 2e-2 * r.abs().max()
+        assert a.device.type == device
+        assert (a.double().cpu() - r).abs().max() <= 2e-2 * r.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("chunk", [None, 4], ids=["plain", "chunk-4"])
+def test_scale_and_bias_may_be_cpu_scalars(kind, chunk, device):
+    """The loss takes a scale and a bias held on the CPU (0-dim tensors, as ``torch.tensor(10.0)``
+    makes them) with features on any device; their gradients come back on the CPU."""
+    img, txt = features(9, 5, seed=11, device=device)
+    s = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-5.0, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 5], device=device)
+    if kind == "clip":
+        inputs = (img, txt, s)
+        got = clip_loss(img, txt, s, labels=labels, label_smoothing=0.1, chunk_size=chunk)
+        ref = clip_loss_ref(img, txt, s, labels, 0.1)
+    else:
+        inputs = (img, txt, s, b)
+        got = siglip_loss(img, txt, s, b, labels=labels, chunk_size=chunk)
+        ref = siglip_loss_ref(img, txt, s, b, labels)
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-12, atol=1e-12)
+    g_got, g_ref = grads(got, *inputs), grads(ref, *inputs)
+    assert [g.device.type for g in g_got] == [device, device] + ["cpu"] * (len(inputs) - 2)
+    assert_close_all(g_got, g_ref, rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------
@@ -319,9 +377,9 @@ def test_logit_scale_init_and_clamp():
     assert set(dict(sig.named_parameters())) == {"log_scale", "bias"}
 
 
-def test_logit_scale_trains_through_the_loss():
-    ls = LogitScale()
-    img, txt = features(16, 8, dtype=torch.float32)
+def test_logit_scale_trains_through_the_loss(device):
+    ls = LogitScale().to(device)
+    img, txt = features(16, 8, dtype=torch.float32, device=device)
     clip_loss(img, txt, ls(), chunk_size=5).backward()
     g_tiled = ls.log_scale.grad.clone()
     ls.zero_grad()

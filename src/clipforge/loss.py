@@ -197,7 +197,7 @@ def _as_scalar_tensor(value: Tensor | float, name: str, device: torch.device) ->
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         if value.device != device and value.device.type != "cpu":
             raise ValueError(f"{name} is on {value.device} but the features on {device}")
-        return value
+        return value.reshape(()).to(device)  # a CPU scalar joins CUDA features; gradients still reach it
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.tensor(float(value), device=device)
     raise ValueError(f"{name} must be a float or a scalar tensor, got {type(value).__name__}")

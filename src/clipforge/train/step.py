@@ -171,10 +171,12 @@ def train_step(
     update (``skipped`` = 1 in the result).
     """
     optimizer.zero_grad(set_to_none=True)
+    loss_scale = 1.0
+    if scaler is not None:  # scale() creates the scaler's scale on first use; get_scale() alone does not
+        loss_scale = float(scaler.scale(torch.ones((), device=next(model.parameters()).device)))
     stats = compute_gradients(
         model, micro_batches, ddp=ddp, loss=config.loss, label_smoothing=config.label_smoothing,
-        chunk_size=config.chunk_size, precision=config.precision,
-        loss_scale=scaler.get_scale() if scaler is not None else 1.0,
+        chunk_size=config.chunk_size, precision=config.precision, loss_scale=loss_scale,
     )
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not math.isfinite(stats["loss"]):
