@@ -371,12 +371,12 @@ def _siglip_to_hf(config: CLIPConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     hf = {"architectures": ["SiglipModel"], "model_type": "siglip", "text_config": text_config,
           "vision_config": vision_config}
     size = v.image_size
-    preprocessor = {  # SiglipImageProcessor: a bilinear resize to the square, no crop
+    preprocessor = {  # SiglipImageProcessor: a bicubic resize to the square, no crop (its default, Google's files)
         "image_processor_type": "SiglipImageProcessor",
         "do_convert_rgb": True,
         "do_resize": True,
         "size": {"height": size, "width": size},
-        "resample": 2,  # bilinear
+        "resample": 3,  # bicubic, as clipforge resizes SigLIP's images
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,

@@ -138,7 +138,8 @@ def hf_extras(hf_config: dict[str, Any], preprocessor: dict[str, Any], tokenizer
     table, and transformers pools the text at the first ``eos_token_id``); the preprocessor names
     ``CLIPProcessor``, the class ``AutoProcessor`` builds from the directory.  A ``ChineseCLIPModel``
     takes the tokenizer's pad id (its BERT masks nothing by itself: the processor's attention mask
-    does) and names ``ChineseCLIPProcessor``.
+    does) and names ``ChineseCLIPProcessor``; a ``SiglipModel`` takes the tokenizer's own ids and
+    names ``SiglipProcessor``.
     """
     text_config = dict(hf_config["text_config"])
     if hf_config.get("model_type") == "chinese_clip":
@@ -147,6 +148,14 @@ def hf_extras(hf_config: dict[str, Any], preprocessor: dict[str, Any], tokenizer
         return {
             "config.json": {**hf_config, "text_config": text_config},
             "preprocessor_config.json": {**preprocessor, "processor_class": "ChineseCLIPProcessor"},
+        }
+    if hf_config.get("model_type") == "siglip":  # SiglipModel reads the last position: the ids only describe
+        if tokenizer is not None:
+            text_config.update(bos_token_id=tokenizer.sot_token_id, eos_token_id=tokenizer.eot_token_id,
+                               pad_token_id=tokenizer.pad_token_id)
+        return {
+            "config.json": {**hf_config, "text_config": text_config},
+            "preprocessor_config.json": {**preprocessor, "processor_class": "SiglipProcessor"},
         }
     if tokenizer is not None:
         text_config.update(bos_token_id=tokenizer.sot_token_id, eos_token_id=tokenizer.eot_token_id,
