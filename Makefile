@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint test test-slow bench-loss bench-eval bench-index bench-serve bench-generate bench-demo-curve figures fonts figure-search browser demo clean
+.PHONY: install lint test test-slow bench-loss bench-eval bench-index bench-serve bench-generate bench-demo-curve figures fonts figure-search browser demo clean gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -102,6 +102,37 @@ figures: $(STAMP) fonts
 figure-search: $(STAMP) browser
 	CLIPFORGE_REQUIRE_BROWSER=1 CLIPFORGE_SCREENSHOT=docs/figures/search_page.png \
 		$(BIN)/python -m pytest -q -m slow tests/test_search_browser.py
+
+# The wheels `make gpu-check` installs on a GPU machine that has no network, into .gpu-wheels/
+# (ignored; it travels with the working tree, so it must stay small: the total is printed and
+# checked).  The machine brings Python 3.12, a CUDA build of PyTorch, transformers (so numpy,
+# tokenizers, safetensors, huggingface_hub, regex, tqdm, PyYAML) and timm (so torchvision):
+# these are the project's other run-time and test needs, OpenCLIP and Inf-CL (pinned: what the
+# check measures against) and clipforge's own wheel.  scikit-learn (digits://, the linear probe)
+# and matplotlib (report figures) are left out: with SciPy they would weigh ~60 MB.
+GPU_WHEELS := .gpu-wheels
+GPU_WHEEL_SPECS := "ftfy>=6.1" wcwidth "webdataset>=0.2.86" "braceexpand>=0.1.7" "sentencepiece>=0.2" \
+	"Pillow>=10.0" "pytest>=7" pluggy iniconfig pygments "pytest-timeout>=2" open_clip_torch==3.3.0 inf-cl==1.2.1
+GPU_WHEELS_MAX_MIB := 48
+
+gpu-wheels: $(STAMP)
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(BIN)/python -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+		--python-version 3.12 --implementation cp --abi cp312 \
+		--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d $(GPU_WHEELS) $(GPU_WHEEL_SPECS)
+	$(BIN)/python -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation -w $(GPU_WHEELS) .
+	rm -rf build
+	@ls -1 $(GPU_WHEELS)
+	@total=$$(du -sk $(GPU_WHEELS) | cut -f1); echo "$(GPU_WHEELS): $$((total / 1024)) MiB in all"; \
+	if [ $$total -gt $$(( $(GPU_WHEELS_MAX_MIB) * 1024 )) ]; then \
+		echo "$(GPU_WHEELS) is over $(GPU_WHEELS_MAX_MIB) MiB: too large to travel with the repository" >&2; exit 1; fi
+
+# The GPU check, on a machine with a CUDA GPU and the folder above: the CUDA tests, then the loss,
+# a training step and inference against OpenCLIP and Inf-CL, each time-boxed, in under 5 minutes.
+# It uses the machine's own python3 and PyTorch, not the virtual environment; it writes
+# benchmarks/results/gpu_check.json and gpu_check.md.  Without CUDA it stops at once in one line.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 from PIL import Image
+
+pytest.importorskip("matplotlib")  # the report's figures (the train extra installs it)
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from clipforge.checkpoints import load
 from clipforge.cli import main
