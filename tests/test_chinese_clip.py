@@ -346,3 +346,4 @@ def test_zeroshot_with_chinese_templates(photos, tmp_path, capsys):
     extra = result["clipforge"]
     assert extra["classes"] == ["狗", "猫", "车"] and extra["prompts"] == 3 * len(load_templates("zh"))
     assert extra["images_evaluated"] == 6 and 0 <= result["metrics"]["acc1"] <= 1
+    assert result["language"] == "cn"  # CLIP_benchmark's code for Chinese prompts

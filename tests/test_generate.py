@@ -195,6 +195,34 @@ def test_negatives_add_the_weighted_cross_entropy_of_the_prompt_among_the_texts(
         GenerateConfig(negatives=("a cat", " "))
 
 
+def test_a_sigmoid_models_negatives_use_its_pairwise_loss():
+    """With SigLIP's learned bias, the push from the negatives is the sigmoid loss of the pairs:
+    −log σ(s·cos + b) for the prompt, −log(1 − σ(s·cos + b)) for each negative, mean over cutouts."""
+    from dataclasses import replace
+
+    base = micro_clip().config
+    torch.manual_seed(0)
+    model = CLIP(replace(base, init_logit_scale=10.0, init_logit_bias=-10.0)).eval()
+    prompt, negatives = "a red circle", ["a blue square", "a green star"]
+    plain = GenerateConfig(steps=1, cutouts=3, noise=0.1, seed=2)
+    with_negatives = replace(plain, negatives=tuple(negatives), negative_weight=0.3)
+    generator = torch.Generator().manual_seed(2)
+    cuts = make_cutouts(FourierImage(32, generator=generator)(), 3, 32, noise=0.1, generator=generator)
+    mean = torch.tensor(model.config.vision.mean)[:, None, None]
+    std = torch.tensor(model.config.vision.std)[:, None, None]
+    with torch.no_grad():
+        image = torch.nn.functional.normalize(model.encode_image((cuts - mean) / std), dim=-1)
+        text = torch.nn.functional.normalize(model.encode_text(toy_tokenizer([prompt, *negatives])), dim=-1)
+        scale, bias = float(model.logit_scale()), float(model.logit_scale.bias)
+    pairwise = []
+    for row in (image @ text.T).double().tolist():
+        z = [scale * c + bias for c in row]
+        pairwise.append(math.log1p(math.exp(-z[0])) + sum(math.log1p(math.exp(v)) for v in z[1:]))
+    first = generate(model, toy_tokenizer, prompt, config=plain, progress=False).losses[0]
+    second = generate(model, toy_tokenizer, prompt, config=with_negatives, progress=False).losses[0]
+    assert second - first == pytest.approx(0.3 * np.mean(pairwise), abs=1e-5)
+
+
 def test_the_loss_falls_and_each_image_fits_its_own_prompt_best(tmp_path_factory):
     # Not the training loss on augmented cutouts alone: the finished 8-bit images, seen whole
     # through the model's preprocessing, must each match their own prompt better than the others'.

@@ -496,6 +496,24 @@ def test_the_model_table_is_the_registrys():
         assert top1 == f"{entry.top1 * 100:.1f} %", name
 
 
+def test_the_family_table_is_the_registrys():
+    from clipforge.checkpoints.registry import REGISTRY
+    from clipforge.model.config import get_config
+
+    rows = table_rows("docs/pretrained.md", "| family | example name |")
+    assert [row[0] for row in rows] == ["CLIP", "SigLIP", "SigLIP", "SigLIP 2", "Chinese-CLIP"]
+    for family, name, params, top1, _ in rows:
+        entry = REGISTRY[name.strip("`")]
+        assert get_config(entry.architecture).family == family.lower().replace(" 2", "").replace("-", "_"), name
+        assert params == f"{entry.params / 1e6:.0f} M", name
+        assert top1 == ("—" if entry.top1 is None else f"{entry.top1 * 100:.1f} %"), name
+    assert_said("docs/pretrained.md", "above ViT-bigG-14",
+                f"{REGISTRY['ViT-bigG-14:laion2b_s39b_b160k'].top1 * 100:.1f} %")
+    for length in (get_config("ViT-B-16").text.context_length, get_config("ViT-B-16-SigLIP").text.context_length,
+                   get_config("ViT-SO400M-14-SigLIP").text.context_length, get_config("CN-CLIP-ViT-B-16").text.tokens):
+        assert_said("docs/pretrained.md", "CLIP reads 77 tokens", str(length))
+
+
 def test_the_speed_table_is_the_record():
     result = record("bench_model_pick")
     speed = {(r["model"], r["precision"], r["modality"]): r["clipforge_per_s"] for r in result["rows"]}

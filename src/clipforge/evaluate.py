@@ -62,6 +62,7 @@ from clipforge.zeroshot import (
     classification_metrics,
     expand_prompts,
     zeroshot_logits,
+    zeroshot_probabilities,
 )
 
 __all__ = [
@@ -100,6 +101,11 @@ class ZeroshotResult:
     images_evaluated: int  # of those, the readable ones
     skipped: list[Skipped] = field(default_factory=list)  # the unreadable ones
     timings_s: dict[str, float] = field(default_factory=dict)  # seconds: classifier, images, metrics
+    kept: list[int] = field(default_factory=list)  # source index of each image evaluated, in row order
+    targets: list[int] = field(default_factory=list)  # the class of each image evaluated
+    # [images_evaluated, C] class probabilities when asked for (`clipforge.zeroshot.zeroshot_probabilities`:
+    # per-class sigmoids for SigLIP, a softmax for CLIP), else None
+    probabilities: Tensor | None = None
 
 
 @dataclass
@@ -180,6 +186,7 @@ def evaluate_zeroshot(
     workers: int = 0,
     progress: bool = False,
     ks: Sequence[int] = (1, 5),
+    probabilities: bool = False,
 ) -> ZeroshotResult:
     """Zero-shot classification of the first ``limit`` images of ``source`` (all when None).
 
@@ -198,6 +205,7 @@ def evaluate_zeroshot(
         workers: image decoding processes.
         progress: show progress bars.
         ks: the k of each top-k accuracy.
+        probabilities: also return each image's class probabilities (`ZeroshotResult.probabilities`).
     """
     names = list(classnames if classnames is not None else source.classnames)
     if len(names) != len(source.classnames):
@@ -217,8 +225,10 @@ def evaluate_zeroshot(
         timings["images"], clock = _lap(clock)
     targets = torch.tensor([labels[k] for k in loader.kept], dtype=torch.long)
     metrics = classification_metrics(zeroshot_logits(features, classifier), targets, ks=ks)
+    probs = zeroshot_probabilities(model, features, classifier).cpu() if probabilities else None
     timings["metrics"], _ = _lap(clock)
-    return ZeroshotResult(metrics, names, templates, len(prompts), n, len(loader.kept), list(loader.skipped), timings)
+    return ZeroshotResult(metrics, names, templates, len(prompts), n, len(loader.kept), list(loader.skipped), timings,
+                          kept=list(loader.kept), targets=targets.tolist(), probabilities=probs)
 
 
 def evaluate_retrieval(

@@ -28,7 +28,9 @@ The method, piece by piece:
 - **Negative prompts** (``negatives``, ``negative_weight``).  Texts the image should *not*
   match add ``negative_weight`` times the cross-entropy of the prompt among the prompt and the
   negatives, with the model's similarities scaled by its logit scale: −log p(prompt | crop)
-  under the model's own zero-shot classifier over those texts, averaged over cutouts.  The
+  under the model's own zero-shot classifier over those texts, averaged over cutouts; for a
+  sigmoid-scored model (SigLIP), its own pairwise loss instead: −log σ(s·cos + b) for the prompt
+  and −log(1 − σ(s·cos + b)) for each negative, with its learned scale s and bias b.  The
   spherical distance pulls the image towards the prompt; this term pushes it away from the
   nearest wrong texts ("a red hexagon" for "a red circle"), as a classifier's gradient guides
   diffusion sampling towards a class (Dhariwal & Nichol, 2021).  On its own the term is
@@ -300,6 +302,8 @@ def generate(
         texts = F.normalize(model.encode_text(tokenizer([prompt, *negatives]).to(device)).float(), dim=-1)
         # A model without a learned scale gets a trained CLIP's, which sits at the cap (CLIP section 2.5).
         scale = float(model.logit_scale()) if hasattr(model, "logit_scale") else MAX_SCALE
+        learned_bias = getattr(getattr(model, "logit_scale", None), "bias", None)
+        bias = None if learned_bias is None else float(learned_bias)
     target = texts[:1]  # [1, D]
     preprocess = image_transform(vision.image_size, mean=vision.mean, std=vision.std)
     best: Generated | None = None
@@ -308,7 +312,7 @@ def generate(
         folder = Path(frames) if frames is not None else None
         if folder is not None and config.best_of > 1:
             folder = folder / f"seed-{seed}"
-        result = _optimise(model, texts, scale, seed, config, init, folder, progress)
+        result = _optimise(model, texts, scale, seed, config, init, folder, progress, bias=bias)
         cosines.append(float(embed_images(model, [preprocess(result.image)], progress=False)[0] @ target[0]))
         if best is None or cosines[-1] > max(cosines[:-1]):
             best = result
@@ -324,11 +328,21 @@ def _prompt_cross_entropy(features: Tensor, texts: Tensor, scale: float) -> Tens
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
+def _prompt_sigmoid_loss(features: Tensor, texts: Tensor, scale: float, bias: float) -> Tensor:
+    """Mean over rows of features [N, D] of SigLIP's pairwise loss against ``texts`` [T, D]
+    (normalised): text 0 (the prompt) a match, the others not; −Σ log σ(±(scale · cos + bias))."""
+    logits = scale * F.normalize(features, dim=-1) @ texts.T + bias  # [N, T]
+    signs = torch.full_like(logits[:1], -1.0)
+    signs[0, 0] = 1.0
+    return -F.logsigmoid(signs * logits).sum(dim=1).mean()
+
+
 def _optimise(model: nn.Module, texts: Tensor, scale: float, seed: int, config: GenerateConfig,
-              init: Image.Image | None, folder: Path | None, progress: bool) -> Generated:
+              init: Image.Image | None, folder: Path | None, progress: bool, *, bias: float | None = None
+              ) -> Generated:
     """One start of `generate`: the image optimised from ``seed`` towards the prompt, row 0 of
     the normalised text embeddings ``texts`` [1 + negatives, D], and away from the negatives
-    (the model's logit scale ``scale``)."""
+    (the model's logit scale ``scale``, and its learned ``bias`` for a sigmoid-scored model)."""
     vision = model.config.vision  # type: ignore[union-attr]
     parameter = next(model.parameters())
     device, dtype = parameter.device, parameter.dtype
@@ -361,7 +375,9 @@ def _optimise(model: nn.Module, texts: Tensor, scale: float, seed: int, config: 
             features = model.encode_image(((cuts - mean) / std).to(dtype)).float()  # [cutouts, D]
             loss = spherical_distance(features, texts[:1]).mean()
             if len(texts) > 1 and config.negative_weight > 0:
-                loss = loss + config.negative_weight * _prompt_cross_entropy(features, texts, scale)
+                push = (_prompt_cross_entropy(features, texts, scale) if bias is None
+                        else _prompt_sigmoid_loss(features, texts, scale, bias))
+                loss = loss + config.negative_weight * push
             if config.tv > 0:
                 loss = loss + config.tv * total_variation(pixels)
             optimizer.zero_grad(set_to_none=True)

@@ -26,6 +26,13 @@ Captioning", section 3), with c the caption's embedding, v the image's and R the
   at 0: max(100 · mean(cos), 0).  With w = 100, `clip_score` clamps *each pair* first, so the
   two agree when no cosine is negative and otherwise this one is higher.
   `Scores.torchmetrics_mean` gives torchmetrics' number for the same pairs.
+
+These are CLIP's definitions, on the cosine, and apply to any model alike; w = 2.5 was fitted
+to CLIP's cosines.  A SigLIP model (a sigmoid model: `clipforge.zeroshot.is_sigmoid_model`)
+also gives each pair a calibrated probability, sigmoid(scale · cos + bias) with its own learned
+scale and bias (`match_probability`; `Scores.probability`): the chance, as the sigmoid loss
+trained it, that the caption describes the image.  A softmax model has no such per-pair
+probability (its softmax needs the competing captions), so it is None there.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipforge.embed import embed_images, embed_texts
+from clipforge.zeroshot import is_sigmoid_model
 
 __all__ = [
     "CLIP_SCORE_W",
@@ -46,6 +54,7 @@ __all__ = [
     "clip_s",
     "clip_score",
     "harmonic_mean",
+    "match_probability",
     "ref_clip_s",
     "ref_clip_score",
     "rerank",
@@ -69,6 +78,16 @@ def clip_s(image_features: Tensor, text_features: Tensor, *, w: float = CLIP_SCO
             f"{list(text_features.shape)}"
         )
     return w * _cosine(image_features, text_features).clamp(min=0)
+
+
+@torch.no_grad()
+def match_probability(model: nn.Module, cosine: Tensor) -> Tensor | None:
+    """sigmoid(scale · cos + bias) of each cosine, float32, with the model's own learned scale and
+    bias: a SigLIP model's probability that a text fits an image; None for a softmax model (CLIP)."""
+    if not is_sigmoid_model(model):
+        return None
+    scale = model.logit_scale().float().to(cosine.device)
+    return torch.sigmoid(scale * cosine.float() + model.logit_scale.bias.float().to(cosine.device))
 
 
 def harmonic_mean(a: Tensor, b: Tensor) -> Tensor:
@@ -122,6 +141,7 @@ class Scores:
     w: float  # the CLIP-S weight
     ref_cosine: Tensor | None = None  # [K] max over the image's references of cos(caption, reference)
     ref_clip_score: Tensor | None = None  # [K] RefCLIP-S
+    probability: Tensor | None = None  # [K] a SigLIP model's sigmoid(scale · cos + bias); None for CLIP
 
     @property
     def mean(self) -> float:
@@ -183,14 +203,15 @@ def clip_score(
     text_features = embed_texts(model, tokenizer, [texts[i] for i in kept], **run)
     cosine = _cosine(image_features, text_features)
     clip = w * cosine.clamp(min=0)  # `clip_s` of the pairs, from the cosine already at hand
+    probability = match_probability(model, cosine)
     if refs is None:
-        return Scores(kept=kept, cosine=cosine, clip_score=clip, w=w)
+        return Scores(kept=kept, cosine=cosine, clip_score=clip, w=w, probability=probability)
     flat = [(j, ref) for j, i in enumerate(kept) for ref in refs[i]]
     ref_features = embed_texts(model, tokenizer, [ref for _, ref in flat], **run)
     owner = torch.tensor([j for j, _ in flat], dtype=torch.long, device=text_features.device)
     best = _best_reference_cosine(text_features, ref_features, owner)
     return Scores(kept=kept, cosine=cosine, clip_score=clip, w=w, ref_cosine=best,
-                  ref_clip_score=harmonic_mean(clip, best.clamp(min=0)))
+                  ref_clip_score=harmonic_mean(clip, best.clamp(min=0)), probability=probability)
 
 
 def ref_clip_score(
@@ -224,7 +245,8 @@ def rerank(
     ``images``, cosine) pairs; the first ``k`` of them when given.
 
     Ranked by the cosine, not by CLIP-S, whose clamp at 0 would tie every image the prompt fits
-    worse than a right angle.  Equal cosines keep the input order.  An `ImageLoader`'s
+    worse than a right angle; the order is also that of a SigLIP model's `match_probability`,
+    which increases with the cosine.  Equal cosines keep the input order.  An `ImageLoader`'s
     unreadable files are left out.
     """
     if k is not None and k < 1:

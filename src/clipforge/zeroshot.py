@@ -3,6 +3,7 @@
     classifier = build_zeroshot_classifier(model, tokenizer, ["cat", "dog"], ["a photo of a {c}."])
     logits = zeroshot_logits(embed_images(model, images), classifier)      # [N, C]
     metrics = classification_metrics(logits, targets)                      # acc1, acc5, ...
+    probs = zeroshot_probabilities(model, embed_images(model, images), classifier)  # [N, C]
 
 Templates come in two forms, the ones CLIP_benchmark accepts:
 
@@ -29,6 +30,19 @@ Metric definitions of `classification_metrics`:
   ``mean_per_class_recall`` is their mean over the classes present in the targets, which is
   scikit-learn's ``balanced_accuracy_score``, CLIP_benchmark's definition.
 - ``confusion_matrix[t][p]`` counts samples of true class t predicted as p.
+
+Probabilities (`zeroshot_probabilities`) follow the model's family, from its own learned scores
+``model.logits`` (scale · cos, plus the bias a sigmoid model has):
+
+- CLIP, trained with the softmax loss: a softmax over the classes, so each row sums to 1 (Radford
+  et al., 2021; transformers' ``logits_per_image.softmax(dim=1)``).
+- SigLIP and SigLIP 2, trained with the sigmoid loss and holding its learned bias: each class on
+  its own, sigmoid(scale · cos + bias), the probability that the image matches that class's prompt
+  (Zhai et al., 2023; transformers' ``torch.sigmoid(logits_per_image)``).  A row need not sum
+  to 1: an image may fit no class, or several.  A softmax of these scores serves ranking only.
+
+Neither changes the metrics: both are increasing in the score, so the ranking (top-k accuracy,
+the confusion matrix) is the logits' own.
 """
 
 from __future__ import annotations
@@ -48,7 +62,9 @@ __all__ = [
     "check_templates",
     "classification_metrics",
     "expand_prompts",
+    "is_sigmoid_model",
     "zeroshot_logits",
+    "zeroshot_probabilities",
 ]
 
 Templates = Sequence[str] | Mapping[str, Sequence[str]]
@@ -148,6 +164,23 @@ def zeroshot_logits(image_features: Tensor, classifier: Tensor) -> Tensor:
     """Logits [N, C] of normalised image features [N, D] against a classifier [D, C], scaled by
     CLIP's 100 as CLIP_benchmark does (no metric depends on the scale)."""
     return LOGIT_SCALE * image_features.float() @ classifier.to(image_features.device).float()
+
+
+def is_sigmoid_model(model: nn.Module) -> bool:
+    """Whether ``model`` scores pairs with the sigmoid loss's learned bias (SigLIP, SigLIP 2, or a
+    model trained with ``--loss siglip``), whose scores are probabilities through a sigmoid."""
+    scale = getattr(model, "logit_scale", None)
+    return getattr(scale, "bias", None) is not None
+
+
+@torch.no_grad()
+def zeroshot_probabilities(model: nn.Module, image_features: Tensor, classifier: Tensor) -> Tensor:
+    """Class probabilities [N, C], float32, of image features [N, D] against a classifier [D, C],
+    from the model's own scores (``model.logits``): per-class sigmoids for a sigmoid model (SigLIP),
+    a softmax over the classes otherwise (CLIP).  See the module notes."""
+    logits = model.logits(image_features.float(), classifier.to(image_features.device).float().T)  # [N, C]
+    logits = logits.float()
+    return torch.sigmoid(logits) if is_sigmoid_model(model) else logits.softmax(dim=-1)
 
 
 def classification_metrics(

@@ -343,6 +343,9 @@ def _siglip_to_hf(config: CLIPConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if t.pool != "last":
         raise CheckpointError("Hugging Face's SiglipModel needs SigLIP's text tower (pool='last'); this model's "
                               "text tower is CLIP's")
+    if config.init_logit_bias is None:
+        raise CheckpointError("Hugging Face's SiglipModel needs the learned logit bias, which this model (trained "
+                              "with the softmax loss) lacks; convert it to 'openclip' or 'clipforge'")
     text_config = {
         "model_type": "siglip_text_model",
         "vocab_size": t.vocab_size,

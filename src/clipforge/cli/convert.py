@@ -55,8 +55,11 @@ def add_parser(subparsers: Any) -> None:
     convert.add_argument("--pretrained", metavar="TAG",
                          help="released weights for the architecture SRC names (openai, laion2b_s34b_b79k, ...; or a "
                          "weights file); the same as SRC ARCH:TAG")
-    convert.add_argument("--act", choices=("gelu", "quick_gelu"),
-                         help="MLP activation when the source carries no config (default: inferred)")
+    from clipforge.model.config import ACTIVATIONS
+
+    convert.add_argument("--act", choices=ACTIVATIONS,
+                         help="MLP activation when the source carries no config (default: inferred; gelu_tanh for "
+                         "SigLIP weights from Hugging Face, whose towers run the tanh-approximated GELU)")
     convert.add_argument("--tokenizer", metavar="DIR",
                          help="tokenizer folder to write with the model instead of the source's own (default: the "
                          "source's, else OpenAI's for OpenAI's vocabulary)")

@@ -4,7 +4,7 @@ The work is `clipforge.evaluate`'s, the one evaluation path the trainer's evalua
 The JSON written by ``--out`` is CLIP_benchmark's (``clip_benchmark/cli.py``)::
 
     {"dataset": ..., "model": ..., "pretrained": ..., "task": "zeroshot_classification",
-     "metrics": {...}, "language": "en", "clipforge": {...}}
+     "metrics": {...}, "language": "en" ("cn" for Chinese prompts), "clipforge": {...}}
 
 ``metrics`` holds exactly the keys CLIP_benchmark writes for the task (``acc1``, ``acc5``,
 ``mean_per_class_recall``; ``image_retrieval_recall@k``, ``text_retrieval_recall@k``; for the
@@ -13,6 +13,10 @@ linear probe ``lp_acc1``, ``lp_acc5``, ``lp_mean_per_class_recall``, ``weight_de
 undefined value is ``null``.  Everything else sits under
 ``clipforge``: the library's full metrics dict (ranks, per-class accuracy, confusion matrix),
 skipped images, counts, device, precision and timings.
+
+``eval zeroshot --predictions FILE.csv`` writes each image's true and predicted class with their
+probabilities, as the model's family defines them (`clipforge.zeroshot.zeroshot_probabilities`):
+per-class sigmoids for SigLIP, a softmax over the classes for CLIP.
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ def add_parser(subparsers: Any) -> None:
                           "else default)")
     zeroshot.add_argument("--topk", metavar="K", type=positive_int, nargs="+", default=[1, 5],
                           help="top-k accuracies (default: 1 5)")
+    zeroshot.add_argument("--predictions", metavar="FILE.csv",
+                          help="write each image's predicted class and probabilities as CSV: per-class sigmoids "
+                          "for a SigLIP model (a row need not sum to 1), a softmax over the classes for CLIP")
     zeroshot.set_defaults(func=run_zeroshot)
 
     retrieval = tasks.add_parser("retrieval", help="image→text and text→image retrieval over captioned images")
@@ -86,7 +93,15 @@ def _common_options(parser: argparse.ArgumentParser, *, data_help: str) -> None:
     parser.add_argument("--out", metavar="FILE", help="write the results as JSON (CLIP_benchmark's schema)")
 
 
-def _result(args: argparse.Namespace, setup: dict[str, Any], task: str, metrics: dict, extra: dict) -> dict[str, Any]:
+def _language(*texts: Any) -> str:
+    """CLIP_benchmark's ``language`` of prompts and class names: "cn" when they hold Chinese
+    characters (its code for Chinese), else "en"."""
+    blob = json.dumps(texts, ensure_ascii=False, default=str)
+    return "cn" if any("\u3400" <= ch <= "\u9fff" for ch in blob) else "en"
+
+
+def _result(args: argparse.Namespace, setup: dict[str, Any], task: str, metrics: dict, extra: dict,
+            language: str = "en") -> dict[str, Any]:
     from clipforge import __version__
 
     data = args.data if args.data is not None else {"train": args.train, "test": args.test}
@@ -97,7 +112,7 @@ def _result(args: argparse.Namespace, setup: dict[str, Any], task: str, metrics:
         "pretrained": setup["pretrained"],
         "task": task,
         "metrics": metrics,
-        "language": "en",
+        "language": language,
         "clipforge": extra,
     }
 
@@ -149,10 +164,13 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     from clipforge.data.images import describe_skipped
     from clipforge.evaluate import evaluate_zeroshot, open_eval_source
     from clipforge.templates import load_templates
-    from clipforge.zeroshot import expand_prompts
+    from clipforge.zeroshot import expand_prompts, is_sigmoid_model
 
     clock = Clock()
     check_output(args.out, option="--out")
+    check_output(args.predictions, option="--predictions")
+    if args.predictions and not args.predictions.lower().endswith(".csv"):
+        raise CommandError(f"--predictions {args.predictions}: write a .csv file")
     model, preprocess, tokenizer, setup = load_model_for_command(args)
     source = open_eval_source(args.data, "zeroshot")
     what = "class folder" if isinstance(source, ImageFolder) else "class"
@@ -167,7 +185,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
         raise CommandError(str(err)) from err
     clock.lap("load")
     result = evaluate_zeroshot(model, preprocess, tokenizer, source, templates=templates, classnames=classnames,
-                               ks=args.topk, **_run_options(args, setup))
+                               ks=args.topk, probabilities=bool(args.predictions), **_run_options(args, setup))
     clock.laps.update(result.timings_s)
 
     metrics = result.metrics
@@ -183,8 +201,39 @@ def run_zeroshot(args: argparse.Namespace) -> int:
           f"{result.prompts} prompts; {describe_skipped(result.skipped)}")
     print(table(["metric", "value"], [[k, fmt(v)] for k, v in benchmark.items()]))
     print(f"time {clock.timings()['total']:.1f}s")
-    write_json(args.out, _result(args, setup, "zeroshot_classification", benchmark, extra))
+    language = _language(templates, result.classnames)
+    write_json(args.out, _result(args, setup, "zeroshot_classification", benchmark, extra, language))
+    if args.predictions:
+        _write_predictions(args.predictions, result, source, sigmoid=is_sigmoid_model(model))
     return 0
+
+
+def _write_predictions(path: str, result: Any, source: Any, *, sigmoid: bool) -> None:
+    """One CSV row per image evaluated: its name (the file, relative to an image folder's root, else
+    its index in the source), true and predicted class, and the probabilities of both."""
+    import csv
+    from pathlib import Path
+
+    paths, root = getattr(source, "paths", None), getattr(source, "root", None)
+
+    def name(index: int) -> str:
+        if paths is None:
+            return str(index)
+        file = Path(paths[index])
+        return file.relative_to(root).as_posix() if root is not None and file.is_relative_to(root) else str(file)
+
+    probs = result.probabilities
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["image", "label", "predicted", "probability", "label_probability"])
+        for row, (index, label) in enumerate(zip(result.kept, result.targets)):
+            predicted = int(probs[row].argmax())
+            writer.writerow([name(index), result.classnames[label], result.classnames[predicted],
+                             f"{float(probs[row, predicted]):.6g}", f"{float(probs[row, label]):.6g}"])
+    kind = "per-class sigmoids, a SigLIP model's: rows need not sum to 1" if sigmoid else "a softmax over the classes"
+    print(f"wrote {out} ({kind})")
 
 
 # ----------------------------------------------------------------------------- retrieval

@@ -107,7 +107,8 @@ def _read_negatives(path: str) -> list[str]:
 
 def run_generate(args: argparse.Namespace) -> int:
     """``clipforge generate --model M PROMPT --out FILE [--judge M2]``: writes the image and prints
-    its CLIP-S under the model and under the judge."""
+    its CLIP-S under the model and under the judge (and a SigLIP scorer's probability that the
+    prompt fits, sigmoid(scale·cos + bias))."""
     from clipforge.data.images import read_rgb
     from clipforge.generate import GenerateConfig, generate
     from clipforge.score import clip_score
@@ -162,6 +163,8 @@ def run_generate(args: argparse.Namespace) -> int:
                            progress=False)
         scores[role] = {"name": scorer_setup["model"], "pretrained": scorer_setup["pretrained"],
                         "clip_score": value.mean, "cosine": float(value.cosine[0])}
+        if value.probability is not None:  # a SigLIP scorer: sigmoid(scale·cos + bias), its P(the prompt fits)
+            scores[role]["probability"] = float(value.probability[0])
 
     notes = [f"{result.steps} steps, {config.cutouts} cutouts, seed {config.seed}"]
     if config.negatives:
@@ -174,8 +177,11 @@ def run_generate(args: argparse.Namespace) -> int:
           + (f"; {len(result.frames)} frames in {args.frames}" if args.frames else ""))
     if result.losses:
         print(f"loss {result.losses[0]:.4f} → {result.losses[-1]:.4f}")
-    rows = [[role, s["pretrained"], f"{s['cosine']:.4f}", f"{s['clip_score']:.4f}"] for role, s in scores.items()]
-    print(table(["scored by", "model", "cos", "CLIP-S"], rows))
+    sigmoid = any("probability" in s for s in scores.values())
+    rows = [[role, s["pretrained"], f"{s['cosine']:.4f}", f"{s['clip_score']:.4f}",
+             *([f"{s['probability']:.4f}" if "probability" in s else "n/a"] if sigmoid else [])]
+            for role, s in scores.items()]
+    print(table(["scored by", "model", "cos", "CLIP-S", *(["P(match)"] if sigmoid else [])], rows))
     if args.json:
         write_json(args.json, {"prompt": args.prompt, "out": str(out), "init": args.init, "config": config.to_dict(),
                                "steps_run": result.steps, "seed_kept": result.seed,

@@ -121,7 +121,8 @@ def _write_scores(path: str, result: dict[str, Any]) -> None:
 
 def run_score(args: argparse.Namespace) -> int:
     """``clipforge score --model M --images DIR --captions FILE [--refs FILE] [--out FILE]``:
-    prints the mean CLIPScore (and RefCLIPScore), then each image's scores."""
+    prints the mean CLIPScore (and RefCLIPScore), then each image's scores; for a SigLIP model also
+    its probability that the caption fits, sigmoid(scale·cos + bias)."""
     from clipforge.data import ImageFiles
     from clipforge.data.images import describe_skipped
     from clipforge.score import clip_score, ref_clip_score
@@ -159,6 +160,8 @@ def run_score(args: argparse.Namespace) -> int:
                "clip_score": float(scores.clip_score[j])}
         if scores.ref_clip_score is not None and scores.ref_cosine is not None:
             row |= {"ref_cosine": float(scores.ref_cosine[j]), "ref_clip_score": float(scores.ref_clip_score[j])}
+        if scores.probability is not None:
+            row["probability"] = float(scores.probability[j])
         per_image.append(row)
     means = {"clip_score": scores.mean, "ref_clip_score": scores.ref_mean,
              "torchmetrics_clip_score": scores.torchmetrics_mean}
@@ -168,10 +171,15 @@ def run_score(args: argparse.Namespace) -> int:
     if refs:
         rows.append(["RefCLIPScore", fmt(scores.ref_mean)])
     rows.append(["torchmetrics CLIPScore (100·cos, mean clamped)", f"{scores.torchmetrics_mean:.2f}"])
+    sigmoid = scores.probability is not None
+    if sigmoid:  # a SigLIP model: its calibrated probability that the caption fits, sigmoid(scale·cos + bias)
+        means["probability"] = float(scores.probability.double().mean())
+        rows.append(["P(match), sigmoid(scale·cos + bias)", fmt(means["probability"])])
     print(table(["mean", "value"], rows))
-    header = ["image", "cos", "CLIP-S", *(["RefCLIP-S"] if refs else [])]
+    header = ["image", "cos", "CLIP-S", *(["RefCLIP-S"] if refs else []), *(["P(match)"] if sigmoid else [])]
     lines = [[r["image"], f"{r['cosine']:.4f}", f"{r['clip_score']:.4f}",
-              *([f"{r['ref_clip_score']:.4f}"] if refs else [])] for r in per_image[:SHOWN]]
+              *([f"{r['ref_clip_score']:.4f}"] if refs else []),
+              *([f"{r['probability']:.4f}"] if sigmoid else [])] for r in per_image[:SHOWN]]
     print(table(header, lines))
     if len(per_image) > SHOWN:
         print(f"... {len(per_image) - SHOWN} more" + (" in " + args.out if args.out else "; --out FILE writes all"))
@@ -189,10 +197,13 @@ def run_score(args: argparse.Namespace) -> int:
 
 def run_rerank(args: argparse.Namespace) -> int:
     """``clipforge rerank --model M --prompt TEXT --images DIR [-k N] [--out FILE]``: prints the
-    images best first with their cosine and CLIP-S for the prompt."""
+    images best first with their cosine and CLIP-S for the prompt, and for a SigLIP model the
+    probability that the prompt fits, sigmoid(scale·cos + bias)."""
+    import torch
+
     from clipforge.data import find_images
     from clipforge.data.images import describe_skipped
-    from clipforge.score import CLIP_SCORE_W, rerank
+    from clipforge.score import CLIP_SCORE_W, match_probability, rerank
 
     if not args.prompt.strip():
         raise CommandError("--prompt is empty")
@@ -202,10 +213,17 @@ def run_rerank(args: argparse.Namespace) -> int:
     ranking = rerank(model, loader, args.prompt, tokenizer=tokenizer, k=args.k, **run_options(args, setup))
     rows = [{"rank": r, "image": images.relative(i), "cosine": cos, "clip_score": CLIP_SCORE_W * max(cos, 0.0)}
             for r, (i, cos) in enumerate(ranking, 1)]
+    # a SigLIP model's probability that the prompt fits each image; CLIP has none per image
+    probability = match_probability(model, torch.tensor([cos for _, cos in ranking], dtype=torch.float32))
+    if probability is not None:
+        for row, p in zip(rows, probability.tolist()):
+            row["probability"] = p
+    extra = ["P(match)"] if probability is not None else []
     print(f"rerank {args.prompt!r}  {args.images}  model {setup['model']} ({setup['pretrained']})")
     print(f"{len(loader.kept)} of {len(images)} images ranked; {describe_skipped(loader.skipped)}")
-    print(table(["rank", "image", "cos", "CLIP-S"],
-                 [[str(r["rank"]), r["image"], f"{r['cosine']:.4f}", f"{r['clip_score']:.4f}"] for r in rows]))
+    print(table(["rank", "image", "cos", "CLIP-S", *extra],
+                [[str(r["rank"]), r["image"], f"{r['cosine']:.4f}", f"{r['clip_score']:.4f}",
+                  *([f"{r['probability']:.4f}"] if extra else [])] for r in rows]))
     if args.out:
         write_json(args.out, {"prompt": args.prompt, "model": setup["model"], "pretrained": setup["pretrained"],
                               "images": args.images, "images_ranked": len(loader.kept), **skipped_report(loader),

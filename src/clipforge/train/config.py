@@ -55,7 +55,8 @@ class TrainConfig:
     adam_eps: float = _option(1e-6, "AdamW ε (CLIP's ViTs used 1e-6, its ResNets 1e-8)")
     grad_clip: float = _option(1.0, "max global gradient norm; 0 disables clipping")
     precision: str = _option("fp32", "fp32, bf16 (autocast, CPU or CUDA) or fp16 (autocast + grad scaler, CUDA)")
-    loss: str = _option("clip", "clip (softmax) or siglip (sigmoid)")
+    loss: str = _option("clip", "clip (softmax) or siglip (sigmoid, with a learned bias); a fresh preset starts with "
+                        "the loss's scale and bias, a checkpoint must be of its family (CLIP or SigLIP)")
     label_smoothing: float = _option(0.0, "CLIP loss only")
     chunk_size: int | str | None = _option(
         "auto", "loss tile edge: auto picks it from N, d and free memory; none (None) is the plain N×N formula"

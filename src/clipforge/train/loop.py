@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,7 +31,10 @@ from clipforge import distributed
 from clipforge.train.config import ConfigError, TrainConfig, check_resume
 from clipforge.train.step import build_optimizer, lr_factor, train_step
 
-__all__ = ["train", "build_model", "evaluate", "open_eval_sets"]
+if TYPE_CHECKING:  # pragma: no cover
+    from clipforge.model import CLIPConfig
+
+__all__ = ["train", "build_model", "check_loss_fits", "evaluate", "open_eval_sets", "scores_for_loss"]
 
 
 # --------------------------------------------------------------------------------------
@@ -104,10 +107,43 @@ def _device(name: str, local_rank: int) -> torch.device:
     return torch.device(f"cuda:{local_rank}") if device.type == "cuda" and device.index is None else device
 
 
+def scores_for_loss(cfg: CLIPConfig, loss: str) -> CLIPConfig:
+    """A fresh model's config with the initial logit scale (and bias) of ``loss``, whatever the
+    preset's family: the sigmoid loss's s = 10, b = −10 (Zhai et al., 2023, section 3.2; OpenCLIP's
+    ``--siglip`` sets the same on any model), the softmax loss's s = 1/0.07 and no bias (Radford et
+    al., 2021, section 2.5).  A SigLIP preset trained with ``clip`` is its architecture trained as
+    CLIP was (the SigLIP paper compares the two losses so), and has CLIP's softmax scores."""
+    from clipforge.loss import CLIP_INIT_SCALE, SIGLIP_INIT_BIAS, SIGLIP_INIT_SCALE
+
+    if loss == "siglip":
+        if cfg.init_logit_bias is None:
+            return replace(cfg, init_logit_scale=SIGLIP_INIT_SCALE, init_logit_bias=SIGLIP_INIT_BIAS)
+        return cfg  # a SigLIP preset: its own initialisation
+    if cfg.init_logit_bias is not None:
+        return replace(cfg, init_logit_scale=CLIP_INIT_SCALE, init_logit_bias=None)
+    return cfg
+
+
+def check_loss_fits(model: nn.Module, loss: str, named: str) -> None:
+    """A `ConfigError` when a trained model's scores do not fit ``loss``: a SigLIP model (its scores
+    are sigmoid probabilities with a learned bias) fine-tuned with the softmax loss, which would
+    leave the bias untrained, or a CLIP model with the sigmoid loss, which needs a bias it lacks."""
+    from clipforge.zeroshot import is_sigmoid_model
+
+    if loss == "clip" and is_sigmoid_model(model):
+        raise ConfigError(f"--loss clip: {named} is a SigLIP model (sigmoid scores with a learned bias); fine-tune it "
+                          "with --loss siglip, or train its architecture afresh with the softmax loss from the preset")
+    if loss == "siglip" and not is_sigmoid_model(model):
+        raise ConfigError(f"--loss siglip: {named} is a CLIP model, without the learned bias the sigmoid loss needs; "
+                          "fine-tune it with --loss clip, or start from a SigLIP checkpoint or a preset")
+
+
 def build_model(config: TrainConfig, source: Any) -> tuple[nn.Module, Callable, Callable]:
     """(model, preprocess, tokenizer) to train: a checkpoint or released weights (``model`` and
     ``pretrained``, any name `clipforge.load` takes) as they are, or a fresh preset whose
-    vocabulary is a BPE trained on the data's captions when the preset has none of its own."""
+    vocabulary is a BPE trained on the data's captions when the preset has none of its own.
+    A fresh preset gets the logit scale (and bias) of ``config.loss`` (`scores_for_loss`); a trained
+    model must already have the scores of its loss (`check_loss_fits`)."""
     from clipforge.checkpoints import is_preset, load
     from clipforge.data.batches import captions_of
     from clipforge.model import CLIP, get_config
@@ -124,10 +160,7 @@ def build_model(config: TrainConfig, source: Any) -> tuple[nn.Module, Callable, 
             tokenizer = train_bpe(captions, config.vocab_size, context_length=cfg.text.context_length)
         if tokenizer is not None:
             cfg = replace(cfg, text=replace(cfg.text, vocab_size=tokenizer.vocab_size))
-        if config.loss == "siglip" and cfg.init_logit_bias is None:
-            from clipforge.loss import SIGLIP_INIT_BIAS, SIGLIP_INIT_SCALE
-
-            cfg = replace(cfg, init_logit_scale=SIGLIP_INIT_SCALE, init_logit_bias=SIGLIP_INIT_BIAS)
+        cfg = scores_for_loss(cfg, config.loss)
         torch.manual_seed(config.seed)
         model = CLIP(cfg)
         vision = cfg.vision
@@ -138,6 +171,7 @@ def build_model(config: TrainConfig, source: Any) -> tuple[nn.Module, Callable, 
             tokenizer = load_tokenizer(context_length=cfg.text.context_length)
         return model, preprocess, tokenizer
     model, _, loaded_tok = load(config.model, pretrained=pretrained)
+    check_loss_fits(model, config.loss, config.model if pretrained is None else f"{config.model} ({pretrained})")
     tokenizer = tokenizer or loaded_tok
     if tokenizer is None:
         named = config.model if pretrained is None else f"{config.model} --pretrained {pretrained}"
