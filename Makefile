@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint test test-slow bench-loss bench-eval bench-index bench-serve bench-generate bench-demo-curve figures fonts figure-search browser demo clean gpu-wheels gpu-check
+.PHONY: install lint test test-slow bench-loss bench-eval bench-index bench-serve bench-generate bench-demo-curve figures fonts figure-search browser demo clean gpu-wheels gpu-check bench-siglip
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,12 @@ bench-serve: $(STAMP)
 # benchmarks/results/bench_generate.json and docs/figures/generate_grid.png.
 bench-generate: $(STAMP)
 	$(BIN)/python benchmarks/bench_generate.py
+
+# clipforge's SigLIP B/16 against transformers' SiglipModel on the same random weights, fp32 and bf16
+# (about 16 minutes on 2 CPU cores; needs transformers: make bench-siglip REF_PYTHON=<venv with transformers>/bin/python).
+REF_PYTHON ?= $(BIN)/python
+bench-siglip: $(STAMP)
+	nice -n 10 $(REF_PYTHON) benchmarks/bench_siglip.py --threads 2
 
 # The demo recipe trained for its own budget and for 2,400 steps: zero-shot accuracy against steps
 # (about 17 minutes; runs/demo-curve/, benchmarks/results/bench_demo_curve.json, docs/figures/demo_curve.png).

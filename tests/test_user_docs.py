@@ -40,7 +40,7 @@ PAGES = {
 
 
 def page(name: str) -> str:
-    return PAGES[name].read_text(encoding="utf-8")
+    return (ROOT / name).read_text(encoding="utf-8")
 
 
 def record(name: str) -> dict:
@@ -527,3 +527,28 @@ def test_the_speed_table_is_the_record():
     ratio = speed["ViT-B-32", "fp32", "image"] / speed["ViT-B-16", "fp32", "image"]
     assert_said("docs/pretrained.md", "embeds images about", f"{ratio:.1f}×")
     assert result["cpu"]["model"] in sentence("docs/pretrained.md", "bench_model_pick.json")
+
+
+# ----------------------------------------------------------------------------- benchmarks.md: SigLIP
+
+
+def test_the_siglip_table_is_the_record():
+    result = record("bench_siglip")
+    rows = table_rows("docs/benchmarks.md", "| precision | input | batch | clipforge /s | optimized /s")
+    assert len(rows) == len(result["rows"]) == 4
+    names = {"image": "image", "text": "text"}
+    for row, want in zip(rows, result["rows"]):
+        optimized = want.get("clipforge_optimized_per_s")
+        spread = want["ratio_per_round"]
+        assert row == [want["precision"], names[want["modality"]], str(want["batch"]),
+                       f"{want['clipforge_per_s']:.2f}", "–" if optimized is None else f"{optimized:.2f}",
+                       f"{want['transformers_per_s']:.2f}", f"{want['ratio']:.2f}×",
+                       f"{spread['min']:.2f}–{spread['max']:.2f}×"], row
+    assert_said("docs/benchmarks.md", "bin/python benchmarks/bench_siglip.py", result["date"])
+    fp32, bf16 = result["max_abs_feature_difference"]["fp32"], result["max_abs_feature_difference"]["bf16"]
+    def short(x: float) -> str:
+        return f"{x:.1e}".replace("e-0", "e-")  # 2.5e-6, as the page writes it
+
+    assert_said("docs/benchmarks.md", "In fp32 the largest differences were", short(fp32["image_clipforge"]),
+                short(fp32["text_clipforge"]))
+    assert_said("docs/benchmarks.md", "Under bf16 they were", f"{bf16['image_clipforge']:.3f}")
