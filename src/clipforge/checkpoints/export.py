@@ -44,6 +44,16 @@ loads whatever the architecture with ``open_clip.create_model_and_transforms("lo
 carries its tokenizer files there, and ``text_cfg.hf_tokenizer_name`` is set so that
 ``open_clip.get_tokenizer("local-dir:DIR")`` reads them; before uploading, set it to the
 repository's id, as OpenCLIP's ``push_to_hf_hub --hf-tokenizer-self`` does.
+
+A SigLIP model's directory names timm's image tower of its shape (only the released sizes have one,
+`configs.timm_siglip_name`), which runs the activation timm gives that name, and carries the
+tokenizer's own files (``spiece.model``, or Gemma's ``tokenizer.json``) without
+``tokenizer_kwargs``: OpenCLIP's ``HFTokenizer`` then cleans text its "whitespace" way, the
+closest of its cleanings to transformers' (SigLIP's OpenCLIP configs say "canonicalize", which
+also lower-cases and drops punctuation).  Every cleaning there fixes text with ``ftfy`` and
+``html.unescape`` and collapses whitespace, so captions with HTML entities (SigLIP 2: runs of
+whitespace too) get other ids than transformers gives; clipforge reading the directory back
+cleans as OpenCLIP does (tests/test_siglip_exports.py).
 """
 
 from __future__ import annotations
