@@ -22,6 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+# PyTorch 2.13 names the gather into one tensor all_gather_single and deprecates the old name;
+# older releases (the CUDA builds GPU machines carry) have only all_gather_into_tensor.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 __all__ = ["Comm", "is_initialized", "init_from_env", "data_parallel", "barrier", "max_over_ranks", "shutdown",
            "sum_over_ranks"]
 
@@ -61,7 +65,7 @@ class Comm:
             pad = x.new_zeros((biggest - x.shape[0],) + tuple(x.shape[1:]))
             x = torch.cat([x, pad])
         out = x.new_empty((biggest * len(sizes),) + tuple(x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=self.group)
+        _all_gather_single(out, x.contiguous(), group=self.group)
         if all(s == biggest for s in sizes):
             return out, self.rank * biggest
         parts = [out[r * biggest : r * biggest + s] for r, s in enumerate(sizes)]
@@ -84,7 +88,7 @@ class Comm:
     def _sizes(self, n: int, device: torch.device) -> list[int]:
         local = torch.tensor([n], device=device, dtype=torch.long)
         sizes = torch.empty(self.world_size, device=device, dtype=torch.long)
-        dist.all_gather_into_tensor(sizes, local, group=self.group)
+        _all_gather_single(sizes, local, group=self.group)
         return [int(s) for s in sizes.tolist()]
 
     # -- gather with autograd (the plain formulas) ------------------------------------
