@@ -175,6 +175,9 @@ def choose(wheels: list[Path]) -> tuple[list[Path], dict[str, str]]:
     return chosen, present
 
 
+INSTALL_SECONDS = 60  # a no-index install of a dozen small wheels takes seconds; more leaves no time to measure
+
+
 def install(wheels: list[Path], target: Path) -> dict:
     """Install into ``target`` the wheels the machine lacks (and ALWAYS_INSTALLED), without
     dependencies or an index; pip where the machine has it, else the wheels are unpacked."""
@@ -182,7 +185,11 @@ def install(wheels: list[Path], target: Path) -> dict:
     start = time.perf_counter()
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--no-compile", "--quiet",
            "--disable-pip-version-check", "--target", str(target), *map(str, chosen)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=INSTALL_SECONDS, check=False)
+    except subprocess.TimeoutExpired:
+        raise CheckError(f"installing {len(chosen)} wheels took more than {INSTALL_SECONDS} s; nothing was "
+                         "measured") from None
     how = "pip install --no-deps --no-index --target"
     if done.returncode != 0:
         if "No module named pip" not in done.stderr:

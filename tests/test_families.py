@@ -297,8 +297,9 @@ def test_train_with_the_familys_loss_then_fine_tune(family, tmp_path, capsys):
     assert main(["train", "--model", str(checkpoint), "--loss", other, "--steps", "1",
                  "--out", str(tmp_path / "other"), *steps]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
+    named = "Chinese-CLIP" if spec.name == "chinese_clip" else "CLIP"
     kind = "a SigLIP model (sigmoid scores with a learned bias)" if spec.sigmoid else \
-        "a CLIP model, without the learned bias the sigmoid loss needs"
+        f"a {named} model, without the learned bias the sigmoid loss needs"
     assert line.startswith(f"clipforge train: error: --loss {other}: {checkpoint} is {kind}")
 
 
@@ -362,3 +363,32 @@ def test_a_siglip_model_without_its_bias_is_refused_by_transformers_format(tmp_p
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "SiglipModel needs the learned logit bias" in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_one_line(tmp_path, capsys):
+    """A SigLIP tokenizer of 239 ids for a model of 200 (tests/fixtures/siglip/hf_siglip): one line
+    naming the folder and both sizes, from eval and from train, not an index error mid-run."""
+    fixtures = Path(__file__).parent / "fixtures"
+    model, tokenizer = fixtures / "siglip" / "hf_siglip", SIGLIP_TOKENIZERS / "siglip"
+    assert main(["eval", "zeroshot", "--model", str(model), "--tokenizer", str(tokenizer), "--data", ZEROSHOT_DATA,
+                 *RUN, "--quiet"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"{tokenizer}: a tokenizer of 239 ids, more than the model's vocab_size 200" in line
+    assert main(["train", "--model", str(model), "--tokenizer", str(tokenizer), "--loss", "siglip", "--steps", "1",
+                 "--batch-size", "4", "--data", TRAIN_DATA, "--out", str(tmp_path / "run"), *RUN, "--no-progress"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"--tokenizer {tokenizer}: 239 ids, more than the 200 of {model}'s vocabulary" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folders_own_tokenizer_with_ids_beyond_the_model_fails_in_one_line_when_used(tmp_path, capsys):
+    """A model folder whose tokenizer has more ids than the embedding table loads (as transformers
+    loads it); a text whose ids fall outside stops with one line, not an index error."""
+    import shutil
+
+    folder = shutil.copytree(Path(__file__).parent / "fixtures" / "siglip" / "hf_siglip", tmp_path / "model")
+    for file in (SIGLIP_TOKENIZERS / "siglip").iterdir():
+        shutil.copy(file, folder / file.name)
+    assert main(["eval", "zeroshot", "--model", str(folder), "--data", ZEROSHOT_DATA, *RUN, "--quiet"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "is outside the model's vocabulary of 200 ids: the tokenizer is not the one the model" in line

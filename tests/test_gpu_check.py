@@ -146,17 +146,17 @@ def test_a_stage_past_its_box_is_killed_with_its_children_and_the_next_still_run
                "time.sleep(120)\n")
     stages = [
         check.Stage("fails", [sys.executable, "-c", "import sys; print('broken'); sys.exit(3)"], 30),
-        check.Stage("sleeps", [sys.executable, "-c", sleeper], 2, rows_file=rows),
+        check.Stage("sleeps", [sys.executable, "-c", sleeper], 6, rows_file=rows),
         check.Stage("after", [sys.executable, "-c", "print('ran after')"], 30),
     ]
     lines: list[str] = []
     results = check.run_stages(stages, dict(os.environ), deadline=time.time() + 300, log=lines.append)
     failed, killed, after = results
     assert failed.status == "failed (exit 3)" and "broken" in failed.output_tail
-    assert killed.status == "timed out after 2 s (killed)"
+    assert killed.status == "timed out after 6 s (killed)"
     assert killed.rows == [{"kind": "x", "status": "ok"}]  # what it wrote before the box closed is kept
     assert after.ok and "ran after" in after.output_tail
-    assert lines[1] == f"[sleeps] timed out after 2 s (killed) in {killed.seconds:.1f} s (box 2 s): 1 rows, 0 not ok"
+    assert lines[1] == f"[sleeps] timed out after 6 s (killed) in {killed.seconds:.1f} s (box 6 s): 1 rows, 0 not ok"
     pid = int(child_pid.read_text())
     state = Path(f"/proc/{pid}/stat")
     deadline = time.time() + 10
@@ -240,3 +240,18 @@ def test_a_dry_run_writes_the_json_and_the_markdown_table(wheels, tmp_path):
     loss_rows = [line for line in table.splitlines() if line.startswith("| ") and "clipforge tiled" in line]
     assert len(loss_rows) == len(sizes) * len(stage_loss.PRECISIONS)
     assert table in done.stdout
+
+
+def test_a_stage_fails_only_when_one_of_clipforges_own_cases_fails(tmp_path, monkeypatch):
+    """A contender's error, an out-of-memory and a time-boxed case are results; clipforge's error is not."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent / "gpu"))
+    import _stage
+
+    rows = _stage.Rows(tmp_path / "rows.jsonl", deadline=math.inf)
+    rows.add(impl="OpenCLIP ClipLoss", status="error: RuntimeError: boom")
+    rows.add(impl="clipforge tiled", status="out of memory")
+    rows.add(impl="clipforge tiled", status="skipped: time box")
+    assert rows.exit_status() == 0
+    rows.add(impl="clipforge plain", status="error: RuntimeError: boom")
+    assert rows.exit_status() == 1
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 4

@@ -112,7 +112,8 @@ def grads_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # Model parity: the reference implementations' fixtures on the device
 # --------------------------------------------------------------------------------------
 
-# name -> checkpoint (made by tests/fixtures/make_parity_fixtures.py and make_siglip_fixtures.py)
+# name -> checkpoint (made by tests/fixtures/make_parity_fixtures.py, make_siglip_fixtures.py and
+# make_chinese_clip_fixtures.py)
 PARITY = {
     "openclip_vit_gelu": "parity/openclip_vit_gelu",
     "openclip_vit_quickgelu": "parity/openclip_vit_quickgelu.pt",
@@ -123,6 +124,7 @@ PARITY = {
     "hf_siglip": "siglip/hf_siglip",
     "hf_siglip2": "siglip/hf_siglip2",
     "openclip_siglip": "siglip/openclip_siglip.safetensors",
+    "hf_chinese_clip": "chinese_clip/hf_chinese_clip",  # its tokens under "input_ids", padded with [PAD]
 }
 
 
@@ -139,7 +141,8 @@ def test_parity_fixtures_on_the_device(name, device):
     assert {p.device.type for p in model.parameters()} == {device}
     with torch.no_grad():
         image_features = model.encode_image(expected["images"].to(device))
-        text_features = model.encode_text(expected["tokens"].to(device))
+        tokens = expected["tokens"] if "tokens" in expected else expected["input_ids"]  # the BERT tower masks padding
+        text_features = model.encode_text(tokens.to(device))
         logits = model.logits(image_features, text_features)
     scale = float(model.logit_scale().detach())
     tolerance = 1e-5 if device == "cpu" else 3e-5

@@ -128,8 +128,32 @@ def test_a_missing_tokenizer_repository_is_one_line(tiny_siglip, tiny_entry, tmp
     with pytest.raises(DownloadError) as err:
         load("tiny-siglip:test")
     message = str(err.value)
-    assert message.startswith("org/siglip-tokenizer: tokenizer_config.json is not in the Hugging Face cache")
+    assert message.startswith("org/siglip-tokenizer: a tokenizer vocabulary is not in the Hugging Face cache")
+    assert ("`hf download org/siglip-tokenizer --include '*token*' --include '*.model' --include 'vocab*' "
+            "--include 'merges.txt'`") in message
     assert "\n" not in message
+
+
+@pytest.mark.usefixtures("cache")
+def test_offline_the_first_message_names_every_download_a_name_needs(tiny_siglip, tiny_entry, tmp_path):
+    """Weights and tokenizer live in two repositories (SigLIP 1's larger sizes): one message, both
+    commands; following it, the load works."""
+    with pytest.raises(DownloadError) as err:
+        load("tiny-siglip:test")
+    message = str(err.value)
+    assert message.startswith("org/siglip-weights: open_clip_model.safetensors is not in the Hugging Face cache")
+    assert ("run `hf download org/siglip-weights open_clip_model.safetensors` and `hf download org/siglip-tokenizer "
+            "--include '*token*'") in message and "\n" not in message
+
+
+@pytest.mark.usefixtures("cache")
+def test_a_tokenizer_repository_without_a_vocabulary_is_named(tiny_siglip, tiny_entry, tmp_path):
+    hf = tmp_path / "hf"
+    cache_repo(hf, "org/siglip-weights", {"open_clip_model.safetensors": tiny_siglip["weights"]})
+    cache_repo(hf, "org/siglip-tokenizer", {"tokenizer_config.json": SPIECE / "tokenizer_config.json"})
+    assert not is_cached(tiny_entry)
+    with pytest.raises(DownloadError, match="org/siglip-tokenizer: a tokenizer vocabulary is not in the Hugging"):
+        load("tiny-siglip:test")
 
 
 @pytest.mark.usefixtures("cache")

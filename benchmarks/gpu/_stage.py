@@ -39,12 +39,20 @@ class Rows:
 
     def __init__(self, path: Path, deadline: float) -> None:
         self.path, self.deadline = path, deadline
+        self.own_errors = 0  # clipforge's own cases that failed (not out of memory, not a contender's)
 
     def add(self, **row) -> dict:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(" ".join(f"{k}={v}" for k, v in row.items() if k != "kind"), flush=True)
+        if str(row.get("status", "")).startswith("error") and str(row.get("impl", "")).startswith("clipforge"):
+            self.own_errors += 1
         return row
+
+    def exit_status(self) -> int:
+        """1 when one of clipforge's cases failed (the stage then reports "failed"), else 0: a
+        contender's error, an out-of-memory and a case skipped by the time box are results."""
+        return 1 if self.own_errors else 0
 
     def out_of_time(self) -> bool:
         return time.time() > self.deadline

@@ -10,6 +10,8 @@ implementation: items/s, the fastest of up to five timed batches after a warm-up
 
 from __future__ import annotations
 
+import sys
+
 import _stage  # benchmarks/gpu/_stage.py
 import torch
 from stage_train import DRY_MODEL, MODEL, batch, openclip_model  # benchmarks/gpu/stage_train.py
@@ -23,7 +25,7 @@ def encoders(model, pixels: torch.Tensor, tokens: torch.Tensor) -> dict:
     return {"image": lambda: model.encode_image(pixels), "text": lambda: model.encode_text(tokens)}
 
 
-def main() -> None:
+def main() -> int:
     args = _stage.parse(__doc__.split("\n")[0])
     rows = _stage.Rows(args.rows, args.deadline)
     dev = _stage.device(args.dry_run)
@@ -70,6 +72,8 @@ def main() -> None:
             model = pixels = None
             _stage.free(dev)
 
+    return rows.exit_status()  # 1 when one of clipforge's own cases failed
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,6 +12,7 @@ is a result; an implementation that cannot be imported says why.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -133,7 +134,7 @@ def matmul_rate(dev: torch.device, tile: int, d: int, precision: str, seconds: f
         return 2 * tile * tile * d * reps / (time.perf_counter() - start) / 1e12
 
 
-def main() -> None:
+def main() -> int:
     args = _stage.parse(__doc__.split("\n")[0])
     rows = _stage.Rows(args.rows, args.deadline)
     dev = _stage.device(args.dry_run)
@@ -185,6 +186,8 @@ def main() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
+    return rows.exit_status()  # 1 when one of clipforge's own cases failed
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,6 +16,7 @@ the device one implementation at a time.
 from __future__ import annotations
 
 import math
+import sys
 
 import _stage  # benchmarks/gpu/_stage.py
 import torch
@@ -85,7 +86,7 @@ def openclip_step(model, images, tokens, dev: torch.device):
     return step
 
 
-def main() -> None:
+def main() -> int:
     args = _stage.parse(__doc__.split("\n")[0])
     rows = _stage.Rows(args.rows, args.deadline)
     dev = _stage.device(args.dry_run)
@@ -136,6 +137,8 @@ def main() -> None:
         model = None
         _stage.free(dev)
 
+    return rows.exit_status()  # 1 when one of clipforge's own cases failed
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

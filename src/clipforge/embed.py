@@ -38,26 +38,49 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def _items(images: Iterable[Any]) -> Iterator[Any]:
+def _packed_width(model: nn.Module) -> int | None:
+    """The width K of a SigLIP 2 NaFlex model's packed patches [P, K] (its preprocess's,
+    `clipforge.transforms.naflex_transform`); None for a model that takes images only."""
+    vision = getattr(getattr(model, "config", None), "vision", None)
+    if not getattr(vision, "naflex", False):
+        return None
+    from clipforge.transforms import NAFLEX_FLAGS
+
+    return NAFLEX_FLAGS + 3 * vision.patch_size**2
+
+
+def _image_ndim(item: Tensor, packed_width: int | None) -> int:
+    """Dimensions of one image: 2 for packed NaFlex patches [P, K], told by their last dimension K, else 3.
+
+    Only an image exactly K = 2 + 3 * patch**2 pixels wide would be mistaken for patches; that is
+    never a whole number of patches (for patches wider than 2 pixels), the widths a NaFlex tower sees.
+    """
+    return 2 if packed_width is not None and item.shape[-1] == packed_width else 3
+
+
+def _items(images: Iterable[Any], packed_width: int | None) -> Iterator[Any]:
     """Items of an iterable, or of a map-style dataset (``__len__`` and ``__getitem__``) by index."""
     if isinstance(images, Tensor):
-        return iter([images] if images.ndim == 4 else images)
+        return iter([images] if images.ndim == _image_ndim(images, packed_width) + 1 else images)
     if hasattr(images, "__getitem__") and hasattr(images, "__len__"):
         return (images[i] for i in range(len(images)))  # type: ignore[index]
     return iter(images)
 
 
-def _image_batches(images: Iterable[Any], batch_size: int) -> Iterator[Tensor]:
+def _image_batches(images: Iterable[Any], batch_size: int, packed_width: int | None = None) -> Iterator[Tensor]:
     """Batches [B, 3, H, W] from items that are images [3, H, W], batches [B, 3, H, W], or
-    (image, label) pairs as torchvision datasets yield them."""
+    (image, label) pairs as torchvision datasets yield them; for a NaFlex model (``packed_width``)
+    also its packed patches [P, K] and batches [B, P, K]."""
     pending: list[Tensor] = []
-    for item in _items(images):
+    for item in _items(images, packed_width):
         if isinstance(item, (tuple, list)):
             item = item[0]
-        if not isinstance(item, Tensor) or item.ndim not in (3, 4):
+        ndim = _image_ndim(item, packed_width) if isinstance(item, Tensor) else 3
+        if not isinstance(item, Tensor) or item.ndim not in (ndim, ndim + 1):
             shape = list(item.shape) if isinstance(item, Tensor) else type(item).__name__
-            raise TypeError(f"expected image tensors [3, H, W] or batches [B, 3, H, W], got {shape}")
-        if item.ndim == 3:
+            packed = "" if packed_width is None else f", or NaFlex patches [P, {packed_width}] or batches of them"
+            raise TypeError(f"expected image tensors [3, H, W] or batches [B, 3, H, W]{packed}, got {shape}")
+        if item.ndim == ndim:
             pending.append(item)
             if len(pending) == batch_size:
                 yield torch.stack(pending)
@@ -115,7 +138,8 @@ def embed_images(
     Args:
         model: anything with ``encode_image(images)``; it should already sit on ``device``.
         images: image tensors [3, H, W], batches [B, 3, H, W] or (image, label) pairs, from an
-            iterable or a map-style dataset; ``len(images)``, if defined, is taken as the number
+            iterable or a map-style dataset (for a SigLIP 2 NaFlex model, its preprocess's packed
+            patches [P, K] or batches [B, P, K]); ``len(images)``, if defined, is taken as the number
             of images for the progress bar.
         batch_size: images per forward pass (batches coming in larger are split).
         device: where to run; the model's device when None.
@@ -128,7 +152,7 @@ def embed_images(
     total = len(images) if hasattr(images, "__len__") else None  # type: ignore[arg-type]
     return _embed(
         lambda batch: model.encode_image(batch),  # type: ignore[operator]
-        _image_batches(images, batch_size),
+        _image_batches(images, batch_size, _packed_width(model)),
         device=run_on,
         input_dtype=None if autocast_dtype is not None else _input_dtype(model),
         autocast_dtype=autocast_dtype,

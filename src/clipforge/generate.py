@@ -294,6 +294,7 @@ def generate(
     from clipforge.embed import embed_images
     from clipforge.loss import MAX_SCALE
     from clipforge.transforms import image_transform
+    from clipforge.zeroshot import is_sigmoid_model
 
     vision = model.config.vision  # type: ignore[union-attr]
     device = next(model.parameters()).device
@@ -302,8 +303,7 @@ def generate(
         texts = F.normalize(model.encode_text(tokenizer([prompt, *negatives]).to(device)).float(), dim=-1)
         # A model without a learned scale gets a trained CLIP's, which sits at the cap (CLIP section 2.5).
         scale = float(model.logit_scale()) if hasattr(model, "logit_scale") else MAX_SCALE
-        learned_bias = getattr(getattr(model, "logit_scale", None), "bias", None)
-        bias = None if learned_bias is None else float(learned_bias)
+        bias = float(model.logit_scale.bias) if is_sigmoid_model(model) else None  # SigLIP's learned bias
     target = texts[:1]  # [1, D]
     preprocess = image_transform(vision.image_size, mean=vision.mean, std=vision.std)
     best: Generated | None = None

@@ -7,6 +7,14 @@ image in its own mode and the conversion to RGB comes after it, as in OpenAI's `
 so Pillow resizes "P" and "1" images with nearest neighbours (it overrides the filter for them),
 RGBA and LA with premultiplied alpha, and 16-bit images at 16 bits before ``convert("RGB")``
 clips them to 255.  Every step below names the torchvision function whose arithmetic it repeats.
+
+SigLIP 2's NaFlex models (transformers' ``Siglip2Model``) see each image at its own aspect ratio:
+`naflex_transform` resizes it to the largest grid of patches within a budget (`naflex_grid`) and
+cuts it into patches, as transformers' ``Siglip2ImageProcessor`` does (its default torchvision
+backend: the resize runs on the uint8 image through ``torch.nn.functional.interpolate``, antialiased,
+the same call and the same values; its Pillow backend lands up to one grey level away).  Images of
+different grids are carried as one fixed-shape tensor each (`pack_patches`), so that batching,
+data loaders and ``.to()`` treat them as they treat images.
 """
 
 from __future__ import annotations
@@ -19,7 +27,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-__all__ = ["OPENAI_MEAN", "OPENAI_STD", "ImageTransform", "batch_preprocess", "image_transform"]
+__all__ = [
+    "NAFLEX_FLAGS", "OPENAI_MEAN", "OPENAI_STD", "ImageTransform", "NaFlexTransform", "batch_preprocess",
+    "image_transform", "naflex_grid", "naflex_transform", "pack_patches", "unpack_patches",
+]
 
 # OpenAI CLIP's per-channel statistics of its training images (clip/clip.py, _transform); every
 # preset's `VisionConfig` defaults to them.
@@ -245,3 +256,144 @@ def batch_preprocess(
     if not tensors:
         raise ValueError("images must hold at least one image")
     return torch.stack(tensors)
+
+
+# --------------------------------------------------------------------- NaFlex (SigLIP 2, variable resolution)
+# Columns in front of each patch of a packed NaFlex input: 1 for an image patch (0 for padding),
+# 1 for the first patch of a grid row.  Flags of 0 and 1 survive any cast (bf16 holds them exactly),
+# where a grid side written as a number would not.
+NAFLEX_FLAGS = 2
+# transformers' Siglip2ImageProcessor searches the scale by bisection over [1e-6, 100] until the
+# interval is narrower than 1e-5 (get_image_size_for_max_num_patches); the same search gives the same grid.
+_NAFLEX_SCALES = (1e-6, 100.0)
+_NAFLEX_TOLERANCE = 1e-5
+_TORCH_RESIZE = {"bilinear": "bilinear", "bicubic": "bicubic"}
+
+
+def naflex_grid(height: int, width: int, patch_size: int, max_num_patches: int) -> tuple[int, int]:
+    """(rows, columns) of patches an image of ``height`` x ``width`` pixels is resized to.
+
+    The image is scaled by one factor, each side rounded up to whole patches (at least one), and the
+    factor is the largest whose grid holds at most ``max_num_patches`` patches, as found by
+    transformers' bisection (the sides keep the aspect ratio up to that rounding).
+    """
+
+    def grid(scale: float) -> tuple[int, int]:
+        return (max(1, math.ceil(height * scale / patch_size)), max(1, math.ceil(width * scale / patch_size)))
+
+    low, high = _NAFLEX_SCALES
+    while high - low >= _NAFLEX_TOLERANCE:
+        middle = (low + high) / 2
+        rows, columns = grid(middle)
+        if rows * columns <= max_num_patches:
+            low = middle
+        else:
+            high = middle
+    return grid(low)
+
+
+def pack_patches(patches: torch.Tensor, grid: tuple[int, int], max_num_patches: int) -> torch.Tensor:
+    """One image's patches [rows * columns, K] (raster order) as a NaFlex input [max_num_patches, 2 + K]:
+    the two flag columns (`NAFLEX_FLAGS`), then the patch; rows past the image's patches are zeros."""
+    rows, columns = grid
+    count = rows * columns
+    if patches.ndim != 2 or patches.shape[0] != count:
+        raise ValueError(f"expected {count} patches [N, K] for a {rows}x{columns} grid, got {list(patches.shape)}")
+    if count > max_num_patches:
+        raise ValueError(f"a {rows}x{columns} grid has {count} patches, more than max_num_patches={max_num_patches}")
+    packed = patches.new_zeros(max_num_patches, NAFLEX_FLAGS + patches.shape[1])
+    packed[:count, 0] = 1
+    packed[:count:columns, 1] = 1
+    packed[:count, NAFLEX_FLAGS:] = patches
+    return packed
+
+
+def unpack_patches(packed: torch.Tensor) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+    """A batch of NaFlex inputs [B, P, 2 + K] (`pack_patches`'s) as (patches [rows * columns, K],
+    (rows, columns)) per image; a ValueError naming the image whose flags do not describe a grid."""
+    if packed.ndim != 3 or packed.shape[-1] <= NAFLEX_FLAGS:
+        raise ValueError(f"expected NaFlex patches [B, P, {NAFLEX_FLAGS} + K], got {list(packed.shape)}")
+    flags = packed[..., :NAFLEX_FLAGS].detach().to("cpu", torch.float32)
+    out = []
+    for index, (valid, starts) in enumerate(zip(flags[..., 0], flags[..., 1], strict=True)):
+        count, rows = int(valid.sum()), int(starts.sum())
+        columns = count // rows if rows else 0
+        expected_valid = torch.arange(len(valid)) < count
+        expected_starts = expected_valid & (torch.arange(len(valid)) % max(columns, 1) == 0)
+        if (not rows or rows * columns != count or not torch.equal(valid, expected_valid.float())
+                or not torch.equal(starts, expected_starts.float())):
+            raise ValueError(f"NaFlex input {index}: its flag columns do not describe a grid of patches "
+                             f"({count} image patches, {rows} row starts); make it with pack_patches")
+        out.append((packed[index, :count, NAFLEX_FLAGS:], (rows, columns)))
+    return out
+
+
+def _naflex_resize(pixels: torch.Tensor, rows: int, columns: int, patch_size: int, interpolation: str) -> torch.Tensor:
+    """torchvision ``F.resize`` of a uint8 image [3, H, W] on the CPU: antialiased, uint8 in and out."""
+    size = (rows * patch_size, columns * patch_size)
+    if tuple(pixels.shape[1:]) == size:
+        return pixels
+    return torch.nn.functional.interpolate(pixels[None], size=size, mode=_TORCH_RESIZE[interpolation],
+                                           align_corners=False, antialias=True)[0]
+
+
+@dataclass(frozen=True)
+class NaFlexTransform:
+    """A PIL image to a packed NaFlex input [max_num_patches, 2 + 3 * patch_size**2]; built by `naflex_transform`.
+
+    Patches are flattened row by row, then column, then channel (transformers' ``pixel_values``
+    order); `pack_patches` puts the flags in front.
+    """
+
+    patch_size: int
+    max_num_patches: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    rescale_factor: float = 1 / 255
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
+        pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8, copy=True))  # (H, W, 3)
+        pixels = pixels.permute(2, 0, 1).contiguous()  # (3, H, W)
+        rows, columns = naflex_grid(pixels.shape[1], pixels.shape[2], self.patch_size, self.max_num_patches)
+        pixels = _naflex_resize(pixels, rows, columns, self.patch_size, self.interpolation)
+        # transformers folds the rescale into the statistics: (x - mean / f) / (std / f), in float32
+        scale = 1.0 / self.rescale_factor
+        mean = torch.tensor(self.mean, dtype=torch.float32) * scale
+        std = torch.tensor(self.std, dtype=torch.float32) * scale
+        x = pixels.to(torch.float32).sub_(mean[:, None, None]).div_(std[:, None, None])  # (3, rows*P, columns*P)
+        P = self.patch_size
+        patches = x.reshape(3, rows, P, columns, P).permute(1, 3, 2, 4, 0)  # (rows, columns, P, P, 3)
+        return pack_patches(patches.reshape(rows * columns, P * P * 3), (rows, columns), self.max_num_patches)
+
+
+def naflex_transform(
+    patch_size: int,
+    max_num_patches: int,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str = "bilinear",
+    rescale_factor: float = 1 / 255,
+) -> NaFlexTransform:
+    """SigLIP 2 NaFlex preprocessing, equal to transformers' ``Siglip2ImageProcessor`` (torchvision backend).
+
+    Args:
+        patch_size: patch side in pixels.
+        max_num_patches: the patch budget each image is resized to fit, and the packed length.
+        mean, std: per-channel statistics of pixels scaled by ``rescale_factor``.
+        interpolation: "bilinear" (the processor's default) or "bicubic", antialiased.
+        rescale_factor: pixel values are multiplied by it before normalising (1/255).
+    """
+    if interpolation not in _TORCH_RESIZE:
+        raise ValueError(f"interpolation must be one of {sorted(_TORCH_RESIZE)}, got {interpolation!r}")
+    for name, value in (("patch_size", patch_size), ("max_num_patches", max_num_patches)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    std = _triple(std, "std")
+    if any(s == 0 for s in std):
+        raise ValueError(f"std must be non-zero, got {std!r}")
+    return NaFlexTransform(patch_size, max_num_patches, _triple(mean, "mean"), std, interpolation,
+                           float(rescale_factor))

@@ -58,6 +58,7 @@ from clipforge.checkpoints._errors import CheckpointError, few
 from clipforge.checkpoints._files import read_json, read_tensors, write_tensors
 from clipforge.checkpoints.configs import (
     HF_MODEL_TYPES,
+    NAFLEX_NOT_IN_OPENCLIP,
     config_from_hf,
     config_from_openclip,
     config_to_hf,
@@ -156,8 +157,7 @@ def _read_directory(directory: Path) -> Checkpoint:
         state = read_tensors(directory / WEIGHTS_FILE)[0]
         return Checkpoint(config, state, directory / WEIGHTS_FILE, "clipforge", tokenizer_dir)
     if model_type in HF_MODEL_TYPES or "vision_config" in data:
-        pre = directory / "preprocessor_config.json"
-        config = config_from_hf(data, read_json(pre) if pre.is_file() else None, directory / CONFIG_FILE)
+        config = config_from_hf(data, _hf_image_processor(directory)[0], directory / CONFIG_FILE)
         state = from_hf(_read_hf_weights(directory))
         return Checkpoint(config, state, directory, "hf", tokenizer_dir)
     raise CheckpointError(f"{directory / CONFIG_FILE}: neither a clipforge nor a Hugging Face CLIP config")
@@ -283,20 +283,31 @@ def _with_entry(config: CLIPConfig, entry: Pretrained, act: str | None, source: 
 
 
 HF_PREPROCESSOR = "preprocessor_config.json"
+HF_PROCESSOR = "processor_config.json"  # transformers 5 saves a processor's image settings here
+
+
+def _hf_image_processor(directory: Path) -> tuple[dict[str, Any] | None, Path]:
+    """A transformers folder's image processor settings and the file holding them: ``preprocessor_config.json``,
+    else the ``image_processor`` of ``processor_config.json`` (as transformers 5 saves a processor); None if neither."""
+    if (directory / HF_PREPROCESSOR).is_file():
+        return read_json(directory / HF_PREPROCESSOR), directory / HF_PREPROCESSOR
+    processor = read_json(directory / HF_PROCESSOR) if (directory / HF_PROCESSOR).is_file() else {}
+    nested = processor.get("image_processor")
+    return (nested if isinstance(nested, dict) else None), directory / HF_PROCESSOR
 # transformers' image processors that never crop (SigLIP's); CLIPImageProcessor and
 # ChineseCLIPImageProcessor crop unless ``do_center_crop`` is false.
 _SQUASHING_PROCESSORS = ("SiglipImageProcessor", "SiglipImageProcessorFast")
 _PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's filter numbers, as transformers writes ``resample``
 
 
-def _hf_geometry(path: Path) -> dict[str, Any]:
-    """The resize of a transformers folder's image processor (``preprocessor_config.json``): a
+def _hf_geometry(directory: Path) -> dict[str, Any]:
+    """The resize of a transformers folder's image processor (`_hf_image_processor`): a
     ``size`` of height and width without a centre crop squashes to the square (SigLIP's processor;
     Chinese-CLIP's releases, ``do_center_crop: false``), else the short side is resized and the
     centre cropped (CLIP's); ``resample`` picks bicubic or bilinear."""
-    if not path.is_file():
+    data, path = _hf_image_processor(directory)
+    if data is None:
         return {}
-    data = read_json(path)
     geometry: dict[str, Any] = {}
     size = data.get("size")
     crops = data.get("do_center_crop", data.get("image_processor_type") not in _SQUASHING_PROCESSORS)
@@ -310,17 +321,25 @@ def _hf_geometry(path: Path) -> dict[str, Any]:
     return geometry
 
 
+def _openclip_text_cfg(checkpoint: Checkpoint) -> tuple[Path, dict[str, Any]]:
+    """(the ``open_clip_config.json`` beside an OpenCLIP checkpoint, its ``model_cfg.text_cfg``);
+    an empty ``text_cfg`` where there is no such file, or for another format."""
+    config_file = checkpoint.source.parent / OPENCLIP_CONFIG
+    if checkpoint.format != "openclip" or not config_file.is_file():
+        return config_file, {}
+    model_cfg = read_json(config_file).get("model_cfg", {})
+    text_cfg = model_cfg.get("text_cfg", {}) if isinstance(model_cfg, dict) else {}
+    return config_file, text_cfg if isinstance(text_cfg, dict) else {}
+
+
 def _openclip_cleaning(checkpoint: Checkpoint) -> str | None:
     """OpenCLIP's text cleaning for a folder read by its ``open_clip_config.json`` whose text tower
     takes a Hugging Face tokenizer (``tokenizer_kwargs.clean``, OpenCLIP's "whitespace" when
     absent); None for other checkpoints, which clean text as their tokenizer's own library does."""
     from clipforge.tokenizer.siglip import OPENCLIP_CLEANING
 
-    config_file = checkpoint.source.parent / OPENCLIP_CONFIG
-    if checkpoint.format != "openclip" or not config_file.is_file():
-        return None
-    text_cfg = read_json(config_file).get("model_cfg", {}).get("text_cfg", {})
-    if not isinstance(text_cfg, dict) or not text_cfg.get("hf_tokenizer_name"):
+    config_file, text_cfg = _openclip_text_cfg(checkpoint)
+    if not text_cfg.get("hf_tokenizer_name"):
         return None
     kwargs = text_cfg.get("tokenizer_kwargs") or {}
     cleaning = kwargs.get("clean", "whitespace") if isinstance(kwargs, dict) else "whitespace"
@@ -334,11 +353,7 @@ def _hub_tokenizer(checkpoint: Checkpoint, repo: str, revision: str | None) -> P
     """The tokenizer files of an OpenCLIP Hub repository whose ``open_clip_config.json`` names a
     Hugging Face tokenizer (``hf_tokenizer_name``: SigLIP's, its own repository's or another's);
     None for one that names none (OpenAI's vocabulary)."""
-    config_file = checkpoint.source.parent / OPENCLIP_CONFIG
-    if not config_file.is_file():
-        return None
-    text_cfg = read_json(config_file).get("model_cfg", {}).get("text_cfg", {})
-    named = text_cfg.get("hf_tokenizer_name") if isinstance(text_cfg, dict) else None
+    named = _openclip_text_cfg(checkpoint)[1].get("hf_tokenizer_name")
     if not isinstance(named, str) or named.count("/") != 1 or named.startswith(("/", ".", "~")) or ":" in named:
         return None  # none, or a local folder (as `convert` writes it): the snapshot's own files, if any
     return fetch_tokenizer(named, revision=revision if named == repo else None)
@@ -412,12 +427,24 @@ def load_model(
     return _load(name_or_path, pretrained=pretrained, device=device, dtype=dtype, act=act)[0]
 
 
+def _lowercase_as_siglip2(tokenizer: Any) -> None:
+    """Lower-cases text before a Gemma tokenizer, as transformers' ``Siglip2Tokenizer`` does.
+
+    transformers' AutoTokenizer reads the tokenizer of every ``Siglip2Model`` folder (model_type
+    "siglip2": the NaFlex models) as Siglip2Tokenizer, whatever class its tokenizer_config.json names
+    (Google's NaFlex repositories name GemmaTokenizer; transformers lists siglip2 among the models whose
+    Hub tokenizer class is wrong).
+    """
+    if hasattr(tokenizer, "lower_case"):
+        tokenizer.lower_case()
+
+
 def _load_with_tools(
     name_or_path: PathLike, *, pretrained: PathLike | None, device: str | torch.device, dtype: torch.dtype | None,
     act: str | None, with_tokenizer: bool = True,
 ) -> tuple[CLIP, Callable, Any, str]:
     from clipforge.tokenizer import Tokenizer, load_tokenizer
-    from clipforge.transforms import image_transform
+    from clipforge.transforms import image_transform, naflex_transform
 
     config, checkpoint, pre, name = _read_source(name_or_path, pretrained=pretrained, act=act)
     model = CLIP(config) if checkpoint is None else _assemble(checkpoint)
@@ -432,20 +459,27 @@ def _load_with_tools(
             and checkpoint.format == "openclip" and config_file.is_file()):
         geometry = preprocess_from_openclip(read_json(config_file), config_file)
     if pre is None and checkpoint is not None and checkpoint.format == "hf":
-        geometry = _hf_geometry(checkpoint.source / HF_PREPROCESSOR)
+        geometry = _hf_geometry(checkpoint.source)
     pre = pre or Preprocessing(vision.image_size, vision.mean, vision.std)
     options = {"resize_mode": pre.resize_mode, "interpolation": pre.interpolation, **geometry}
-    try:
-        preprocess = image_transform(pre.image_size, mean=pre.mean, std=pre.std, **options)
-    except ValueError as err:  # only a config's preprocess_cfg can hold an unknown mode
-        raise CheckpointError(f"{config_file}: preprocess_cfg: {err}") from None
+    if vision.naflex:  # SigLIP 2 NaFlex: each image at its own grid, bilinear unless its processor says otherwise
+        interpolation = geometry.get("interpolation", "bilinear")
+        preprocess: Callable = naflex_transform(vision.patch_size, vision.max_num_patches, mean=vision.mean,
+                                                std=vision.std, interpolation=interpolation)
+    else:
+        try:
+            preprocess = image_transform(pre.image_size, mean=pre.mean, std=pre.std, **options)
+        except ValueError as err:  # only a config's preprocess_cfg can hold an unknown mode
+            raise CheckpointError(f"{config_file}: preprocess_cfg: {err}") from None
     if not with_tokenizer:
         tokenizer = None
-    elif tokenizer_dir is not None:
+    elif tokenizer_dir is not None:  # the model's own: trusted as transformers trusts it (ids are checked on use)
         tokenizer = Tokenizer.from_dir(tokenizer_dir, context_length=text.tokens)
         cleaning = checkpoint.text_cleaning or _openclip_cleaning(checkpoint)
         if cleaning is not None and hasattr(tokenizer, "clean_as"):  # a Hugging Face tokenizer run as OpenCLIP runs it
             tokenizer.clean_as(cleaning)
+        if vision.naflex:
+            _lowercase_as_siglip2(tokenizer)
     elif text.vocab_size == OPENAI_VOCAB_SIZE and text.pool != "cls":
         tokenizer = load_tokenizer(context_length=text.context_length)
     else:
@@ -534,9 +568,11 @@ def load_for_inference(
                                                                    device=run_on, dtype=None, act=None,
                                                                    with_tokenizer=need_tokenizer)
     if tokenizer is not None:
-        from clipforge.tokenizer import Tokenizer
+        from clipforge.checkpoints.export import read_tokenizer
 
-        loaded_tokenizer = Tokenizer.from_dir(tokenizer, context_length=model.context_length)
+        loaded_tokenizer = read_tokenizer(tokenizer, model.config)
+        if model.config.vision.naflex:
+            _lowercase_as_siglip2(loaded_tokenizer)
     if loaded_tokenizer is None and need_tokenizer:
         raise CheckpointError(
             f"{source}: no tokenizer comes with this model (its vocabulary has "
@@ -586,6 +622,8 @@ def convert(src: PathLike | Checkpoint, dst: PathLike, *, to: str, act: str | No
     if to == "openclip" and checkpoint.config.family == "chinese_clip":
         raise CheckpointError(f"{checkpoint.source}: OpenCLIP has no Chinese-CLIP model (a BERT text tower); "
                               "convert it to 'hf' or 'clipforge' instead")
+    if to == "openclip" and checkpoint.config.vision.naflex:
+        raise CheckpointError(f"{checkpoint.source}: {NAFLEX_NOT_IN_OPENCLIP}")
     model = _assemble(checkpoint)
     folder = tokenizer if tokenizer is not None else checkpoint.tokenizer_dir
     dst = Path(dst)
@@ -610,7 +648,7 @@ def convert(src: PathLike | Checkpoint, dst: PathLike, *, to: str, act: str | No
         hf["torch_dtype"] = str(state["visual.conv1.weight"].dtype).removeprefix("torch.")
         own = export_tokenizer(model.config, folder, to=to)
         configs = hf_extras(hf, preprocessor, own)
-        weights, weights_file = to_hf(state), WEIGHTS_FILE
+        weights, weights_file = to_hf(state, patch_linear=model.config.vision.naflex), WEIGHTS_FILE
     dst.mkdir(parents=True, exist_ok=True)
     for name, content in configs.items():
         (dst / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")

@@ -7,7 +7,9 @@
 Chinese-CLIP's ``ChineseCLIPModel`` (``model_type`` "chinese_clip": CLIP's ViT, a BERT text tower)
 is read and written here as well; OpenCLIP has no such model.  SigLIP's files are read here too:
 Hugging Face's ``SiglipModel`` (``model_type`` "siglip", which
-SigLIP 2's fixed-resolution repositories also publish) and OpenCLIP's ``ViT-*-SigLIP*`` configs,
+SigLIP 2's fixed-resolution repositories also publish), ``Siglip2Model`` (``model_type`` "siglip2":
+SigLIP 2's NaFlex models, whose grid of learned positions and patch budget become the
+`VisionConfig`'s ``image_size`` and ``max_num_patches``) and OpenCLIP's ``ViT-*-SigLIP*`` configs,
 whose image tower is a timm model known by name only (``timm_model_name``): its shapes come from
 `TIMM_SIGLIP_TOWERS`, the towers timm registers for the released models.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +48,17 @@ from clipforge.model.config import (
 from clipforge.transforms import OPENAI_MEAN, OPENAI_STD
 
 __all__ = [
-    "HF_MODEL_TYPES", "TIMM_SIGLIP_TOWERS", "config_from_hf", "config_from_openclip", "config_to_hf",
+    "HF_MODEL_TYPES", "NAFLEX_NOT_IN_OPENCLIP", "TIMM_SIGLIP_TOWERS", "config_from_hf", "config_from_openclip",
+    "config_to_hf",
     "config_to_openclip", "infer_config", "preprocess_from_openclip", "timm_siglip_name",
 ]
 
-# The Hugging Face model types read here: CLIPModel's, SiglipModel's and ChineseCLIPModel's config.json
-# (transformers' ChineseCLIPConfig.model_type is "chinese_clip", with an underscore).
-HF_MODEL_TYPES = ("clip", "siglip", "chinese_clip")
+# The Hugging Face model types read here: CLIPModel's, SiglipModel's, Siglip2Model's and ChineseCLIPModel's
+# config.json (transformers' ChineseCLIPConfig.model_type is "chinese_clip", with an underscore).
+HF_MODEL_TYPES = ("clip", "siglip", "siglip2", "chinese_clip")
+# open_clip 3.3 has no NaFlex model (no model_config takes images at their own aspect ratio).
+NAFLEX_NOT_IN_OPENCLIP = ("OpenCLIP has no SigLIP 2 NaFlex (variable-resolution) model; convert it to 'hf' "
+                          "or 'clipforge' instead")
 
 
 # ----------------------------------------------------------------------------- from tensor shapes
@@ -252,10 +259,12 @@ def _hf_text(t: dict[str, Any], path: Path) -> dict[str, Any]:
 
 def config_from_hf(hf: dict[str, Any], preprocessor: dict[str, Any] | None, path: Path) -> CLIPConfig:
     """A Hugging Face ``config.json`` (and ``preprocessor_config.json``) as a `CLIPConfig`:
-    ``CLIPModel``'s, ``SiglipModel``'s when its ``model_type`` is "siglip", ``ChineseCLIPModel``'s
-    when it is "chinese_clip"."""
+    ``CLIPModel``'s, ``SiglipModel``'s when its ``model_type`` is "siglip", ``Siglip2Model``'s (NaFlex)
+    when it is "siglip2", ``ChineseCLIPModel``'s when it is "chinese_clip"."""
     if hf.get("model_type") == "siglip":
         return _siglip_from_hf(hf, preprocessor, path)
+    if hf.get("model_type") == "siglip2":
+        return _siglip2_from_hf(hf, preprocessor, path)
     if hf.get("model_type") == "chinese_clip":
         return _chinese_clip_from_hf(hf, preprocessor, path)
     t = {**_HF_TEXT_DEFAULTS, **(hf.get("text_config") or {})}
@@ -389,6 +398,62 @@ def _siglip_to_hf(config: CLIPConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return hf, preprocessor
 
 
+# Siglip2VisionConfig's grid of learned positions (num_patches: 16 x 16) and Siglip2ImageProcessor's
+# patch budget and patch side, for the keys a config may omit (transformers' configuration_siglip2.py,
+# image_processing_siglip2.py); the rest of Siglip2Model's config is SiglipModel's.
+_HF_SIGLIP2_NUM_PATCHES = 256
+_HF_SIGLIP2_MAX_NUM_PATCHES = 256
+_HF_SIGLIP2_PATCH = 16
+
+
+def _siglip2_from_hf(hf: dict[str, Any], preprocessor: dict[str, Any] | None, path: Path) -> CLIPConfig:
+    """A ``Siglip2Model`` (NaFlex) config.json as a `CLIPConfig`: SiglipModel's towers, the learned
+    positions' grid as ``image_size`` (its side times the patch), the image processor's
+    ``max_num_patches``."""
+    v = dict(hf.get("vision_config") or {})
+    num_patches = v.pop("num_patches", _HF_SIGLIP2_NUM_PATCHES)
+    side = math.isqrt(num_patches) if isinstance(num_patches, int) and num_patches > 0 else 0
+    if side * side != num_patches:
+        raise CheckpointError(f"{path}: vision_config.num_patches={num_patches!r} is not a square grid of positions")
+    patch = _square(v.get("patch_size", _HF_SIGLIP2_PATCH), "patch_size", path)
+    pre = preprocessor or {}
+    if pre.get("patch_size", patch) != patch:
+        raise CheckpointError(f"{path}: the image processor's patch_size={pre['patch_size']!r} differs from "
+                              f"vision_config.patch_size={patch!r}")
+    config = _siglip_from_hf({**hf, "vision_config": {**v, "image_size": side * patch, "patch_size": patch}},
+                             preprocessor, path)
+    try:
+        vision = replace(config.vision, max_num_patches=pre.get("max_num_patches", _HF_SIGLIP2_MAX_NUM_PATCHES))
+    except ValueError as err:
+        raise CheckpointError(f"{path}: unsupported Hugging Face SigLIP 2 config: {err}") from err
+    return replace(config, vision=vision)
+
+
+def _siglip2_to_hf(config: CLIPConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config.json, preprocessor_config.json) for transformers' Siglip2Model and Siglip2ImageProcessor."""
+    hf, _ = _siglip_to_hf(config)
+    v = config.vision
+    vision_config = {k: value for k, value in hf["vision_config"].items() if k != "image_size"}
+    vision_config.update(model_type="siglip2_vision_model", num_patches=v.grid * v.grid)
+    text_config = {**hf["text_config"], "model_type": "siglip2_text_model"}
+    hf = {"architectures": ["Siglip2Model"], "model_type": "siglip2", "text_config": text_config,
+          "vision_config": vision_config}
+    preprocessor = {  # Siglip2ImageProcessor: resized to the patch budget, bilinear (its default and clipforge's)
+        "image_processor_type": "Siglip2ImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "resample": 2,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(v.mean),
+        "image_std": list(v.std),
+        "patch_size": v.patch_size,
+        "max_num_patches": v.max_num_patches,
+    }
+    return hf, preprocessor
+
+
 # ChineseCLIPTextConfig's and ChineseCLIPVisionConfig's defaults (transformers' configuration_chinese_clip.py)
 # for the keys a config.json may omit: BERT-base's text tower, CLIP's ViT-B/32.
 _HF_BERT_DEFAULTS = {
@@ -478,8 +543,10 @@ def _chinese_clip_to_hf(config: CLIPConfig) -> tuple[dict[str, Any], dict[str, A
 
 def config_to_hf(config: CLIPConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config.json, preprocessor_config.json) for Hugging Face's CLIPModel and CLIPProcessor,
-    SiglipModel and its image processor for a SigLIP image tower, or ChineseCLIPModel and its
-    image processor for a BERT text tower."""
+    SiglipModel and its image processor for a SigLIP image tower (Siglip2Model for a NaFlex one), or
+    ChineseCLIPModel and its image processor for a BERT text tower."""
+    if config.vision.naflex:
+        return _siglip2_to_hf(config)
     if config.vision.pool == "map":
         return _siglip_to_hf(config)
     if config.text.pool == "cls":
@@ -648,6 +715,8 @@ def config_to_openclip(config: CLIPConfig) -> dict[str, Any]:
     if t.pool == "cls":
         raise CheckpointError("OpenCLIP has no Chinese-CLIP model (a BERT text tower); convert it to 'hf' or "
                               "'clipforge' instead")
+    if v.naflex:
+        raise CheckpointError(NAFLEX_NOT_IN_OPENCLIP)
     if v.pool == "map":
         return _siglip_to_openclip(config)
     if t.pool != "eot":

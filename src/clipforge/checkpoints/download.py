@@ -66,6 +66,10 @@ HF_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "spiece.model", "vocab.txt", "tokenizer_config.json",
                    "special_tokens_map.json")
 HF_OPTIONAL = ("preprocessor_config.json", *TOKENIZER_FILES)
+# The files that hold a vocabulary (the others only configure one), and `hf download` patterns
+# that fetch a repository's tokenizer files and nothing else.
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "vocab.txt")
+TOKENIZER_PATTERNS = ("*token*", "*.model", "vocab*", "merges.txt")
 _CHUNK = 1 << 20
 _TIMEOUT = 60  # seconds without a byte before a download is given up
 
@@ -280,8 +284,11 @@ class _Contact:
     """One fetch's dealings with the Hub: whether it could be reached (asked once, before the first
     file, without huggingface_hub's retries), and the files the fetch needs, for the messages."""
 
-    def __init__(self, repo: str, revision: str | None, needs: tuple[str, ...]) -> None:
+    def __init__(self, repo: str, revision: str | None, needs: tuple[str, ...], *, patterns: tuple[str, ...] = (),
+                 also: _Contact | None = None) -> None:
         self.repo, self.revision, self.needs = repo, revision, needs
+        self.patterns = patterns  # `hf download --include` patterns, where the file names are not known
+        self.also = also  # a second repository the same load needs (a registry entry's tokenizer)
         self.asked = False
         self.unreachable: str | None = None  # why the Hub could not be reached; None: it could
 
@@ -307,7 +314,9 @@ class _Contact:
 
     def command(self) -> str:
         pin = f" --revision {self.revision}" if self.revision else ""
-        return f"`hf download {' '.join([self.repo, *self.needs])}{pin}`"
+        include = "".join(f" --include '{p}'" for p in self.patterns)
+        own = f"`hf download {' '.join([self.repo, *self.needs])}{include}{pin}`"
+        return own if self.also is None else f"{own} and {self.also.command()}"
 
 
 def _reason(err: BaseException) -> str:
@@ -504,7 +513,9 @@ def fetch_entry(entry: Pretrained, *, revision: str | None = None, progress: boo
         try:
             if entry.layout == "hf":
                 return fetch_repo(entry.hub, revision=revision, layout="hf")
-            contact = _Contact(entry.hub, revision, (entry.filename or OPENCLIP_WEIGHTS[0],))
+            tokenizer = None if entry.tokenizer is None else _tokenizer_contact(
+                entry.tokenizer, revision if entry.tokenizer == entry.hub else None)
+            contact = _Contact(entry.hub, revision, (entry.filename or OPENCLIP_WEIGHTS[0],), also=tokenizer)
             found = _hub_file(contact, (entry.filename,) if entry.filename else OPENCLIP_WEIGHTS)
             assert found is not None
             return found
@@ -524,16 +535,22 @@ def fetch_entry(entry: Pretrained, *, revision: str | None = None, progress: boo
         raise DownloadError(f"{entry.name}: {err} (the Hub mirror failed first: {hub_error})") from None
 
 
+def _tokenizer_contact(repo: str, revision: str | None) -> _Contact:
+    return _Contact(repo, revision, (), patterns=TOKENIZER_PATTERNS)
+
+
 def fetch_tokenizer(repo: str, *, revision: str | None = None) -> Path:
     """The snapshot folder holding a Hub repository's tokenizer files (`TOKENIZER_FILES`, those it
-    has); a DownloadError when it has none, or when they cannot be fetched or found in the cache."""
-    contact = _Contact(repo, revision, ("tokenizer_config.json",))
-    found = [path for name in TOKENIZER_FILES if (path := _hub_file(contact, (name,), optional=True)) is not None]
-    if not found:
+    has); a DownloadError when it holds no vocabulary (`VOCABULARY_FILES`), or when the files
+    cannot be fetched or found in the cache (the message names the `hf download` that fetches them)."""
+    contact = _tokenizer_contact(repo, revision)
+    found = {name: path for name in TOKENIZER_FILES if (path := _hub_file(contact, (name,), optional=True)) is not None}
+    if not any(name in found for name in VOCABULARY_FILES):
         if contact.unreachable is not None or offline():
-            raise _not_cached(contact, "tokenizer_config.json")
-        raise DownloadError(f"{contact.where()}: the repository has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-    return found[0].parent
+            raise _not_cached(contact, "a tokenizer vocabulary")
+        raise DownloadError(f"{contact.where()}: the repository has no tokenizer vocabulary "
+                            f"({' or '.join(VOCABULARY_FILES)})")
+    return next(iter(found.values())).parent
 
 
 def is_cached(entry: Pretrained) -> bool:
@@ -545,8 +562,9 @@ def is_cached(entry: Pretrained) -> bool:
         return isinstance(try_to_load_from_cache(entry.hub, name, revision=entry.revision), str)
 
     if entry.tokenizer is not None:  # a tokenizer of its own, beside the weights file
-        tokenizer_cached = any(isinstance(try_to_load_from_cache(entry.tokenizer, name, revision=entry.revision), str)
-                               for name in ("spiece.model", "tokenizer.json"))
+        pin = entry.revision if entry.tokenizer == entry.hub else None
+        tokenizer_cached = any(isinstance(try_to_load_from_cache(entry.tokenizer, name, revision=pin), str)
+                               for name in VOCABULARY_FILES)
         if not tokenizer_cached:
             return False
     if entry.hub is not None:

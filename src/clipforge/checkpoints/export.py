@@ -149,7 +149,7 @@ def hf_extras(hf_config: dict[str, Any], preprocessor: dict[str, Any], tokenizer
     ``CLIPProcessor``, the class ``AutoProcessor`` builds from the directory.  A ``ChineseCLIPModel``
     takes the tokenizer's pad id (its BERT masks nothing by itself: the processor's attention mask
     does) and names ``ChineseCLIPProcessor``; a ``SiglipModel`` takes the tokenizer's own ids and
-    names ``SiglipProcessor``.
+    names ``SiglipProcessor`` (a ``Siglip2Model``, ``Siglip2Processor``).
     """
     text_config = dict(hf_config["text_config"])
     if hf_config.get("model_type") == "chinese_clip":
@@ -159,13 +159,14 @@ def hf_extras(hf_config: dict[str, Any], preprocessor: dict[str, Any], tokenizer
             "config.json": {**hf_config, "text_config": text_config},
             "preprocessor_config.json": {**preprocessor, "processor_class": "ChineseCLIPProcessor"},
         }
-    if hf_config.get("model_type") == "siglip":  # SiglipModel reads the last position: the ids only describe
+    if hf_config.get("model_type") in ("siglip", "siglip2"):  # it reads the last position: the ids only describe
         if tokenizer is not None:
             text_config.update(bos_token_id=tokenizer.sot_token_id, eos_token_id=tokenizer.eot_token_id,
                                pad_token_id=tokenizer.pad_token_id)
+        processor = "Siglip2Processor" if hf_config["model_type"] == "siglip2" else "SiglipProcessor"
         return {
             "config.json": {**hf_config, "text_config": text_config},
-            "preprocessor_config.json": {**preprocessor, "processor_class": "SiglipProcessor"},
+            "preprocessor_config.json": {**preprocessor, "processor_class": processor},
         }
     if tokenizer is not None:
         text_config.update(bos_token_id=tokenizer.sot_token_id, eos_token_id=tokenizer.eot_token_id,

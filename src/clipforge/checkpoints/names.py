@@ -16,6 +16,11 @@ keep the text tower under ``text.`` (its "custom text" layout) and hold the imag
 timm ViT under ``visual.trunk.`` with timm's names (``patch_embed.proj``, ``pos_embed`` [1, N, D],
 ``blocks.N.attn.qkv``, ``norm``, ``attn_pool.latent``/``q``/``kv``/``proj``/``norm``/``mlp``).
 
+SigLIP 2's NaFlex ``Siglip2Model`` has SiglipModel's names; its patch embedding is an ``nn.Linear``
+over flattened patches (row, column, channel), [D, P*P*3], which is the patch convolution's weight
+[D, 3, P, P] reordered: it is read into ``visual.conv1.weight`` and written back (``to_hf(...,
+patch_linear=True)``).
+
 Chinese-CLIP's ``ChineseCLIPModel`` names its image tower and projections as ``CLIPModel`` does
 and its BERT text tower as BERT does (``text_model.embeddings.word_embeddings``, ...,
 ``text_model.encoder.layer.N.attention.self.query``, ...); it has no BERT pooler, so a
@@ -25,6 +30,7 @@ OpenCLIP has no Chinese-CLIP: `to_openclip` refuses one.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -216,6 +222,7 @@ _HF_SIGLIP = {
     "text_model.head.bias": "text.text_projection.bias",
     "logit_bias": "logit_scale.bias",
 }
+_HF_PATCH = "vision_model.embeddings.patch_embedding.weight"
 _HF_SCALARS = ("logit_scale", "logit_bias")  # CLIPModel stores the scale as [], SiglipModel both as [1]
 _HF_TRANSPOSED = {"visual_projection.weight": "visual.proj", "text_projection.weight": "text.text_projection"}
 _HF_BLOCK = {
@@ -268,6 +275,8 @@ def from_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
                 out[f"{base}.{_HF_BERT_BLOCK[module]}.{kind}"] = value
             else:
                 out[key] = value  # reported as unexpected when loaded
+        elif key == _HF_PATCH and value.ndim == 2:  # Siglip2Model's nn.Linear [D, P*P*3]
+            out[_HF_GLOBAL[key]] = _patch_linear_to_conv(value)
         elif key in _HF_GLOBAL or key in _HF_SIGLIP:
             name = _HF_GLOBAL.get(key) or _HF_SIGLIP[key]
             out[name] = value.reshape(()) if key in _HF_SCALARS else value
@@ -292,9 +301,22 @@ def from_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
+def _patch_linear_to_conv(weight: Tensor) -> Tensor:
+    """Siglip2Model's patch embedding [D, P*P*3] (row, column, channel) as a convolution's [D, 3, P, P]."""
+    D, K = weight.shape
+    P = math.isqrt(K // 3)
+    if 3 * P * P != K:
+        raise CheckpointError(f"{_HF_PATCH}: {K} inputs per patch are not 3 channels of a square patch")
+    return weight.reshape(D, P, P, 3).permute(0, 3, 1, 2).contiguous()
+
+
+def to_hf(state: dict[str, Tensor], *, patch_linear: bool = False) -> dict[str, Tensor]:
     """clipforge's names to Hugging Face's CLIPModel, SiglipModel for a SigLIP image tower, or
-    ChineseCLIPModel for a BERT text tower; a CheckpointError for a tensor it has no name for."""
+    ChineseCLIPModel for a BERT text tower; a CheckpointError for a tensor it has no name for.
+    ``patch_linear`` writes the patch convolution as Siglip2Model's (NaFlex) ``nn.Linear``."""
+    if patch_linear:
+        conv = state["visual.conv1.weight"]  # [D, 3, P, P] -> [D, P*P*3]
+        state = {**state, "visual.conv1.weight": conv.permute(0, 2, 3, 1).reshape(conv.shape[0], -1)}
     siglip = "visual.attn_pool.probe" in state
     bert = "text.token_type_embedding" in state
     ours_to_hf = {v: k for k, v in (_HF_GLOBAL | _HF_SIGLIP if siglip else _HF_GLOBAL).items()}

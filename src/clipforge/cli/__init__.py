@@ -90,8 +90,9 @@ def _user_error(err: Exception) -> str | None:
     """The one-line message for an error in the user's input; None for a bug."""
     from clipforge.checkpoints import CheckpointError
     from clipforge.data import DataError
+    from clipforge.model.clip import VocabularyError
 
-    if isinstance(err, (CommandError, DataError, CheckpointError)):
+    if isinstance(err, (CommandError, DataError, CheckpointError, VocabularyError)):
         return str(err)
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
         # A path the user named that cannot be read or written (missing, a file where a folder

@@ -26,8 +26,12 @@ from clipforge.model.siglip import SigLipTextTransformer, SigLipVisionTransforme
 from clipforge.model.text import TextTransformer
 from clipforge.model.vision import VisionTransformer
 
-__all__ = ["CLIP"]
+__all__ = ["CLIP", "VocabularyError"]
 
+
+
+class VocabularyError(ValueError):
+    """Token ids outside the model's vocabulary: text encoded by another model's tokenizer."""
 
 class CLIP(nn.Module):
     """Contrastive language-image model (Radford et al., 2021).
@@ -66,7 +70,17 @@ class CLIP(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: Tensor, *, normalize: bool = False) -> Tensor:
-        """Text features [B, embed_dim] for token ids [B, L], L2-normalised if asked."""
+        """Text features [B, embed_dim] for token ids [B, L], L2-normalised if asked.
+
+        An id outside the vocabulary is a ValueError naming it (a tokenizer with more ids than
+        the embedding table), not an index error deep in the embedding, or a device assert."""
+        vocab = self.config.text.vocab_size
+        if tokens.numel() and not tokens.is_floating_point():
+            top, low = int(tokens.max()), int(tokens.min())
+            if top >= vocab or low < 0:
+                bad = top if top >= vocab else low
+                raise VocabularyError(f"token id {bad} is outside the model's vocabulary of {vocab} ids: the "
+                                      "tokenizer is not the one the model was trained with")
         features = self.text(tokens)
         return F.normalize(features, dim=-1) if normalize else features
 

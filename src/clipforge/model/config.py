@@ -5,7 +5,8 @@ modified ResNet when ``patch_size`` is None), a text-tower config (`TextConfig`)
 of the shared embedding.  Each tower comes in two families, chosen by its ``pool``: CLIP's
 (a ViT read at its class token; a causal text tower read at the end-of-text token) and
 SigLIP's (a ViT without class token, pooled by a multi-head attention-pooling head; a
-non-causal text tower read at its last position), as `clipforge.model.siglip` builds them.
+non-causal text tower read at its last position), as `clipforge.model.siglip` builds them; SigLIP 2's
+NaFlex image tower is SigLIP's with ``max_num_patches`` set (images at their own aspect ratio).
 Chinese-CLIP pairs CLIP's ViT with a BERT text tower (``pool="cls"``, `clipforge.model.bert`).
 ``to_dict``/``from_dict`` round-trip through JSON and reject unknown keys by name.
 
@@ -168,6 +169,10 @@ class VisionConfig:
     mean: tuple[float, float, float] = OPENAI_MEAN  # preprocessing: per-channel mean
     std: tuple[float, float, float] = OPENAI_STD  # preprocessing: per-channel std
     pool: str = "class"  # ViT family (VISION_POOLS): "class" OpenAI's, "map" SigLIP's attention-pooled
+    # SigLIP 2 NaFlex (variable resolution; pool "map" only): each image is resized to at most this
+    # many patches at its own aspect ratio, and the learned image_size/patch_size grid of positions
+    # is resized to its grid (transformers' Siglip2Model).  None: fixed-resolution images.
+    max_num_patches: int | None = None
 
     def __post_init__(self) -> None:
         owner = "VisionConfig"
@@ -217,6 +222,14 @@ class VisionConfig:
             if self.width % self.heads:
                 raise ValueError(f"{owner}.heads={self.heads} must divide width={self.width}")
             _check_mlp_width(owner, self.width, self.mlp_ratio)
+        if self.max_num_patches is not None:
+            _positive_int(owner, "max_num_patches", self.max_num_patches)
+            if self.pool != "map" or self.patch_size is None:
+                raise ValueError(f"{owner}.max_num_patches (NaFlex) needs SigLIP's ViT (pool='map'), got "
+                                 f"pool={self.pool!r}, patch_size={self.patch_size!r}")
+            if self.image_size % self.patch_size:
+                raise ValueError(f"{owner}.image_size={self.image_size} must be a multiple of "
+                                 f"patch_size={self.patch_size} for NaFlex: it sets the grid of learned positions")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
@@ -227,6 +240,11 @@ class VisionConfig:
     @property
     def is_resnet(self) -> bool:
         return self.patch_size is None
+
+    @property
+    def naflex(self) -> bool:
+        """Whether the tower takes NaFlex inputs (`clipforge.transforms.naflex_transform`), not fixed-size images."""
+        return self.max_num_patches is not None
 
     @property
     def grid(self) -> int:
@@ -244,6 +262,8 @@ class VisionConfig:
         for key in ("layers", "mean", "std"):
             if isinstance(d[key], tuple):
                 d[key] = list(d[key])
+        if self.max_num_patches is None:  # NaFlex's field, absent from fixed-resolution files (from_dict's default)
+            del d["max_num_patches"]
         return d
 
     @classmethod

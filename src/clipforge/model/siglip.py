@@ -13,6 +13,14 @@ The text tower is non-causal and read at its last position (the padding, when a 
 shorter than the context), then a linear head with bias.  Padding is therefore part of the
 input: captions must be padded as the model was trained (to the full context, in SigLIP).
 
+SigLIP 2's NaFlex image tower (``config.vision.max_num_patches`` set; transformers' ``Siglip2Model``)
+is the same ViT fed another way: each image comes at its own grid of patches, packed with flags
+(`clipforge.transforms.pack_patches`), the patch convolution's weight applied to each flattened
+patch, and the learned grid of positions resized to the image's grid (bilinear, antialiased).
+transformers pads every image to ``max_num_patches`` and masks the padding in attention and in the
+head; here the images of one patch count run together without padding, which is the same sum
+(a masked key has weight zero) without the masked work.
+
 Tensor names, under ``visual.`` and ``text.``: ``conv1``, ``positional_embedding``,
 ``transformer``, ``ln_post`` and ``attn_pool`` (``probe``, ``attn``, ``ln``, ``mlp``);
 ``token_embedding``, ``positional_embedding``, ``transformer``, ``ln_final`` and
@@ -23,11 +31,13 @@ Tensor names, under ``visual.`` and ``text.``: ``conv1``, ``positional_embedding
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipforge.model.config import TextConfig, VisionConfig, check_image_shape
 from clipforge.model.transformer import MLP, Attention, Transformer
 from clipforge.model.vision import PatchPath
+from clipforge.transforms import NAFLEX_FLAGS, unpack_patches
 
 __all__ = ["AttentionPool", "SigLipTextTransformer", "SigLipVisionTransformer"]
 
@@ -62,7 +72,12 @@ class AttentionPool(nn.Module):
 
 
 class SigLipVisionTransformer(nn.Module):
-    """Images [B, 3, S, S] -> features [B, width], pooled by the attention-pooling head."""
+    """Images [B, 3, S, S] -> features [B, width], pooled by the attention-pooling head.
+
+    A NaFlex tower (``config.max_num_patches``) takes packed patches [B, P, 2 + 3 * patch**2]
+    (`clipforge.transforms.naflex_transform`), or images [B, 3, H, W] at their grid of whole
+    patches (a remainder is dropped, as the convolution drops it).
+    """
 
     def __init__(self, config: VisionConfig, output_dim: int) -> None:
         super().__init__()
@@ -72,7 +87,9 @@ class SigLipVisionTransformer(nn.Module):
             raise ValueError(f"SigLIP's image tower has no projection: output_dim={output_dim} must equal "
                              f"width={config.width}")
         self.image_size = config.image_size
+        self.naflex = config.naflex
         width, patch, grid = config.width, config.patch_size, config.grid
+        self.patch_size, self.grid = patch, grid
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch)  # with bias
         self.positional_embedding = nn.Parameter(torch.empty(grid * grid, width))
         self.transformer = Transformer.from_config(config)
@@ -86,16 +103,68 @@ class SigLipVisionTransformer(nn.Module):
         self.transformer.grad_checkpointing = enable
 
     def forward(self, images: Tensor) -> Tensor:
+        if self.naflex:
+            return self._forward_naflex(images)
         check_image_shape(images, self.image_size)
         if self._packed_patches is not None and self._packed_patches.applies(images):
             x = self._packed_patches(images)  # [B, grid*grid, width]
         else:
             x = self.conv1(images)  # [B, width, grid, grid]: a remainder of S / patch is dropped
             x = x.flatten(2).transpose(1, 2)  # [B, grid*grid, width]
-        x = x + self.positional_embedding.to(x.dtype)
-        x = self.transformer(x)  # [B, grid*grid, width]: the head reads every token
+        return self._encode(x + self.positional_embedding.to(x.dtype))
+
+    def _encode(self, x: Tensor) -> Tensor:
+        """Embedded patches [B, N, width] -> features [B, width]."""
+        x = self.transformer(x)  # [B, N, width]: the head reads every token
         x = self.ln_post(x)
         return self.attn_pool(x)  # [B, width]
+
+    # ------------------------------------------------------------------ NaFlex
+    def _positions(self, rows: int, columns: int) -> Tensor:
+        """The learned grid of positions resized to rows x columns: [rows * columns, width].
+
+        transformers' Siglip2VisionEmbeddings: bilinear, antialiased when shrinking, in float32.
+        """
+        width = self.positional_embedding.shape[-1]
+        grid = self.positional_embedding.float().reshape(1, self.grid, self.grid, width).permute(0, 3, 1, 2)
+        resized = F.interpolate(grid, size=(rows, columns), mode="bilinear", align_corners=False, antialias=True)
+        return resized[0].reshape(width, rows * columns).T  # [rows*columns, width], raster order
+
+    def _naflex_inputs(self, images: Tensor) -> list[tuple[Tensor, tuple[int, int]]]:
+        """(patches [rows * columns, P*P*3], (rows, columns)) per image, patches flattened row, column, channel."""
+        P, K = self.patch_size, 3 * self.patch_size**2
+        if images.ndim == 4 and images.shape[1] == 3:
+            B, _, H, W = images.shape
+            rows, columns = H // P, W // P
+            if rows == 0 or columns == 0:
+                raise ValueError(f"images of {H}x{W} pixels are smaller than one {P}-pixel patch")
+            x = images[:, :, : rows * P, : columns * P].reshape(B, 3, rows, P, columns, P)
+            x = x.permute(0, 2, 4, 3, 5, 1).reshape(B, rows * columns, K)  # [B, N, P*P*3]
+            return [(patches, (rows, columns)) for patches in x]
+        if images.ndim != 3 or images.shape[-1] != NAFLEX_FLAGS + K:
+            raise ValueError(f"expected NaFlex patches [B, P, {NAFLEX_FLAGS + K}] (clipforge.transforms."
+                             f"naflex_transform) or images [B, 3, H, W], got {list(images.shape)}")
+        return unpack_patches(images)
+
+    def _forward_naflex(self, images: Tensor) -> Tensor:
+        items = self._naflex_inputs(images)
+        D = self.positional_embedding.shape[-1]
+        weight = self.conv1.weight.permute(0, 2, 3, 1).reshape(D, -1)  # [D, P*P*3]: a patch's row, column, channel
+        positions: dict[tuple[int, int], Tensor] = {}
+        groups: dict[int, list[int]] = {}  # images of one patch count run as one batch
+        for index, (patches, grid) in enumerate(items):
+            groups.setdefault(len(patches), []).append(index)
+            if grid not in positions:
+                positions[grid] = self._positions(*grid)
+        order, features = [], []
+        for indices in groups.values():
+            x = torch.stack([items[i][0] for i in indices])  # [b, N, P*P*3]
+            x = F.linear(x.to(weight.dtype), weight, self.conv1.bias)  # [b, N, D]
+            pos = torch.stack([positions[items[i][1]] for i in indices])  # [b, N, D]
+            features.append(self._encode(x + pos.to(x.dtype)))  # [b, D]
+            order += indices
+        out = torch.cat(features)  # [B, D] in group order
+        return out[torch.tensor(order, device=out.device).argsort()]
 
 
 class SigLipTextTransformer(nn.Module):

@@ -297,12 +297,23 @@ class GemmaTokenizer(_DirectoryTokenizer):
             specials = [(tokens[n], ids[n]) for n, on in (("bos", add_bos), ("eos", add_eos)) if on]
             single = " ".join([f"{tokens['bos']}:0"] * add_bos + ["$A:0"] + [f"{tokens['eos']}:0"] * add_eos)
             self.rust.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
-        if config.get("tokenizer_class") == "Siglip2Tokenizer" and self.rust.normalizer is not None:
-            self.rust.normalizer = normalizers.Sequence([normalizers.Lowercase(), self.rust.normalizer])
+        self.lower_cases = False
+        if config.get("tokenizer_class") == "Siglip2Tokenizer":
+            self.lower_case()
         self.padding_side = config.get("padding_side", "left" if config.get("tokenizer_class", "GemmaTokenizer")
                                        in GEMMA_CLASSES else "right")
         self.rust.no_padding()
         self.rust.no_truncation()
+
+    def lower_case(self) -> GemmaTokenizer:
+        """Lower-cases text first, as transformers' ``Siglip2Tokenizer`` does (set by the folder's
+        ``tokenizer_class``, and for SigLIP 2's NaFlex models, whose folders transformers reads
+        with that class whatever they name); once is enough.  Returns the tokenizer."""
+        if not self.lower_cases:
+            steps = [normalizers.Lowercase()] + ([self.rust.normalizer] if self.rust.normalizer is not None else [])
+            self.rust.normalizer = normalizers.Sequence(steps)
+            self.lower_cases = True
+        return self
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         if isinstance(texts, str):

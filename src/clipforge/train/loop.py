@@ -124,6 +124,9 @@ def scores_for_loss(cfg: CLIPConfig, loss: str) -> CLIPConfig:
     return cfg
 
 
+FAMILY_NAMES = {"clip": "CLIP", "siglip": "SigLIP", "chinese_clip": "Chinese-CLIP"}  # as messages name them
+
+
 def check_loss_fits(model: nn.Module, loss: str, named: str) -> None:
     """A `ConfigError` when a trained model's scores do not fit ``loss``: a SigLIP model (its scores
     are sigmoid probabilities with a learned bias) fine-tuned with the softmax loss, which would
@@ -134,8 +137,9 @@ def check_loss_fits(model: nn.Module, loss: str, named: str) -> None:
         raise ConfigError(f"--loss clip: {named} is a SigLIP model (sigmoid scores with a learned bias); fine-tune it "
                           "with --loss siglip, or train its architecture afresh with the softmax loss from the preset")
     if loss == "siglip" and not is_sigmoid_model(model):
-        raise ConfigError(f"--loss siglip: {named} is a CLIP model, without the learned bias the sigmoid loss needs; "
-                          "fine-tune it with --loss clip, or start from a SigLIP checkpoint or a preset")
+        family = FAMILY_NAMES.get(getattr(getattr(model, "config", None), "family", "clip"), "CLIP")
+        raise ConfigError(f"--loss siglip: {named} is a {family} model, without the learned bias the sigmoid loss "
+                          "needs; fine-tune it with --loss clip, or start from a SigLIP checkpoint or a preset")
 
 
 def build_model(config: TrainConfig, source: Any) -> tuple[nn.Module, Callable, Callable]:
@@ -170,14 +174,21 @@ def build_model(config: TrainConfig, source: Any) -> tuple[nn.Module, Callable, 
 
             tokenizer = load_tokenizer(context_length=cfg.text.context_length)
         return model, preprocess, tokenizer
-    model, _, loaded_tok = load(config.model, pretrained=pretrained)
+    model, loaded_preprocess, loaded_tok = load(config.model, pretrained=pretrained)
     check_loss_fits(model, config.loss, config.model if pretrained is None else f"{config.model} ({pretrained})")
+    named = config.model if pretrained is None else f"{config.model} --pretrained {pretrained}"
+    if tokenizer is not None and tokenizer.vocab_size > model.config.text.vocab_size:
+        raise ConfigError(f"--tokenizer {config.tokenizer}: {tokenizer.vocab_size} ids, more than the "
+                          f"{model.config.text.vocab_size} of {named}'s vocabulary; give the tokenizer it was "
+                          "trained with")
     tokenizer = tokenizer or loaded_tok
     if tokenizer is None:
-        named = config.model if pretrained is None else f"{config.model} --pretrained {pretrained}"
         raise ConfigError(f"{named} has no tokenizer of its own: pass --tokenizer DIR")
     vision = model.config.vision
-    preprocess = image_transform(vision.image_size, mean=vision.mean, std=vision.std, train=config.augment)
+    # Without augmentation, images are prepared as the model's own preprocessing does (SigLIP's and
+    # Chinese-CLIP's resize to the square, CLIP's crops the centre); with it, random resized crops.
+    preprocess = (image_transform(vision.image_size, mean=vision.mean, std=vision.std, train=True)
+                  if config.augment else loaded_preprocess)
     model.train()
     return model, preprocess, tokenizer
 
