@@ -313,3 +313,26 @@ def test_a_chinese_clip_name_keeps_berts_gelu(tmp_path, monkeypatch):
     assert (model.config.vision.act, model.config.text.act) == ("quick_gelu", "gelu")
     assert same_tensors(model, reference) and preprocess.resize_mode == "squash"
     assert torch.equal(tokenizer(["一只红色的猫"]), load(folder)[2](["一只红色的猫"]))
+
+
+@pytest.mark.usefixtures("cache")
+def test_siglip2s_naflex_releases_are_registered_and_load_with_their_own_preprocessing(tmp_path, monkeypatch):
+    """google/siglip2-*-naflex: transformers' Siglip2Model, read by its own config; images go
+    through NaFlex's preprocessing (each at its own grid), not a square resize."""
+    from clipforge.transforms import naflex_transform
+
+    naflex = [e for e in REGISTRY.values() if e.name.endswith("-naflex")]
+    assert {e.name for e in naflex} == {"google/siglip2-base-patch16-naflex", "google/siglip2-so400m-patch16-naflex"}
+    assert all(e.layout == "hf" and e.activations == "gelu_tanh" for e in naflex)
+    folder = FIXTURES / "siglip2_naflex" / "model"
+    reference = load_model(folder)
+    cache_repo(tmp_path / "hf", "org/naflex-tiny", files_of(folder))
+    entry = replace(REGISTRY["google/siglip2-base-patch16-naflex"], name="org/naflex-tiny", hub="org/naflex-tiny",
+                    preprocessing=replace(REGISTRY["google/siglip2-base-patch16-naflex"].preprocessing,
+                                          image_size=reference.config.vision.image_size))
+    monkeypatch.setitem(registry.REGISTRY, entry.name, entry)
+    model, preprocess, _ = load("org/naflex-tiny")
+    assert model.config.vision.naflex and same_tensors(model, reference)
+    v = model.config.vision
+    assert type(preprocess) is type(naflex_transform(v.patch_size, v.max_num_patches, mean=v.mean, std=v.std))
+

@@ -189,6 +189,8 @@ ARCHITECTURE_PARAMS |= {
     "ViT-SO400M-14-SigLIP2": 1_135_463_602, "ViT-SO400M-14-SigLIP2-378": 1_136_008_498,
     "ViT-SO400M-16-SigLIP2-256": 1_135_670_962, "ViT-SO400M-16-SigLIP2-384": 1_136_039_602,
     "ViT-SO400M-16-SigLIP2-512": 1_136_555_698,
+    # SigLIP 2's NaFlex towers: the 256-pixel models' shapes, 256 patches at any aspect ratio
+    "ViT-B-16-SigLIP2-NaFlex": 375_234_050, "ViT-SO400M-16-SigLIP2-NaFlex": 1_135_670_962,
 }
 ARCHITECTURE_PARAMS |= {
     "CN-CLIP-ViT-B-16": 188_262_913, "CN-CLIP-ViT-L-14": 406_233_089, "CN-CLIP-ViT-L-14-336": 406_560_769,
@@ -359,6 +361,12 @@ _HF_SIGLIP = {
     "google/siglip2-so400m-patch16-384": "ViT-SO400M-16-SigLIP2-384",
     "google/siglip2-so400m-patch16-512": "ViT-SO400M-16-SigLIP2-512",
 }
+# SigLIP 2's NaFlex (variable-resolution) releases, transformers' Siglip2Model: no preset here (their
+# own config builds them), at most 256 patches of 16 pixels, resized bilinearly (Siglip2ImageProcessor).
+_HF_NAFLEX = {
+    "google/siglip2-base-patch16-naflex": "ViT-B-16-SigLIP2-NaFlex",
+    "google/siglip2-so400m-patch16-naflex": "ViT-SO400M-16-SigLIP2-NaFlex",
+}
 # ImageNet-1k zero-shot top-1 of OpenCLIP's SigLIP runs (TOP1_SOURCE); its table has no SigLIP 2 rows.
 _TOP1 |= {
     ("ViT-B-16-SigLIP", "webli"): 0.7604, ("ViT-B-16-SigLIP-256", "webli"): 0.7653,
@@ -402,6 +410,13 @@ def _siglip_entries() -> list[Pretrained]:
             preprocessing=Preprocessing(PRESETS[arch].vision.image_size, **squash), licence=SIGLIP_LICENCE,
             params=ARCHITECTURE_PARAMS[arch], top1=top1, top1_source=TOP1_SOURCE if top1 is not None else None,
             hub=repo, layout="hf",
+        ))
+    for repo, arch in _HF_NAFLEX.items():
+        entries.append(Pretrained(
+            name=repo, architecture=arch, tag="webli", activation="gelu_tanh",
+            preprocessing=Preprocessing(256, INCEPTION_MEAN, INCEPTION_STD, resize_mode="squash",
+                                        interpolation="bilinear"),
+            licence=SIGLIP_LICENCE, params=ARCHITECTURE_PARAMS[arch], hub=repo, layout="hf",
         ))
     return entries
 
