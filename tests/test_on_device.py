@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
+from _micro_clip import CONTEXT, IMAGE, micro_clip, random_rows
 from clipforge import _tiled, clip_loss, siglip_loss
 from clipforge.checkpoints import load, save
 from clipforge.data import open_data
@@ -35,7 +36,7 @@ from clipforge.devices import check_precision
 from clipforge.distributed import Comm
 from clipforge.embed import embed_images, embed_texts
 from clipforge.evaluate import evaluate_retrieval, evaluate_zeroshot
-from clipforge.loss import SIGLIP_INIT_BIAS, SIGLIP_INIT_SCALE, auto_chunk_size
+from clipforge.loss import auto_chunk_size
 from clipforge.model import CLIP, CLIPConfig
 from clipforge.model.config import TextConfig, VisionConfig
 from clipforge.search.build import load_search_model
@@ -43,7 +44,6 @@ from clipforge.tokenizer import train_bpe
 from clipforge.train import build_optimizer, compute_gradients, train, train_step
 from clipforge.train.config import ConfigError, TrainConfig
 
-VOCAB, CONTEXT, IMAGE = 64, 8, 16
 TESTS = Path(__file__).parent
 
 
@@ -53,31 +53,6 @@ pytestmark = pytest.mark.usefixtures("no_tf32")
 # --------------------------------------------------------------------------------------
 # A micro CLIP and its batches
 # --------------------------------------------------------------------------------------
-
-
-def micro_clip(*, siglip: bool = False, dtype: torch.dtype = torch.float64, device: str = "cpu") -> CLIP:
-    """A CLIP small enough to run a dozen rows in milliseconds, the same weights on every device."""
-    config = CLIPConfig(
-        embed_dim=16,
-        vision=VisionConfig(image_size=IMAGE, patch_size=8, width=32, layers=2, heads=2),
-        text=TextConfig(context_length=CONTEXT, vocab_size=VOCAB, width=32, heads=2, layers=2),
-        init_logit_scale=SIGLIP_INIT_SCALE if siglip else 1 / 0.07,
-        init_logit_bias=SIGLIP_INIT_BIAS if siglip else None,
-    )
-    torch.manual_seed(0)
-    return CLIP(config).to(device=device, dtype=dtype)
-
-
-def random_rows(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images [n, 3, 16, 16] (float64, CPU) and token rows [n, 8] ending in the end token."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 3, IMAGE, IMAGE, generator=g, dtype=torch.float64)
-    tokens = torch.zeros(n, CONTEXT, dtype=torch.long)
-    for row in range(n):
-        end = int(torch.randint(1, CONTEXT, (1,), generator=g))
-        tokens[row, :end] = torch.randint(1, VOCAB - 1, (end,), generator=g)
-        tokens[row, end] = VOCAB - 1
-    return images, tokens
 
 
 def batches(images, tokens, sizes: list[int], *, device: str, dtype: torch.dtype) -> list[MicroBatch]:

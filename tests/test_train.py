@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from _micro_clip import CONTEXT, VOCAB, micro_clip, random_rows
 from clipforge.cli import main
 from clipforge.cli.train import config_from_args
 from clipforge.data import DataError
@@ -30,38 +31,9 @@ from clipforge.model.config import TextConfig, VisionConfig
 from clipforge.train import build_optimizer, compute_gradients, lr_factor, train, train_step
 from clipforge.train.config import TrainConfig
 
-VOCAB, CONTEXT, IMAGE = 64, 8, 16
-
-
 # --------------------------------------------------------------------------------------
 # Gradient accumulation: K micro-batches give exactly the gradient of one batch
 # --------------------------------------------------------------------------------------
-
-
-def micro_clip(*, siglip: bool = False) -> CLIP:
-    """A float64 CLIP small enough to run a dozen rows in milliseconds."""
-    config = CLIPConfig(
-        embed_dim=16,
-        vision=VisionConfig(image_size=IMAGE, patch_size=8, width=32, layers=2, heads=2),
-        text=TextConfig(context_length=CONTEXT, vocab_size=VOCAB, width=32, heads=2, layers=2),
-        init_logit_scale=SIGLIP_INIT_SCALE if siglip else 1 / 0.07,
-        init_logit_bias=SIGLIP_INIT_BIAS if siglip else None,
-    )
-    torch.manual_seed(0)
-    return CLIP(config).double()
-
-
-def random_rows(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images [n, 3, 16, 16] and token rows [n, 8]: start, random ids, the end token (the
-    largest id, where the text tower reads out) at a random position, zero padding."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 3, IMAGE, IMAGE, generator=g, dtype=torch.float64)
-    tokens = torch.zeros(n, CONTEXT, dtype=torch.long)
-    for row in range(n):
-        end = int(torch.randint(1, CONTEXT, (1,), generator=g))
-        tokens[row, :end] = torch.randint(1, VOCAB - 1, (end,), generator=g)
-        tokens[row, end] = VOCAB - 1
-    return images, tokens
 
 
 def split(images: torch.Tensor, tokens: torch.Tensor, sizes: list[int], groups: torch.Tensor | None = None

@@ -14,7 +14,7 @@ import sys
 
 import _stage  # benchmarks/gpu/_stage.py
 import torch
-from stage_train import DRY_MODEL, MODEL, batch, openclip_model  # benchmarks/gpu/stage_train.py
+from stage_train import DRY_MODEL, MODEL, batch, openclip_model, seeded_weights  # benchmarks/gpu/stage_train.py
 
 BATCH, DRY_BATCH = 256, 8
 PRECISIONS = ("fp32", "bf16")
@@ -29,12 +29,10 @@ def main() -> int:
     args = _stage.parse(__doc__.split("\n")[0])
     rows = _stage.Rows(args.rows, args.deadline)
     dev = _stage.device(args.dry_run)
-    from clipforge.model import CLIP, get_config
-
     name, size = (DRY_MODEL, DRY_BATCH) if args.dry_run else (MODEL, BATCH)
-    config = get_config(name)
-    torch.manual_seed(0)
-    state = CLIP(config).state_dict()
+    config, state = seeded_weights(name)
+    from clipforge.model import CLIP
+
     images, tokens = batch(config, size, dev)
     for precision in PRECISIONS:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32

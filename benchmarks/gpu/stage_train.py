@@ -86,16 +86,23 @@ def openclip_step(model, images, tokens, dev: torch.device):
     return step
 
 
+def seeded_weights(name: str) -> tuple:
+    """(config, state dict) of the preset ``name`` with seed-0 random weights: what both libraries load."""
+    from clipforge.model import CLIP, get_config
+
+    config = get_config(name)
+    torch.manual_seed(0)
+    return config, CLIP(config).state_dict()
+
+
 def main() -> int:
     args = _stage.parse(__doc__.split("\n")[0])
     rows = _stage.Rows(args.rows, args.deadline)
     dev = _stage.device(args.dry_run)
-    from clipforge.model import CLIP, get_config
-
     name, sizes = (DRY_MODEL, DRY_BATCHES) if args.dry_run else (MODEL, BATCHES)
-    config = get_config(name)
-    torch.manual_seed(0)
-    state = CLIP(config).state_dict()
+    config, state = seeded_weights(name)
+    from clipforge.model import CLIP
+
     for impl in IMPLEMENTATIONS:
         base = dict(kind="train", model=name, impl=impl, precision="bf16")
         if rows.out_of_time():

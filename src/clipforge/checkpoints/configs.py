@@ -257,6 +257,28 @@ def _hf_text(t: dict[str, Any], path: Path) -> dict[str, Any]:
             **_hf_tower(t, "text_config", path)}
 
 
+def _hf_text_config(model_type: str, t: TextConfig) -> dict[str, Any]:
+    """A text tower's config keys every transformers family writes alike (`_hf_text` reads them)."""
+    return {"model_type": model_type, "vocab_size": t.vocab_size, "hidden_size": t.width,
+            "intermediate_size": t.mlp_width, "num_hidden_layers": t.layers, "num_attention_heads": t.heads,
+            "max_position_embeddings": t.context_length, "hidden_act": _HF_ACT_NAMES[t.act],
+            "layer_norm_eps": t.layer_norm_eps}
+
+
+def _hf_vision_config(model_type: str, v: VisionConfig) -> dict[str, Any]:
+    """A ViT image tower's config keys every transformers family writes alike (`_hf_tower` reads them)."""
+    return {"model_type": model_type, "hidden_size": v.width, "intermediate_size": v.mlp_width,
+            "num_hidden_layers": v.layers, "num_attention_heads": v.heads, "num_channels": 3,
+            "image_size": v.image_size, "patch_size": v.patch_size, "hidden_act": _HF_ACT_NAMES[v.act],
+            "layer_norm_eps": v.layer_norm_eps}
+
+
+def _hf_pixels(v: VisionConfig) -> dict[str, Any]:
+    """The image processors' shared last steps: RGB, scaled to [0, 1], normalised by the model's statistics."""
+    return {"do_convert_rgb": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(v.mean), "image_std": list(v.std)}
+
+
 def config_from_hf(hf: dict[str, Any], preprocessor: dict[str, Any] | None, path: Path) -> CLIPConfig:
     """A Hugging Face ``config.json`` (and ``preprocessor_config.json``) as a `CLIPConfig`:
     ``CLIPModel``'s, ``SiglipModel``'s when its ``model_type`` is "siglip", ``Siglip2Model``'s (NaFlex)
@@ -355,45 +377,17 @@ def _siglip_to_hf(config: CLIPConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if config.init_logit_bias is None:
         raise CheckpointError("Hugging Face's SiglipModel needs the learned logit bias, which this model (trained "
                               "with the softmax loss) lacks; convert it to 'openclip' or 'clipforge'")
-    text_config = {
-        "model_type": "siglip_text_model",
-        "vocab_size": t.vocab_size,
-        "hidden_size": t.width,
-        "intermediate_size": t.mlp_width,
-        "num_hidden_layers": t.layers,
-        "num_attention_heads": t.heads,
-        "max_position_embeddings": t.context_length,
-        "hidden_act": _HF_ACT_NAMES[t.act],
-        "layer_norm_eps": t.layer_norm_eps,
-        "projection_size": config.embed_dim,
-    }
-    vision_config = {
-        "model_type": "siglip_vision_model",
-        "hidden_size": v.width,
-        "intermediate_size": v.mlp_width,
-        "num_hidden_layers": v.layers,
-        "num_attention_heads": v.heads,
-        "num_channels": 3,
-        "image_size": v.image_size,
-        "patch_size": v.patch_size,
-        "hidden_act": _HF_ACT_NAMES[v.act],
-        "layer_norm_eps": v.layer_norm_eps,
-        "vision_use_head": True,
-    }
+    text_config = {**_hf_text_config("siglip_text_model", t), "projection_size": config.embed_dim}
+    vision_config = {**_hf_vision_config("siglip_vision_model", v), "vision_use_head": True}
     hf = {"architectures": ["SiglipModel"], "model_type": "siglip", "text_config": text_config,
           "vision_config": vision_config}
     size = v.image_size
     preprocessor = {  # SiglipImageProcessor: a bicubic resize to the square, no crop (its default, Google's files)
         "image_processor_type": "SiglipImageProcessor",
-        "do_convert_rgb": True,
         "do_resize": True,
         "size": {"height": size, "width": size},
         "resample": 3,  # bicubic, as clipforge resizes SigLIP's images
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": list(v.mean),
-        "image_std": list(v.std),
+        **_hf_pixels(v),
     }
     return hf, preprocessor
 
@@ -440,14 +434,9 @@ def _siglip2_to_hf(config: CLIPConfig) -> tuple[dict[str, Any], dict[str, Any]]:
           "vision_config": vision_config}
     preprocessor = {  # Siglip2ImageProcessor: resized to the patch budget, bilinear (its default and clipforge's)
         "image_processor_type": "Siglip2ImageProcessor",
-        "do_convert_rgb": True,
         "do_resize": True,
         "resample": 2,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": list(v.mean),
-        "image_std": list(v.std),
+        **_hf_pixels(v),
         "patch_size": v.patch_size,
         "max_num_patches": v.max_num_patches,
     }
@@ -504,32 +493,9 @@ def _chinese_clip_to_hf(config: CLIPConfig) -> tuple[dict[str, Any], dict[str, A
                               + ("a ResNet" if v.is_resnet else "SigLIP's"))
     if config.init_logit_bias is not None:
         raise CheckpointError("Hugging Face's ChineseCLIPModel has no logit bias")
-    text_config = {
-        "model_type": "chinese_clip_text_model",
-        "vocab_size": t.vocab_size,
-        "hidden_size": t.width,
-        "intermediate_size": t.mlp_width,
-        "num_hidden_layers": t.layers,
-        "num_attention_heads": t.heads,
-        "max_position_embeddings": t.context_length,
-        "hidden_act": _HF_ACT_NAMES[t.act],
-        "layer_norm_eps": t.layer_norm_eps,
-        "type_vocab_size": t.token_types,
-        "pad_token_id": t.pad_token_id,
-    }
-    vision_config = {
-        "model_type": "chinese_clip_vision_model",
-        "hidden_size": v.width,
-        "intermediate_size": v.mlp_width,
-        "num_hidden_layers": v.layers,
-        "num_attention_heads": v.heads,
-        "num_channels": 3,
-        "image_size": v.image_size,
-        "patch_size": v.patch_size,
-        "hidden_act": _HF_ACT_NAMES[v.act],
-        "layer_norm_eps": v.layer_norm_eps,
-        "projection_dim": config.embed_dim,
-    }
+    text_config = {**_hf_text_config("chinese_clip_text_model", t), "type_vocab_size": t.token_types,
+                   "pad_token_id": t.pad_token_id}
+    vision_config = {**_hf_vision_config("chinese_clip_vision_model", v), "projection_dim": config.embed_dim}
     hf = {
         "architectures": ["ChineseCLIPModel"],
         "model_type": "chinese_clip",
@@ -564,34 +530,14 @@ def _clip_to_hf(config: CLIPConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if config.init_logit_bias is not None:
         raise CheckpointError("Hugging Face's CLIPModel has no logit bias; convert this model to 'openclip'")
     text_config = {
-        "model_type": "clip_text_model",
-        "vocab_size": t.vocab_size,
-        "hidden_size": t.width,
-        "intermediate_size": t.mlp_width,
-        "num_hidden_layers": t.layers,
-        "num_attention_heads": t.heads,
-        "max_position_embeddings": t.context_length,
-        "hidden_act": _HF_ACT_NAMES[t.act],
-        "layer_norm_eps": t.layer_norm_eps,
+        **_hf_text_config("clip_text_model", t),
         "projection_dim": config.embed_dim,
         # OpenAI's layout: start and end of text are the two largest ids, padding is 0.
         "bos_token_id": t.vocab_size - 2,
         "eos_token_id": t.vocab_size - 1,
         "pad_token_id": 0,
     }
-    vision_config = {
-        "model_type": "clip_vision_model",
-        "hidden_size": v.width,
-        "intermediate_size": v.mlp_width,
-        "num_hidden_layers": v.layers,
-        "num_attention_heads": v.heads,
-        "num_channels": 3,
-        "image_size": v.image_size,
-        "patch_size": v.patch_size,
-        "hidden_act": _HF_ACT_NAMES[v.act],
-        "layer_norm_eps": v.layer_norm_eps,
-        "projection_dim": config.embed_dim,
-    }
+    vision_config = {**_hf_vision_config("clip_vision_model", v), "projection_dim": config.embed_dim}
     hf = {
         "architectures": ["CLIPModel"],
         "model_type": "clip",
@@ -608,17 +554,12 @@ def _clip_preprocessor(v: VisionConfig, kind: str) -> dict[str, Any]:
     size = v.image_size
     return {
         "image_processor_type": kind,
-        "do_convert_rgb": True,
         "do_resize": True,
         "size": {"shortest_edge": size},
         "resample": 3,  # bicubic
         "do_center_crop": True,
         "crop_size": {"height": size, "width": size},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": list(v.mean),
-        "image_std": list(v.std),
+        **_hf_pixels(v),
     }
 
 

@@ -403,20 +403,16 @@ def _siglip_entries() -> list[Pretrained]:
             licence=SIGLIP_LICENCE, params=ARCHITECTURE_PARAMS[arch], top1=top1,
             top1_source=TOP1_SOURCE if top1 is not None else None, hub=hub,
         ))
-    for repo, arch in _HF_SIGLIP.items():
+    # Google's repositories: the fixed-resolution ones at their preset's size, NaFlex's at its
+    # 256-patch budget (resized bilinearly, as Siglip2ImageProcessor does).
+    hf = [(repo, arch, Preprocessing(PRESETS[arch].vision.image_size, **squash)) for repo, arch in _HF_SIGLIP.items()]
+    hf += [(repo, arch, Preprocessing(256, **squash, interpolation="bilinear")) for repo, arch in _HF_NAFLEX.items()]
+    for repo, arch, preprocessing in hf:
         top1 = _TOP1.get((arch, "webli"))
         entries.append(Pretrained(
-            name=repo, architecture=arch, tag="webli", activation="gelu_tanh",
-            preprocessing=Preprocessing(PRESETS[arch].vision.image_size, **squash), licence=SIGLIP_LICENCE,
-            params=ARCHITECTURE_PARAMS[arch], top1=top1, top1_source=TOP1_SOURCE if top1 is not None else None,
-            hub=repo, layout="hf",
-        ))
-    for repo, arch in _HF_NAFLEX.items():
-        entries.append(Pretrained(
-            name=repo, architecture=arch, tag="webli", activation="gelu_tanh",
-            preprocessing=Preprocessing(256, INCEPTION_MEAN, INCEPTION_STD, resize_mode="squash",
-                                        interpolation="bilinear"),
-            licence=SIGLIP_LICENCE, params=ARCHITECTURE_PARAMS[arch], hub=repo, layout="hf",
+            name=repo, architecture=arch, tag="webli", activation="gelu_tanh", preprocessing=preprocessing,
+            licence=SIGLIP_LICENCE, params=ARCHITECTURE_PARAMS[arch], top1=top1,
+            top1_source=TOP1_SOURCE if top1 is not None else None, hub=repo, layout="hf",
         ))
     return entries
 

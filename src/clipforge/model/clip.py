@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -76,7 +77,7 @@ class CLIP(nn.Module):
         the embedding table), not an index error deep in the embedding, or a device assert."""
         vocab = self.config.text.vocab_size
         if tokens.numel() and not tokens.is_floating_point():
-            top, low = int(tokens.max()), int(tokens.min())
+            low, top = torch.stack(torch.aminmax(tokens)).tolist()  # one pass, one device sync for both ends
             if top >= vocab or low < 0:
                 bad = top if top >= vocab else low
                 raise VocabularyError(f"token id {bad} is outside the model's vocabulary of {vocab} ids: the "

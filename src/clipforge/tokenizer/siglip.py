@@ -41,6 +41,8 @@ import torch
 from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import normalizers, processors
 
+from clipforge.tokenizer._files import read_tokenizer_config
+
 __all__ = [
     "OPENCLIP_CLEANING", "GemmaTokenizer", "SentencePieceTokenizer", "is_siglip_tokenizer_dir", "openclip_clean",
     "siglip_tokenizer_from_dir",
@@ -72,19 +74,6 @@ SIGLIP_CONTEXT_LENGTH = 64  # SigLIP's text length (big_vision configs; transfor
 GEMMA_CLASSES = ("GemmaTokenizer", "GemmaTokenizerFast", "Siglip2Tokenizer")
 _UNDERLINE = "\u2581"  # SentencePiece's word-start mark
 _NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
-
-
-def _read_config(directory: Path) -> dict[str, Any]:
-    path = directory / "tokenizer_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: holds a JSON {type(config).__name__}, not an object")
-    return config
 
 
 def _token(config: dict[str, Any], key: str, default: str | None) -> str | None:
@@ -190,7 +179,7 @@ class SentencePieceTokenizer(_DirectoryTokenizer):
     def __init__(self, directory: str | os.PathLike[str], *, context_length: int | None = None) -> None:
         self.directory = Path(directory)
         path = self.directory / SPIECE_FILE
-        config = _read_config(self.directory)
+        config = read_tokenizer_config(self.directory)
         self.model = spm.SentencePieceProcessor()
         try:
             self.model.Load(str(path))
@@ -274,7 +263,7 @@ class GemmaTokenizer(_DirectoryTokenizer):
     def __init__(self, directory: str | os.PathLike[str], *, context_length: int | None = None) -> None:
         self.directory = Path(directory)
         path = self.directory / "tokenizer.json"
-        config = _read_config(self.directory)
+        config = read_tokenizer_config(self.directory)
         model = _gemma_model(path)
         try:
             self.rust = _RustTokenizer.from_file(str(path))
@@ -355,7 +344,7 @@ def is_siglip_tokenizer_dir(directory: str | os.PathLike[str]) -> bool:
         return True
     if not (directory / "tokenizer.json").is_file():
         return False
-    if _read_config(directory).get("tokenizer_class") in GEMMA_CLASSES:
+    if read_tokenizer_config(directory).get("tokenizer_class") in GEMMA_CLASSES:
         return True
     try:  # no config naming the class: Gemma's model is the byte-fallback BPE
         model = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8")).get("model", {})

@@ -35,6 +35,7 @@ from tokenizers.decoders import WordPiece as WordPieceDecoder
 from tokenizers.models import WordPiece
 
 from clipforge.model.config import CHINESE_CLIP_CONTEXT_LENGTH
+from clipforge.tokenizer._files import read_tokenizer_config
 
 __all__ = ["VOCAB_FILE", "WordPieceTokenizer", "is_wordpiece_tokenizer_dir"]
 
@@ -42,18 +43,6 @@ VOCAB_FILE = "vocab.txt"  # BERT's vocabulary: one token a line, the line number
 _SPECIALS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
              "mask_token": "[MASK]"}  # BertTokenizer's defaults
 _BERT_CLASSES = ("BertTokenizer", "BertTokenizerFast", "ChineseCLIPTokenizer")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: holds a JSON {type(data).__name__}, not an object")
-    return data
 
 
 def _token(config: dict[str, Any], key: str) -> str:
@@ -94,7 +83,7 @@ def is_wordpiece_tokenizer_dir(directory: str | os.PathLike[str]) -> bool:
     if not (directory / "tokenizer.json").is_file() or _wordpiece_model(directory / "tokenizer.json") is None:
         return False
     try:
-        named = _read_json(directory / "tokenizer_config.json").get("tokenizer_class")
+        named = read_tokenizer_config(directory).get("tokenizer_class")
     except ValueError:
         return True  # a BERT tokenizer all the same; reading it names the broken file
     return named is None or named in _BERT_CLASSES
@@ -111,7 +100,7 @@ class WordPieceTokenizer:
 
     def __init__(self, directory: str | os.PathLike[str], *, context_length: int | None = None) -> None:
         self.directory = Path(directory)
-        self.config = _read_json(self.directory / "tokenizer_config.json")
+        self.config = read_tokenizer_config(self.directory)
         self.context_length = _context_length(CHINESE_CLIP_CONTEXT_LENGTH if context_length is None
                                               else context_length)
         self.lower = bool(self.config.get("do_lower_case", True))
